@@ -1,0 +1,1 @@
+/* written by the loaders work in progress */

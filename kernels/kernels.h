@@ -1,0 +1,103 @@
+/* kernels.h: the one public header of the math kernels.
+ *
+ * The engine calls these to run a model step. Everything here works on
+ * plain host memory; the CPU implementation lives in kernels/cpu/ and picks
+ * its SIMD path (AVX-512+VNNI, AVX2+FMA+F16C, scalar) once at run time.
+ * All SIMD paths give bit-identical results: each output is reduced in one
+ * canonical order, whatever the path, the batch size or the thread count,
+ * which is what makes a request's tokens independent of its batch.
+ *
+ * Threads: k_pool is the CPU worker pool. One thread (the engine thread)
+ * calls the kernels; they fan the work out over the pool and return when
+ * it is done.
+ */
+#ifndef INFERD_KERNELS_H
+#define INFERD_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---------------------------------------------------------------- dtypes */
+
+/* Element types of weight tensors. Quantized types are stored in blocks
+ * along the innermost (row) dimension, with the same byte layout as GGUF so
+ * that a mapped file is used in place. */
+enum k_dtype {
+    K_F32 = 0,
+    K_F16,
+    K_BF16,
+    K_Q8_0, /* blocks of 32: f16 scale, 32 x int8 (34 bytes) */
+    K_Q4_K, /* blocks of 256: f16 d, f16 dmin, 12 B scales, 128 B quants (144 bytes) */
+    K_Q6_K, /* blocks of 256: 128 B ql, 64 B qh, 16 x int8 scales, f16 d (210 bytes) */
+    K_DTYPE_COUNT
+};
+
+/* Name as printed by `inferd inspect` ("f32", "q8_0", ...). */
+const char *k_dtype_name(enum k_dtype t);
+/* Elements per block (1 for the float types). */
+int64_t k_dtype_block(enum k_dtype t);
+/* Bytes per block. */
+int64_t k_dtype_block_bytes(enum k_dtype t);
+/* Bytes of a row of n elements; -1 when n is not a multiple of the block
+ * size or the size overflows. */
+int64_t k_row_bytes(enum k_dtype t, int64_t n);
+
+/* IEEE half and bfloat16 conversions (round to nearest even). */
+float k_f16_to_f32(uint16_t h);
+uint16_t k_f32_to_f16(float f);
+float k_bf16_to_f32(uint16_t h);
+uint16_t k_f32_to_bf16(float f);
+
+/* ------------------------------------------------------------ SIMD level */
+
+enum k_isa { K_ISA_SCALAR = 0, K_ISA_AVX2, K_ISA_AVX512 };
+
+/* The best ISA this CPU supports, or the one forced by the environment
+ * variable INFERD_ISA=scalar|avx2|avx512 (never above what the CPU has). */
+enum k_isa k_isa_detect(void);
+const char *k_isa_name(enum k_isa isa);
+
+/* ----------------------------------------------------------- thread pool */
+
+struct k_pool;
+
+/* Starts n_threads - 1 workers (the calling thread is the n-th). n_threads
+ * <= 0 means one per online CPU. Returns NULL on failure. */
+struct k_pool *k_pool_create(int n_threads);
+/* Joins the workers. Accepts NULL. */
+void k_pool_destroy(struct k_pool *p);
+int k_pool_size(const struct k_pool *p);
+
+/* Runs fn(ctx, i, n_threads) on every thread, i = 0..n_threads-1, and
+ * returns when all have returned. Not reentrant; call from one thread. */
+typedef void (*k_pool_fn)(void *ctx, int ith, int nth);
+void k_pool_run(struct k_pool *p, k_pool_fn fn, void *ctx);
+
+/* ---------------------------------------------------------------- matmul */
+
+/* A weight matrix: rows rows of cols elements of dtype, row-major, each row
+ * k_row_bytes(dtype, cols) bytes. data is borrowed (usually mmapped) and
+ * may be unaligned for the float types. */
+struct k_matrix {
+    enum k_dtype dtype;
+    int64_t rows; /* output features */
+    int64_t cols; /* input features (row length) */
+    const void *data;
+};
+
+/* y[r][o] = sum_i W[o][i] * x[r][i] for r < n_x, o < W->rows.
+ * x: (n_x, W->cols) f32, row stride x_stride floats.
+ * y: (n_x, W->rows) f32, row stride y_stride floats.
+ * Quantized weights are multiplied against x quantized per row to int8
+ * (the same way for every batch size). scratch: at least
+ * k_matmul_scratch(W, n_x) bytes, 64-byte aligned, owned by the caller.
+ * Batch invariant: y[r] depends only on x[r] and W. */
+size_t k_matmul_scratch(const struct k_matrix *W, int64_t n_x);
+void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
+              int64_t x_stride, int64_t n_x, float *y, int64_t y_stride,
+              void *scratch);
+
+/* Converts row `row` of W to f32 (for embedding lookups). out: W->cols. */
+void k_dequant_row(const struct k_matrix *W, int64_t row, float *out);
+
+#endif
