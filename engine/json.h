@@ -35,6 +35,9 @@ size_t json_len(const struct json *v);
 const struct json *json_at(const struct json *v, size_t i);
 /* Key of member i of an object (NUL-terminated, owned by the tree). */
 const char *json_key_at(const struct json *v, size_t i);
+/* Length in bytes of that key, which may hold embedded NULs (a \u0000
+ * escape); 0 when v is not an object or i is out of range. */
+size_t json_key_len(const struct json *v, size_t i);
 /* The value of a number (0 when not a number). */
 double json_number(const struct json *v);
 /* 0 and *out set when v is a number that is an exact integer in int64
