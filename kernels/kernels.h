@@ -100,4 +100,15 @@ void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
 /* Converts row `row` of W to f32 (for embedding lookups). out: W->cols. */
 void k_dequant_row(const struct k_matrix *W, int64_t row, float *out);
 
+
+/* ------------------------------------------------------------- ceilings */
+
+/* Measured on the pool, for benchmarks to print ratios against: streaming
+ * read bandwidth over a buffer of `bytes` (bytes/s), peak f32
+ * FMA rate (FLOP/s, 0 on the scalar path), peak int8 dot-product rate
+ * (ops/s counting multiply and add, 0 without AVX512-VNNI). */
+double k_probe_bandwidth(struct k_pool *pool, size_t bytes);
+double k_probe_f32_flops(struct k_pool *pool);
+double k_probe_int8_ops(struct k_pool *pool);
+
 #endif

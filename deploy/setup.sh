@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# setup.sh: installs everything inferd needs on a Debian machine, builds it,
+# and then does one job:
+#   deploy/setup.sh            set up and build only
+#   deploy/setup.sh run        ... then run the default model
+#   deploy/setup.sh test       ... then run every test (C unit + Python)
+# Idempotent: packages already present are not reinstalled, an existing
+# build directory is reused. Needs root (or sudo) only to install packages.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+BUILD=${INFERD_BUILD_DIR:-build}
+VENV=${INFERD_VENV:-$ROOT/.venv}
+MODE=${1:-build}
+
+DEB_PACKAGES=(
+  build-essential meson ninja-build pkg-config
+  libjansson-dev libevent-dev libpcre2-dev libssl-dev libsystemd-dev node-llhttp
+  python3 python3-venv python3-pip curl ca-certificates
+)
+# Test tools, pinned below major versions known to work.
+PY_PACKAGES=(
+  "pytest>=7,<10" "numpy>=1.24,<3" "gguf>=0.10,<1" "safetensors>=0.4,<1"
+)
+
+log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
+
+install_debian() {
+  local missing=()
+  for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo=sudo
+  log "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+install_python() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating Python environment in $VENV"
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.inferd-packages"
+  local want
+  want=$(printf '%s\n' "${PY_PACKAGES[@]}")
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    log "installing Python test packages"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+    printf '%s\n' "$want" > "$stamp"
+  fi
+}
+
+build() {
+  if [ ! -f "$BUILD/build.ninja" ]; then
+    log "configuring $BUILD"
+    meson setup "$BUILD" --buildtype=release >/dev/null
+  fi
+  log "building"
+  ninja -C "$BUILD" >/dev/null
+}
+
+install_debian
+build
+case "$MODE" in
+  build) ;;
+  run)
+    shift || true
+    MODEL=${INFERD_MODEL:-tests/fixtures/models/llama3/model-q8_0.gguf}
+    log "generating from $MODEL (the HTTP server arrives with its own issue)"
+    exec "$BUILD/inferd" generate "$MODEL" --tokens 1,2,3,4,5 --max-tokens 16 --ignore-eos "$@"
+    ;;
+  test)
+    install_python
+    export INFERD_BUILD_DIR="$BUILD"
+    cd "$ROOT"
+    exec "$VENV/bin/python" -m pytest -q tests
+    ;;
+  *)
+    echo "usage: deploy/setup.sh [build|run|test]" >&2
+    exit 2
+    ;;
+esac

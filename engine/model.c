@@ -1,0 +1,665 @@
+/* model.c: loading a model (either format), binding its tensors by name
+ * with every shape checked against the config, and the forward pass over a
+ * batch of rows with a paged KV cache.
+ *
+ * One forward function serves the whole Llama family; the config says
+ * where architectures differ (fused projections, qkv bias, RoPE layout and
+ * scaling, sliding window). Engine thread only; the matmuls and attention
+ * fan out over the CPU pool. */
+#include "engine/model.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "engine/gguf.h"
+#include "engine/json.h"
+#include "engine/model_config.h"
+#include "engine/safetensors.h"
+
+/* ------------------------------------------------------------- structure */
+
+struct layer {
+    float *attn_norm;          /* (n_embd) */
+    struct k_matrix wqkv;      /* fused: ((n_head + 2 n_head_kv) hd, n_embd) */
+    struct k_matrix wq;        /* (n_head hd, n_embd) */
+    struct k_matrix wk, wv;    /* (n_head_kv hd, n_embd) */
+    float *bq, *bk, *bv;       /* biases or NULL */
+    struct k_matrix wo;        /* (n_embd, n_head hd) */
+    float *ffn_norm;           /* (n_embd) */
+    struct k_matrix wgate_up;  /* fused: (2 n_ff, n_embd), gate rows first */
+    struct k_matrix wgate, wup;/* (n_ff, n_embd) */
+    struct k_matrix wdown;     /* (n_embd, n_ff) */
+};
+
+struct model {
+    struct model_config cfg;
+    char path[1024];
+    struct gguf_file *gguf;
+    struct st_model *st;
+    struct k_pool *pool;
+    struct layer *layers;      /* (n_layer) */
+    struct k_matrix tok_embd;  /* (n_vocab, n_embd) */
+    struct k_matrix output;    /* (n_vocab, n_embd); tok_embd when tied */
+    float *out_norm;           /* (n_embd) */
+    float **owned;             /* f32 copies of small vectors, freed at destroy */
+    size_t n_owned, cap_owned;
+    struct model_stats stats;
+
+    /* Activations, grown to the largest batch seen. */
+    int64_t cap_rows;
+    float *x;        /* (rows, n_embd) residual stream */
+    float *h;        /* (rows, n_embd) normed input / projection output */
+    float *qkv;      /* (rows, (n_head + 2 n_head_kv) hd) */
+    float *att;      /* (rows, n_head hd) */
+    float *gu;       /* (rows, 2 n_ff) gate then up */
+    float *act;      /* (rows, n_ff) */
+    float *rope_cs;  /* (rows, rope_dim/2, 2) cos, sin */
+    void *mm_scratch;
+    size_t mm_scratch_bytes;
+    float *att_scores; /* (n_threads, n_ctx) */
+};
+
+/* ---------------------------------------------------------------- helpers */
+
+static void *xmalloc_aligned(size_t n)
+{
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n ? n : 64) != 0)
+        return NULL;
+    return p;
+}
+
+static const struct tensor *find_tensor(const struct model *m, const char *name)
+{
+    return m->gguf ? gguf_find_tensor(m->gguf, name) : st_find(m->st, name);
+}
+
+static const char *tensor_fmt_name(const struct model *m, const char *hf, const char *gg)
+{
+    return m->gguf ? gg : hf;
+}
+
+static void count_tensor(struct model *m, const struct tensor *t)
+{
+    int64_t n = 1;
+    for (int i = 0; i < t->n_dims; i++)
+        n *= t->ne[i];
+    m->stats.n_params += n;
+    m->stats.weight_bytes += (int64_t)t->nbytes;
+    m->stats.n_tensors++;
+    m->stats.tensors_by_dtype[t->dtype]++;
+    m->stats.params_by_dtype[t->dtype] += n;
+}
+
+/* Binds a 2-D weight of shape (rows, cols) in place. */
+static int bind_matrix(struct model *m, const char *name, int64_t rows, int64_t cols,
+                       struct k_matrix *out, char *err, size_t errlen)
+{
+    const struct tensor *t = find_tensor(m, name);
+    if (!t) {
+        snprintf(err, errlen, "%s: missing tensor '%s'", m->path, name);
+        return -1;
+    }
+    if (t->n_dims != 2 || t->ne[0] != cols || t->ne[1] != rows) {
+        snprintf(err, errlen,
+                 "%s: tensor '%s' has shape [%lld, %lld] (dims %d), the config implies [%lld, %lld]",
+                 m->path, name, (long long)t->ne[1], (long long)t->ne[0], t->n_dims,
+                 (long long)rows, (long long)cols);
+        return -1;
+    }
+    out->dtype = t->dtype;
+    out->rows = rows;
+    out->cols = cols;
+    out->data = t->data;
+    count_tensor(m, t);
+    return 0;
+}
+
+static int own(struct model *m, float *p)
+{
+    if (m->n_owned == m->cap_owned) {
+        size_t cap = m->cap_owned ? 2 * m->cap_owned : 64;
+        float **n = realloc(m->owned, cap * sizeof(*n));
+        if (!n)
+            return -1;
+        m->owned = n;
+        m->cap_owned = cap;
+    }
+    m->owned[m->n_owned++] = p;
+    return 0;
+}
+
+/* Binds a 1-D vector of n elements, copied to f32 (norms and biases are
+ * tiny, and f32 keeps the hot loops free of conversions). */
+static int bind_vector(struct model *m, const char *name, int64_t n, float **out,
+                       char *err, size_t errlen)
+{
+    const struct tensor *t = find_tensor(m, name);
+    if (!t) {
+        snprintf(err, errlen, "%s: missing tensor '%s'", m->path, name);
+        return -1;
+    }
+    if (t->n_dims != 1 || t->ne[0] != n) {
+        snprintf(err, errlen, "%s: tensor '%s' has %d dims and %lld elements, the config implies [%lld]",
+                 m->path, name, t->n_dims, (long long)t->ne[0], (long long)n);
+        return -1;
+    }
+    if (t->dtype != K_F32 && t->dtype != K_F16 && t->dtype != K_BF16) {
+        snprintf(err, errlen, "%s: tensor '%s' is %s; vectors must be f32, f16 or bf16",
+                 m->path, name, k_dtype_name(t->dtype));
+        return -1;
+    }
+    float *v = xmalloc_aligned((size_t)n * sizeof(float));
+    if (!v || own(m, v) != 0) {
+        free(v);
+        snprintf(err, errlen, "%s: out of memory", m->path);
+        return -1;
+    }
+    struct k_matrix mat = {t->dtype, 1, n, t->data};
+    k_dequant_row(&mat, 0, v);
+    count_tensor(m, t);
+    *out = v;
+    return 0;
+}
+
+static void count_matmul(struct model *m, const struct k_matrix *w)
+{
+    if (!w->data)
+        return;
+    m->stats.matmul_params += w->rows * w->cols;
+    m->stats.matmul_bytes += w->rows * k_row_bytes(w->dtype, w->cols);
+}
+
+/* ---------------------------------------------------------------- binding */
+
+static int bind_layer(struct model *m, int64_t il, char *err, size_t errlen)
+{
+    const struct model_config *c = &m->cfg;
+    struct layer *L = &m->layers[il];
+    int64_t E = c->n_embd, hd = c->head_dim;
+    int64_t nq = c->n_head * hd, nkv = c->n_head_kv * hd;
+    char n[160];
+#define NAME(hf, gg) (snprintf(n, sizeof(n), tensor_fmt_name(m, "model.layers.%lld." hf, "blk.%lld." gg), \
+                               (long long)il), n)
+    if (bind_vector(m, NAME("input_layernorm.weight", "attn_norm.weight"), E, &L->attn_norm, err, errlen))
+        return -1;
+    if (c->fused_qkv) {
+        if (bind_matrix(m, NAME("self_attn.qkv_proj.weight", "attn_qkv.weight"), nq + 2 * nkv, E,
+                        &L->wqkv, err, errlen))
+            return -1;
+    } else {
+        if (bind_matrix(m, NAME("self_attn.q_proj.weight", "attn_q.weight"), nq, E, &L->wq, err, errlen) ||
+            bind_matrix(m, NAME("self_attn.k_proj.weight", "attn_k.weight"), nkv, E, &L->wk, err, errlen) ||
+            bind_matrix(m, NAME("self_attn.v_proj.weight", "attn_v.weight"), nkv, E, &L->wv, err, errlen))
+            return -1;
+    }
+    if (c->qkv_bias) {
+        if (bind_vector(m, NAME("self_attn.q_proj.bias", "attn_q.bias"), nq, &L->bq, err, errlen) ||
+            bind_vector(m, NAME("self_attn.k_proj.bias", "attn_k.bias"), nkv, &L->bk, err, errlen) ||
+            bind_vector(m, NAME("self_attn.v_proj.bias", "attn_v.bias"), nkv, &L->bv, err, errlen))
+            return -1;
+    }
+    if (bind_matrix(m, NAME("self_attn.o_proj.weight", "attn_output.weight"), E, nq, &L->wo, err, errlen) ||
+        bind_vector(m, NAME("post_attention_layernorm.weight", "ffn_norm.weight"), E, &L->ffn_norm, err, errlen))
+        return -1;
+    if (c->fused_gate_up) {
+        if (bind_matrix(m, NAME("mlp.gate_up_proj.weight", "ffn_up.weight"), 2 * c->n_ff, E,
+                        &L->wgate_up, err, errlen))
+            return -1;
+    } else {
+        if (bind_matrix(m, NAME("mlp.gate_proj.weight", "ffn_gate.weight"), c->n_ff, E, &L->wgate, err, errlen) ||
+            bind_matrix(m, NAME("mlp.up_proj.weight", "ffn_up.weight"), c->n_ff, E, &L->wup, err, errlen))
+            return -1;
+    }
+    if (bind_matrix(m, NAME("mlp.down_proj.weight", "ffn_down.weight"), E, c->n_ff, &L->wdown, err, errlen))
+        return -1;
+#undef NAME
+    return 0;
+}
+
+static int bind_all(struct model *m, char *err, size_t errlen)
+{
+    const struct model_config *c = &m->cfg;
+    m->layers = calloc((size_t)c->n_layer, sizeof(struct layer));
+    if (!m->layers) {
+        snprintf(err, errlen, "%s: out of memory", m->path);
+        return -1;
+    }
+    if (bind_matrix(m, tensor_fmt_name(m, "model.embed_tokens.weight", "token_embd.weight"),
+                    c->n_vocab, c->n_embd, &m->tok_embd, err, errlen) ||
+        bind_vector(m, tensor_fmt_name(m, "model.norm.weight", "output_norm.weight"),
+                    c->n_embd, &m->out_norm, err, errlen))
+        return -1;
+    if (c->tied_embeddings) {
+        m->output = m->tok_embd;
+    } else if (bind_matrix(m, tensor_fmt_name(m, "lm_head.weight", "output.weight"),
+                           c->n_vocab, c->n_embd, &m->output, err, errlen)) {
+        return -1;
+    }
+    for (int64_t il = 0; il < c->n_layer; il++)
+        if (bind_layer(m, il, err, errlen))
+            return -1;
+    count_matmul(m, &m->output);
+    for (int64_t il = 0; il < c->n_layer; il++) {
+        const struct layer *L = &m->layers[il];
+        const struct k_matrix *all[] = {&L->wqkv, &L->wq, &L->wk, &L->wv, &L->wo,
+                                        &L->wgate_up, &L->wgate, &L->wup, &L->wdown};
+        for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+            count_matmul(m, all[i]);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- loading */
+
+static int read_file(const char *path, char **out, size_t *len, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    char *buf = NULL;
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (fseek(f, 0, SEEK_END) != 0)
+        goto io;
+    long n = ftell(f);
+    if (n < 0 || fseek(f, 0, SEEK_SET) != 0)
+        goto io;
+    if (n > 64L << 20) {
+        snprintf(err, errlen, "%s: %ld bytes is too large for a config file", path, n);
+        fclose(f);
+        return -1;
+    }
+    buf = malloc((size_t)n + 1);
+    if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n)
+        goto io;
+    fclose(f);
+    buf[n] = 0;
+    *out = buf;
+    *len = (size_t)n;
+    return 0;
+io:
+    snprintf(err, errlen, "%s: read error", path);
+    free(buf);
+    fclose(f);
+    return -1;
+}
+
+static int load_hf(struct model *m, const char *dir, char *err, size_t errlen)
+{
+    char cpath[1200];
+    snprintf(cpath, sizeof(cpath), "%s/config.json", dir);
+    char *text = NULL;
+    size_t len = 0;
+    if (read_file(cpath, &text, &len, err, errlen))
+        return -1;
+    char jerr[256];
+    struct json *cfg = json_parse(text, len, jerr, sizeof(jerr));
+    free(text);
+    if (!cfg) {
+        snprintf(err, errlen, "%s: %s", cpath, jerr);
+        return -1;
+    }
+    int rc = mc_from_hf(cfg, cpath, &m->cfg, err, errlen);
+    json_free(cfg);
+    if (rc)
+        return -1;
+    return st_open(dir, &m->st, err, errlen);
+}
+
+int model_load(const char *path, const struct model_opts *opts, struct model **out,
+               char *err, size_t errlen)
+{
+    struct model *m = calloc(1, sizeof(*m));
+    if (!m) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    snprintf(m->path, sizeof(m->path), "%s", path);
+    err[0] = 0;
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (S_ISDIR(sb.st_mode)) {
+        if (load_hf(m, path, err, errlen))
+            goto fail;
+        m->stats.file_bytes = st_file_bytes(m->st);
+    } else {
+        if (gguf_open(path, &m->gguf, err, errlen))
+            goto fail;
+        if (mc_from_gguf(m->gguf, path, &m->cfg, err, errlen))
+            goto fail;
+        m->stats.file_bytes = gguf_file_bytes(m->gguf);
+    }
+    if (bind_all(m, err, errlen))
+        goto fail;
+    m->pool = k_pool_create(opts ? opts->n_threads : 0);
+    if (!m->pool) {
+        snprintf(err, errlen, "cannot start the CPU thread pool");
+        goto fail;
+    }
+    *out = m;
+    return 0;
+fail:
+    model_destroy(m);
+    return -1;
+}
+
+static void free_activations(struct model *m)
+{
+    free(m->x);
+    free(m->h);
+    free(m->qkv);
+    free(m->att);
+    free(m->gu);
+    free(m->act);
+    free(m->rope_cs);
+    free(m->mm_scratch);
+    free(m->att_scores);
+    m->x = m->h = m->qkv = m->att = m->gu = m->act = m->rope_cs = m->att_scores = NULL;
+    m->mm_scratch = NULL;
+    m->cap_rows = 0;
+}
+
+void model_destroy(struct model *m)
+{
+    if (!m)
+        return;
+    free_activations(m);
+    k_pool_destroy(m->pool);
+    for (size_t i = 0; i < m->n_owned; i++)
+        free(m->owned[i]);
+    free(m->owned);
+    free(m->layers);
+    gguf_close(m->gguf);
+    st_close(m->st);
+    free(m);
+}
+
+const struct model_config *model_get_config(const struct model *m) { return &m->cfg; }
+struct k_pool *model_pool(struct model *m) { return m->pool; }
+void model_get_stats(const struct model *m, struct model_stats *st) { *st = m->stats; }
+
+struct kv_geom model_kv_geom(const struct model *m)
+{
+    struct kv_geom g = {m->cfg.n_layer, m->cfg.n_head_kv, m->cfg.head_dim};
+    return g;
+}
+
+int model_rope_long_for(const struct model *m, int64_t total_len)
+{
+    return m->cfg.scaling == ROPE_LONGROPE && total_len > m->cfg.rope_orig_ctx;
+}
+
+/* ------------------------------------------------------------ activations */
+
+static size_t max_mm_scratch(const struct model *m, int64_t rows)
+{
+    size_t best = k_matmul_scratch(&m->output, rows);
+    for (int64_t il = 0; il < m->cfg.n_layer; il++) {
+        const struct layer *L = &m->layers[il];
+        const struct k_matrix *all[] = {&L->wqkv, &L->wq, &L->wk, &L->wv, &L->wo,
+                                        &L->wgate_up, &L->wgate, &L->wup, &L->wdown};
+        for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
+            if (!all[i]->data)
+                continue;
+            size_t s = k_matmul_scratch(all[i], rows);
+            if (s > best)
+                best = s;
+        }
+    }
+    return best;
+}
+
+static int ensure_rows(struct model *m, int64_t rows)
+{
+    if (rows <= m->cap_rows)
+        return 0;
+    free_activations(m);
+    const struct model_config *c = &m->cfg;
+    size_t r = (size_t)rows;
+    size_t nqkv = (size_t)((c->n_head + 2 * c->n_head_kv) * c->head_dim);
+    m->x = xmalloc_aligned(r * (size_t)c->n_embd * sizeof(float));
+    m->h = xmalloc_aligned(r * (size_t)c->n_embd * sizeof(float));
+    m->qkv = xmalloc_aligned(r * nqkv * sizeof(float));
+    m->att = xmalloc_aligned(r * (size_t)(c->n_head * c->head_dim) * sizeof(float));
+    m->gu = xmalloc_aligned(r * 2 * (size_t)c->n_ff * sizeof(float));
+    m->act = xmalloc_aligned(r * (size_t)c->n_ff * sizeof(float));
+    m->rope_cs = xmalloc_aligned(r * (size_t)c->rope_dim * sizeof(float));
+    m->mm_scratch_bytes = max_mm_scratch(m, rows);
+    m->mm_scratch = xmalloc_aligned(m->mm_scratch_bytes);
+    m->att_scores = xmalloc_aligned((size_t)k_pool_size(m->pool) * (size_t)c->n_ctx * sizeof(float));
+    if (!m->x || !m->h || !m->qkv || !m->att || !m->gu || !m->act || !m->rope_cs ||
+        !m->mm_scratch || !m->att_scores) {
+        free_activations(m);
+        return -1;
+    }
+    m->cap_rows = rows;
+    return 0;
+}
+
+/* ---------------------------------------------------------- forward pass */
+
+/* RMSNorm over each row, as Hugging Face computes it: x / sqrt(mean(x^2) +
+ * eps) * w. The sum of squares is taken in double, in index order, so the
+ * result never depends on the batch. */
+static void rmsnorm_rows(float *out, const float *x, const float *w, int64_t rows,
+                         int64_t n, double eps)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = out + r * n;
+        double ss = 0;
+        for (int64_t i = 0; i < n; i++)
+            ss += (double)xr[i] * xr[i];
+        float scale = (float)(1.0 / sqrt(ss / (double)n + eps));
+        for (int64_t i = 0; i < n; i++)
+            yr[i] = w[i] * (xr[i] * scale);
+    }
+}
+
+static void rope_apply(float *v, const float *cs, int64_t pairs, int interleaved)
+{
+    for (int64_t i = 0; i < pairs; i++) {
+        int64_t a = interleaved ? 2 * i : i;
+        int64_t b = interleaved ? 2 * i + 1 : i + pairs;
+        float c = cs[2 * i], s = cs[2 * i + 1];
+        float x1 = v[a], x2 = v[b];
+        v[a] = x1 * c - x2 * s;
+        v[b] = x2 * c + x1 * s;
+    }
+}
+
+struct attn_job {
+    struct model *m;
+    struct kv_cache *kv;
+    const struct model_row *rows;
+    int64_t n_rows;
+    int64_t layer;
+};
+
+/* One (row, head) pair per task unit, spread over the pool in a fixed
+ * split; each unit's arithmetic is the same whatever the split. */
+static void attn_worker(void *ctx, int ith, int nth)
+{
+    struct attn_job *j = ctx;
+    struct model *m = j->m;
+    const struct model_config *c = &m->cfg;
+    int64_t hd = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
+    int64_t group = nh / nkv;
+    int64_t nqkv = (nh + 2 * nkv) * hd;
+    int64_t units = j->n_rows * nh;
+    int64_t per = (units + nth - 1) / nth;
+    int64_t u0 = per * ith, u1 = u0 + per < units ? u0 + per : units;
+    float *scores = m->att_scores + (size_t)ith * (size_t)c->n_ctx;
+    float scale = (float)(1.0 / sqrt((double)hd));
+
+    for (int64_t u = u0; u < u1; u++) {
+        int64_t r = u / nh, h = u % nh, kvh = h / group;
+        const struct model_row *row = &j->rows[r];
+        const float *q = m->qkv + r * nqkv + h * hd;
+        float *out = m->att + r * nh * hd + h * hd;
+        int64_t nb;
+        const int32_t *table = kv_seq_blocks(j->kv, row->seq, &nb);
+        int64_t start = 0;
+        if (c->sliding_window > 0 && row->pos + 1 > c->sliding_window)
+            start = row->pos + 1 - c->sliding_window;
+        float mx = -INFINITY;
+        for (int64_t p = start; p <= row->pos; p++) {
+            const float *k = kv_block_k(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
+                             ((p % KV_BLOCK_TOKENS) * nkv + kvh) * hd;
+            float s = k_dot_f32(q, k, hd) * scale;
+            scores[p - start] = s;
+            if (s > mx)
+                mx = s;
+        }
+        double sum = 0;
+        for (int64_t p = start; p <= row->pos; p++) {
+            float e = expf(scores[p - start] - mx);
+            scores[p - start] = e;
+            sum += e;
+        }
+        float inv = (float)(1.0 / sum);
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int64_t p = start; p <= row->pos; p++) {
+            const float *v = kv_block_v(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
+                             ((p % KV_BLOCK_TOKENS) * nkv + kvh) * hd;
+            k_axpy_f32(out, scores[p - start] * inv, v, hd);
+        }
+    }
+}
+
+static void add_rows(float *x, const float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
+static void silu_mul_rows(float *act, const float *gu, int64_t rows, int64_t ff)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gu + r * 2 * ff, *u = g + ff;
+        float *a = act + r * ff;
+        for (int64_t i = 0; i < ff; i++)
+            a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+static int check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                       int64_t n, char *err, size_t errlen)
+{
+    for (int64_t r = 0; r < n; r++) {
+        const struct model_row *row = &rows[r];
+        if (row->token < 0 || row->token >= m->cfg.n_vocab) {
+            snprintf(err, errlen, "row %lld: token id %d is outside the vocabulary (0..%lld)",
+                     (long long)r, row->token, (long long)m->cfg.n_vocab - 1);
+            return -1;
+        }
+        if (row->pos < 0 || row->pos >= m->cfg.n_ctx) {
+            snprintf(err, errlen, "row %lld: position %lld is outside the context (0..%lld)",
+                     (long long)r, (long long)row->pos, (long long)m->cfg.n_ctx - 1);
+            return -1;
+        }
+        if (row->pos >= kv_seq_capacity(kv, row->seq)) {
+            snprintf(err, errlen, "row %lld: position %lld of sequence %d has no KV block reserved",
+                     (long long)r, (long long)row->pos, row->seq);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                  int64_t n, float *logits, char *err, size_t errlen)
+{
+    const struct model_config *c = &m->cfg;
+    if (n <= 0)
+        return 0;
+    if (check_batch(m, kv, rows, n, err, errlen))
+        return -1;
+    if (ensure_rows(m, n)) {
+        snprintf(err, errlen, "out of memory for a batch of %lld rows", (long long)n);
+        return -1;
+    }
+    int64_t E = c->n_embd, hd = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
+    int64_t nq = nh * hd, nqkv = nq + 2 * nkv * hd, ff = c->n_ff;
+    int64_t pairs = c->rope_dim / 2;
+    void *sc = m->mm_scratch;
+
+    for (int64_t r = 0; r < n; r++) {
+        k_dequant_row(&m->tok_embd, rows[r].token, m->x + r * E);
+        const float *inv = kv_seq_rope_long(kv, rows[r].seq) ? c->inv_freq_long : c->inv_freq_short;
+        float *cs = m->rope_cs + r * 2 * pairs;
+        for (int64_t i = 0; i < pairs; i++) {
+            float theta = (float)rows[r].pos * inv[i];
+            cs[2 * i] = cosf(theta) * c->rope_mscale;
+            cs[2 * i + 1] = sinf(theta) * c->rope_mscale;
+        }
+    }
+
+    for (int64_t il = 0; il < c->n_layer; il++) {
+        const struct layer *L = &m->layers[il];
+        rmsnorm_rows(m->h, m->x, L->attn_norm, n, E, c->rms_eps);
+        if (c->fused_qkv) {
+            k_matmul(m->pool, &L->wqkv, m->h, E, n, m->qkv, nqkv, sc);
+        } else {
+            k_matmul(m->pool, &L->wq, m->h, E, n, m->qkv, nqkv, sc);
+            k_matmul(m->pool, &L->wk, m->h, E, n, m->qkv + nq, nqkv, sc);
+            k_matmul(m->pool, &L->wv, m->h, E, n, m->qkv + nq + nkv * hd, nqkv, sc);
+        }
+        for (int64_t r = 0; r < n; r++) {
+            float *q = m->qkv + r * nqkv, *k = q + nq, *v = k + nkv * hd;
+            if (c->qkv_bias) {
+                add_rows(q, L->bq, nq);
+                add_rows(k, L->bk, nkv * hd);
+                add_rows(v, L->bv, nkv * hd);
+            }
+            const float *cs = m->rope_cs + r * 2 * pairs;
+            for (int64_t h = 0; h < nh; h++)
+                rope_apply(q + h * hd, cs, pairs, c->rope_interleaved);
+            for (int64_t h = 0; h < nkv; h++)
+                rope_apply(k + h * hd, cs, pairs, c->rope_interleaved);
+            /* Store this row's keys and values before any row attends. */
+            int64_t nb;
+            const int32_t *table = kv_seq_blocks(kv, rows[r].seq, &nb);
+            int64_t p = rows[r].pos;
+            int32_t b = table[p / KV_BLOCK_TOKENS];
+            size_t off = (size_t)((p % KV_BLOCK_TOKENS) * nkv * hd);
+            memcpy(kv_block_k(kv, il, b) + off, k, (size_t)(nkv * hd) * sizeof(float));
+            memcpy(kv_block_v(kv, il, b) + off, v, (size_t)(nkv * hd) * sizeof(float));
+        }
+        struct attn_job job = {m, kv, rows, n, il};
+        k_pool_run(m->pool, attn_worker, &job);
+        k_matmul(m->pool, &L->wo, m->att, nq, n, m->h, E, sc);
+        add_rows(m->x, m->h, n * E);
+
+        rmsnorm_rows(m->h, m->x, L->ffn_norm, n, E, c->rms_eps);
+        if (c->fused_gate_up) {
+            k_matmul(m->pool, &L->wgate_up, m->h, E, n, m->gu, 2 * ff, sc);
+        } else {
+            k_matmul(m->pool, &L->wgate, m->h, E, n, m->gu, 2 * ff, sc);
+            k_matmul(m->pool, &L->wup, m->h, E, n, m->gu + ff, 2 * ff, sc);
+        }
+        silu_mul_rows(m->act, m->gu, n, ff);
+        k_matmul(m->pool, &L->wdown, m->act, ff, n, m->h, E, sc);
+        add_rows(m->x, m->h, n * E);
+    }
+
+    /* Only the rows asked for go through the (large) LM head. */
+    int64_t nw = 0;
+    for (int64_t r = 0; r < n; r++) {
+        if (!rows[r].want_logits)
+            continue;
+        rmsnorm_rows(m->h + nw * E, m->x + r * E, m->out_norm, 1, E, c->rms_eps);
+        nw++;
+    }
+    if (nw)
+        k_matmul(m->pool, &m->output, m->h, E, nw, logits, c->n_vocab, sc);
+    return 0;
+}

@@ -1,0 +1,120 @@
+/* model.h: a loaded model (config + weights) and its forward pass.
+ *
+ * model_load opens a Hugging Face directory (config.json + safetensors) or
+ * a GGUF file, derives one model_config from either, checks every tensor's
+ * shape against what the config implies and binds the weights in place
+ * (mmapped; only small vectors such as norms and biases are copied to f32).
+ * model_forward runs one step over a batch of rows on the CPU kernels.
+ * Both run on the engine thread.
+ */
+#ifndef INFERD_MODEL_H
+#define INFERD_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/kv_cache.h"
+#include "kernels/kernels.h"
+
+#define MODEL_MAX_ROPE_PAIRS 256
+
+enum model_arch { ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2, ARCH_PHI3 };
+
+enum rope_scaling { ROPE_NONE, ROPE_LINEAR, ROPE_LLAMA3, ROPE_LONGROPE };
+
+enum model_format { FORMAT_HF, FORMAT_GGUF };
+
+/* Everything the forward pass needs to know about the network's shape.
+ * A plain value struct: filled by model_load, read by everyone. */
+struct model_config {
+    enum model_arch arch;
+    enum model_format format;
+    char arch_name[32];     /* "llama", "mistral", "qwen2", "phi3" */
+    int64_t n_vocab;
+    int64_t n_embd;         /* hidden size */
+    int64_t n_layer;
+    int64_t n_head;
+    int64_t n_head_kv;
+    int64_t head_dim;
+    int64_t n_ff;           /* MLP intermediate size */
+    int64_t n_ctx;          /* max_position_embeddings / context_length */
+    int64_t sliding_window; /* 0: none */
+    double rms_eps;
+    int tied_embeddings;    /* LM head shares token embeddings */
+    int qkv_bias;
+    int fused_qkv;          /* Phi-3: one qkv_proj */
+    int fused_gate_up;      /* Phi-3: one gate_up_proj */
+    /* RoPE. rope_dim dims of each head rotate (pairs i < rope_dim/2).
+     * interleaved: pairs are (2i, 2i+1) (GGUF llama, whose q/k rows were
+     * permuted by the converter); otherwise (i, i + rope_dim/2) as in HF. */
+    int64_t rope_dim;
+    int rope_interleaved;
+    double rope_theta;
+    enum rope_scaling scaling;
+    double rope_factor;
+    int64_t rope_orig_ctx;  /* original_max_position_embeddings */
+    /* inv_freq[i] per pair, for the short (default) and long factor sets;
+     * the long set equals the short one unless scaling is LONGROPE. */
+    float inv_freq_short[MODEL_MAX_ROPE_PAIRS];
+    float inv_freq_long[MODEL_MAX_ROPE_PAIRS];
+    float rope_mscale;      /* cos/sin multiplier (LongRoPE attention factor) */
+    int64_t bos_id, eos_id; /* -1 when unknown */
+};
+
+struct model_opts {
+    int n_threads;          /* <= 0: one per CPU */
+};
+
+struct model;
+
+/* Loads path (a directory or a .gguf file). On failure returns -1 with a
+ * message naming the file and the problem in err. *out is owned by the
+ * caller (model_destroy). */
+int model_load(const char *path, const struct model_opts *opts,
+               struct model **out, char *err, size_t errlen);
+void model_destroy(struct model *m);
+
+const struct model_config *model_get_config(const struct model *m);
+struct k_pool *model_pool(struct model *m);
+
+/* Weight statistics for `inspect`. */
+struct model_stats {
+    int64_t n_params;
+    int64_t weight_bytes;
+    int64_t n_tensors;
+    int64_t tensors_by_dtype[K_DTYPE_COUNT];
+    int64_t params_by_dtype[K_DTYPE_COUNT];
+    unsigned long long file_bytes;
+    /* What one decode step streams: every matmul weight (the LM head
+     * included, the embedding table only when it is the LM head). */
+    int64_t matmul_params;
+    int64_t matmul_bytes;
+};
+void model_get_stats(const struct model *m, struct model_stats *st);
+
+/* The geometry of the KV cache this model needs. */
+struct kv_geom model_kv_geom(const struct model *m);
+
+/* Whether a sequence that may reach total_len tokens uses long RoPE factors
+ * (LongRoPE models only; the choice is made once per sequence). */
+int model_rope_long_for(const struct model *m, int64_t total_len);
+
+/* One row of a batch: a token at a position of a sequence. */
+struct model_row {
+    int32_t token;
+    int32_t seq;          /* kv_cache sequence id */
+    int64_t pos;
+    int want_logits;
+};
+
+/* Runs the forward pass over n rows. For every sequence in the batch,
+ * positions [0, pos] must be either already in the cache or in this batch
+ * at an earlier row, and the kv blocks for every row's pos must be
+ * reserved. Writes n_vocab logits for each row with want_logits, in row
+ * order, to logits ((rows wanted) x n_vocab). Returns 0, or -1 with err
+ * set for an invalid batch (token out of range, unreserved position). */
+int model_forward(struct model *m, struct kv_cache *kv,
+                  const struct model_row *rows, int64_t n, float *logits,
+                  char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,22 @@
+/* cli.h: the subcommands of the inferd binary and the small argument
+ * helpers they share. Main thread only. */
+#ifndef INFERD_CLI_H
+#define INFERD_CLI_H
+
+#include <stdint.h>
+
+/* Each returns the process exit status: 0 ok, 1 runtime error, 2 usage. */
+int cli_inspect(int argc, char **argv);
+int cli_logits(int argc, char **argv);
+int cli_generate(int argc, char **argv);
+int cli_bench(int argc, char **argv);
+
+/* Parses a decimal integer in [lo, hi]; 0 on success, else prints
+ * "inferd: <flag>: ..." and returns -1. */
+int cli_parse_int(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out);
+/* Parses "1,2,3" into a malloc'ed array (caller frees); -1 on error. */
+int cli_parse_ids(const char *flag, const char *s, int32_t **ids, int64_t *n);
+/* Prints "inferd: msg" to stderr. */
+void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#endif

@@ -1,0 +1,254 @@
+/* cli_bench.c: `inferd bench engine MODEL`: offline prefill and decode
+ * throughput at several batch sizes, printed next to this machine's
+ * memory-bandwidth and compute ceilings measured in the same run (in the
+ * style of `vllm bench throughput`; a benchmark, not a test). Main thread. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+#include "server/cli.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+struct bench_result {
+    int64_t batch;
+    double prefill_tps, decode_tps;
+    double prefill_ceiling, decode_roofline;
+};
+
+/* xorshift: the prompts are random token ids, the same every run. */
+static uint64_t rng_next(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+static int64_t argmax(const float *v, int64_t n)
+{
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (v[i] > v[best])
+            best = i;
+    return best;
+}
+
+static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double bw,
+                       double peak, struct bench_result *res)
+{
+    const struct model_config *c = model_get_config(m);
+    struct model_stats st;
+    model_get_stats(m, &st);
+    struct kv_geom g = model_kv_geom(m);
+    char err[512];
+    int rc = -1;
+    int64_t per_seq_blocks = (P + G + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS;
+    struct kv_cache *kv = kv_create(&g, B * per_seq_blocks, (int)B, err, sizeof(err));
+    struct model_row *rows = calloc((size_t)(B * P), sizeof(*rows));
+    float *logits = malloc((size_t)B * (size_t)c->n_vocab * sizeof(float));
+    int *seq = calloc((size_t)B, sizeof(int));
+    int32_t *last = calloc((size_t)B, sizeof(int32_t));
+    if (!kv || !rows || !logits || !seq || !last) {
+        cli_error("bench: %s", kv ? "out of memory" : err);
+        goto done;
+    }
+    uint64_t rs = 0x9e3779b97f4a7c15ull;
+    for (int64_t b = 0; b < B; b++) {
+        seq[b] = kv_seq_open(kv, model_rope_long_for(m, P + G));
+        kv_seq_reserve(kv, seq[b], P + G);
+        for (int64_t p = 0; p < P; p++) {
+            struct model_row *r = &rows[b * P + p];
+            r->token = (int32_t)(rng_next(&rs) % (uint64_t)c->n_vocab);
+            r->seq = seq[b];
+            r->pos = p;
+            r->want_logits = p == P - 1;
+        }
+    }
+    double t0 = now_s();
+    if (model_forward(m, kv, rows, B * P, logits, err, sizeof(err))) {
+        cli_error("bench: %s", err);
+        goto done;
+    }
+    double t_prefill = now_s() - t0;
+    for (int64_t b = 0; b < B; b++)
+        last[b] = (int32_t)argmax(logits + b * c->n_vocab, c->n_vocab);
+    t0 = now_s();
+    for (int64_t step = 0; step < G; step++) {
+        for (int64_t b = 0; b < B; b++) {
+            rows[b].token = last[b];
+            rows[b].seq = seq[b];
+            rows[b].pos = P + step;
+            rows[b].want_logits = 1;
+        }
+        if (model_forward(m, kv, rows, B, logits, err, sizeof(err))) {
+            cli_error("bench: %s", err);
+            goto done;
+        }
+        for (int64_t b = 0; b < B; b++)
+            last[b] = (int32_t)argmax(logits + b * c->n_vocab, c->n_vocab);
+    }
+    double t_decode = now_s() - t0;
+
+    res->batch = B;
+    res->prefill_tps = (double)(B * P) / t_prefill;
+    res->decode_tps = (double)(B * G) / t_decode;
+    /* Decode roofline: each step streams the matmul weights once plus the
+     * batch's keys and values at the mean context length. */
+    double kv_read = (double)B * ((double)P + (double)G / 2) * (double)kv_bytes_per_token(&g);
+    res->decode_roofline = bw > 0 ? (double)B * bw / ((double)st.matmul_bytes + kv_read) : 0;
+    /* Prefill ceiling: 2 FLOP per matmul parameter per token plus causal
+     * attention (QK^T and PV: 2 x 2 x n_head x head_dim x mean context). */
+    double attn = 4.0 * (double)c->n_layer * (double)(c->n_head * c->head_dim) * ((double)P / 2);
+    res->prefill_ceiling = peak > 0 ? peak / (2.0 * (double)st.matmul_params + attn) : 0;
+    rc = 0;
+done:
+    free(rows);
+    free(logits);
+    free(seq);
+    free(last);
+    kv_destroy(kv);
+    return rc;
+}
+
+static int bench_engine(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"batch", required_argument, 0, 'b'},
+        {"prompt", required_argument, 0, 'p'},
+        {"gen", required_argument, 0, 'g'},
+        {"threads", required_argument, 0, 'j'},
+        {"json", required_argument, 0, 'o'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    const char *batches = "1,8", *json_path = NULL;
+    int64_t P = 128, G = 32, threads = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'b': batches = optarg; break;
+        case 'p': if (cli_parse_int("--prompt", optarg, 1, 1 << 20, &P)) return 2; break;
+        case 'g': if (cli_parse_int("--gen", optarg, 1, 1 << 20, &G)) return 2; break;
+        case 'j': if (cli_parse_int("--threads", optarg, 0, 1024, &threads)) return 2; break;
+        case 'o': json_path = optarg; break;
+        case 'h':
+            puts("usage: inferd bench engine MODEL [options]\n"
+                 "  --batch LIST   batch sizes, comma-separated (default 1,8)\n"
+                 "  --prompt N     prompt tokens per sequence (default 128)\n"
+                 "  --gen N        decode steps (default 32)\n"
+                 "  --threads N    CPU threads (default: all)\n"
+                 "  --json FILE    also write the results as JSON");
+            return 0;
+        default:
+            return 2;
+        }
+    }
+    if (optind != argc - 1) {
+        cli_error("bench engine: expected one MODEL path");
+        return 2;
+    }
+    int32_t *bs;
+    int64_t nb;
+    if (cli_parse_ids("--batch", batches, &bs, &nb))
+        return 2;
+    for (int64_t i = 0; i < nb; i++)
+        if (bs[i] < 1 || bs[i] > 4096) {
+            cli_error("--batch: sizes must be in 1..4096");
+            free(bs);
+            return 2;
+        }
+    const char *path = argv[optind];
+    char err[512];
+    struct model *m;
+    struct model_opts mo = {.n_threads = (int)threads};
+    double t0 = now_s();
+    if (model_load(path, &mo, &m, err, sizeof(err))) {
+        cli_error("%s", err);
+        free(bs);
+        return 1;
+    }
+    double t_load = now_s() - t0;
+    const struct model_config *cf = model_get_config(m);
+    struct model_stats st;
+    model_get_stats(m, &st);
+    if (P + G > cf->n_ctx) {
+        cli_error("bench: --prompt + --gen (%lld) exceed the context length %lld",
+                  (long long)(P + G), (long long)cf->n_ctx);
+        model_destroy(m);
+        free(bs);
+        return 2;
+    }
+    struct k_pool *pool = model_pool(m);
+    double bw = k_probe_bandwidth(pool, (size_t)1 << 30);
+    double f32 = k_probe_f32_flops(pool);
+    double i8 = k_probe_int8_ops(pool);
+    int quant = 0;
+    for (int t = K_Q8_0; t < K_DTYPE_COUNT; t++)
+        quant |= st.params_by_dtype[t] > 0;
+    double peak = quant && i8 > 0 ? i8 : f32;
+
+    printf("model       %s (%s, %.3f B params, matmul weights %.1f MiB)\n", path, cf->arch_name,
+           (double)st.n_params / 1e9, (double)st.matmul_bytes / 1048576.0);
+    printf("machine     %d threads, %s; read bandwidth %.1f GB/s; f32 FMA peak %.0f GFLOP/s;"
+           " int8 dot peak %.0f GOP/s\n", k_pool_size(pool), k_isa_name(k_isa_detect()),
+           bw / 1e9, f32 / 1e9, i8 / 1e9);
+    printf("load        %.3f s\n", t_load);
+    printf("prompt %lld tokens, %lld decode steps; ceilings: decode = bandwidth roofline,"
+           " prefill = %s peak\n\n", (long long)P, (long long)G, quant && i8 > 0 ? "int8" : "f32 FMA");
+    printf("%6s %14s %14s %8s %14s %14s %8s\n", "batch", "prefill tok/s", "ceiling", "ratio",
+           "decode tok/s", "roofline", "ratio");
+    struct bench_result *res = calloc((size_t)nb, sizeof(*res));
+    int rc = res ? 0 : 1;
+    for (int64_t i = 0; i < nb && rc == 0; i++) {
+        if (bench_batch(m, bs[i], P, G, bw, peak, &res[i])) {
+            rc = 1;
+            break;
+        }
+        struct bench_result *r = &res[i];
+        printf("%6lld %14.1f %14.1f %8.2f %14.1f %14.1f %8.2f\n", (long long)r->batch,
+               r->prefill_tps, r->prefill_ceiling, r->prefill_ceiling > 0 ? r->prefill_tps / r->prefill_ceiling : 0,
+               r->decode_tps, r->decode_roofline, r->decode_roofline > 0 ? r->decode_tps / r->decode_roofline : 0);
+        fflush(stdout);
+    }
+    if (rc == 0 && json_path) {
+        FILE *f = fopen(json_path, "w");
+        if (!f) {
+            cli_error("%s: cannot write", json_path);
+            rc = 1;
+        } else {
+            fprintf(f, "{\"model\":\"%s\",\"threads\":%d,\"bandwidth_Bps\":%.0f,\"f32_flops\":%.0f,"
+                       "\"int8_ops\":%.0f,\"prompt\":%lld,\"gen\":%lld,\"results\":[",
+                    path, k_pool_size(pool), bw, f32, i8, (long long)P, (long long)G);
+            for (int64_t i = 0; i < nb; i++)
+                fprintf(f, "%s{\"batch\":%lld,\"prefill_tps\":%.2f,\"prefill_ceiling\":%.2f,"
+                           "\"decode_tps\":%.2f,\"decode_roofline\":%.2f}", i ? "," : "",
+                        (long long)res[i].batch, res[i].prefill_tps, res[i].prefill_ceiling,
+                        res[i].decode_tps, res[i].decode_roofline);
+            fprintf(f, "]}\n");
+            fclose(f);
+        }
+    }
+    free(res);
+    free(bs);
+    model_destroy(m);
+    return rc;
+}
+
+int cli_bench(int argc, char **argv)
+{
+    if (argc >= 2 && !strcmp(argv[1], "engine"))
+        return bench_engine(argc - 1, argv + 1);
+    cli_error("bench: expected 'engine' (usage: inferd bench engine MODEL [options])");
+    return 2;
+}
