@@ -12,7 +12,7 @@ from conftest import FIXTURES
 def model_paths():
     out = []
     for d in sorted(FIXTURES.glob("*")):
-        if (d / "config.json").exists():
+        if (d / "model.safetensors").exists():
             out.append(pytest.param(d, id=d.name))
         for g in sorted(d.glob("*.gguf")):
             out.append(pytest.param(g, id=f"{d.name}/{g.name}"))
@@ -48,7 +48,7 @@ def invariance_models():
         d = FIXTURES / name
         for f in ["."] + sorted(p.name for p in d.glob("*.gguf")):
             p = d if f == "." else d / f
-            if p.exists():
+            if p.is_file() or (p / "model.safetensors").exists():
                 out.append(pytest.param(p, id=f"{name}/{'safetensors' if f == '.' else f}"))
     return out
 

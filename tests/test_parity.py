@@ -33,32 +33,23 @@ EXACT_GREEDY = {"f32", "f16", "bf16"}
 
 def variants():
     out = []
-    if not FIXTURES.exists():
-        return out
     for ref_path in sorted(FIXTURES.glob("*/reference.json")):
         ref = json.loads(ref_path.read_text())
-        for fname, var in ref["variants"].items():
-            out.append(pytest.param(ref_path.parent, fname, id=f"{ref_path.parent.name}/{fname}"
-                                    + (f"/{var['case']}" if "case" in var else "")))
+        for key in ref["variants"]:
+            out.append(pytest.param(ref_path.parent, key, id=f"{ref_path.parent.name}/{key}"))
     return out
 
 
-def load_variant(model_dir, fname):
+def load_variant(model_dir, key):
+    """A variant is one file of the model (key "file" or "file#case"), with
+    its own reference; a variant may carry its own prompt (Phi-3 long)."""
     ref = json.loads((model_dir / "reference.json").read_text())
-    # A model may hold several variants of one file (Phi-3 short/long).
-    matches = [v for k, v in ref["variants"].items() if k == fname]
-    var = matches[0]
+    var = ref["variants"][key]
     prompt = var.get("prompt", ref["prompt"])
-    path = model_dir if fname.endswith(".safetensors") else model_dir / fname
-    return ref, var, prompt, path
-
-
-def fmt_of(model_dir, fname):
-    if fname.endswith(".gguf"):
-        return fname.rsplit("-", 1)[1][:-5].lower()
-    cfg = json.loads((model_dir / "config.json").read_text())
-    dt = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
-    return {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dt]
+    path = model_dir if var["file"].endswith(".safetensors") else model_dir / var["file"]
+    fmt = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0",
+           "Q4_K_M": "q4_k", "Q4_K": "q4_k", "Q6_K": "q6_k"}[var["dtype"]]
+    return var, prompt, path, fmt
 
 
 def run_json(args, **kw):
@@ -73,8 +64,7 @@ def ids(tokens):
 
 @pytest.mark.parametrize("model_dir,fname", variants())
 def test_logits_match_transformers(inferd, model_dir, fname):
-    ref, var, prompt, path = load_variant(model_dir, fname)
-    fmt = fmt_of(model_dir, fname)
+    var, prompt, path, fmt = load_variant(model_dir, fname)
     extra = ["--rope-total", str(len(prompt) + len(var["greedy"]))]
     out = run_json([inferd, "logits", str(path), "--tokens", ids(prompt), "--all"] + extra)
     ours = np.array(out["sequences"][0]["logits"], dtype=np.float64)
@@ -87,8 +77,7 @@ def test_logits_match_transformers(inferd, model_dir, fname):
 
 @pytest.mark.parametrize("model_dir,fname", variants())
 def test_greedy_matches_transformers(inferd, model_dir, fname):
-    ref, var, prompt, path = load_variant(model_dir, fname)
-    fmt = fmt_of(model_dir, fname)
+    var, prompt, path, fmt = load_variant(model_dir, fname)
     greedy = var["greedy"]
     out = run_json([inferd, "generate", str(path), "--tokens", ids(prompt),
                     "--max-tokens", str(len(greedy)), "--ignore-eos"])
