@@ -541,14 +541,125 @@ static void add_rows(float *x, const float *y, int64_t n)
         x[i] += y[i];
 }
 
-static void silu_mul_rows(float *act, const float *gu, int64_t rows, int64_t ff)
+/* ------------------------------------------------- row-parallel stages */
+
+/* The elementwise stages between the matmuls, each over a range of rows.
+ * Rows are independent, so a split over threads changes nothing in the
+ * result; small batches run inline to skip the dispatch. */
+struct rows_job {
+    struct model *m;
+    struct kv_cache *kv;
+    const struct model_row *rows;
+    int64_t n;
+    int64_t layer;
+    void (*fn)(struct rows_job *j, int64_t r0, int64_t r1);
+};
+
+static void rows_worker(void *ctx, int ith, int nth)
 {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *g = gu + r * 2 * ff, *u = g + ff;
-        float *a = act + r * ff;
+    struct rows_job *j = ctx;
+    int64_t per = (j->n + nth - 1) / nth;
+    int64_t r0 = per * ith, r1 = r0 + per < j->n ? r0 + per : j->n;
+    if (r0 < r1)
+        j->fn(j, r0, r1);
+}
+
+static void run_rows(struct rows_job *j, void (*fn)(struct rows_job *, int64_t, int64_t))
+{
+    j->fn = fn;
+    if (j->n < 4)
+        fn(j, 0, j->n);
+    else
+        k_pool_run(j->m->pool, rows_worker, j);
+}
+
+/* Token embeddings and each row's RoPE cos/sin (shared by all layers). */
+static void st_embed(struct rows_job *j, int64_t r0, int64_t r1)
+{
+    struct model *m = j->m;
+    const struct model_config *c = &m->cfg;
+    int64_t pairs = c->rope_dim / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        k_dequant_row(&m->tok_embd, j->rows[r].token, m->x + r * c->n_embd);
+        const float *inv = kv_seq_rope_long(j->kv, j->rows[r].seq) ? c->inv_freq_long : c->inv_freq_short;
+        float *cs = m->rope_cs + r * 2 * pairs;
+        for (int64_t i = 0; i < pairs; i++) {
+            float theta = (float)j->rows[r].pos * inv[i];
+            cs[2 * i] = cosf(theta) * c->rope_mscale;
+            cs[2 * i + 1] = sinf(theta) * c->rope_mscale;
+        }
+    }
+}
+
+/* h = attn_norm(x). */
+static void st_attn_norm(struct rows_job *j, int64_t r0, int64_t r1)
+{
+    struct model *m = j->m;
+    int64_t E = m->cfg.n_embd;
+    rmsnorm_rows(m->h + r0 * E, m->x + r0 * E, m->layers[j->layer].attn_norm, r1 - r0, E,
+                 m->cfg.rms_eps);
+}
+
+/* q, k, v: bias, RoPE, then this row's keys and values into its KV block
+ * (all rows are stored before any row attends). */
+static void st_qkv_post(struct rows_job *j, int64_t r0, int64_t r1)
+{
+    struct model *m = j->m;
+    const struct model_config *c = &m->cfg;
+    const struct layer *L = &m->layers[j->layer];
+    int64_t hd = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
+    int64_t nq = nh * hd, nqkv = nq + 2 * nkv * hd, pairs = c->rope_dim / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        float *q = m->qkv + r * nqkv, *k = q + nq, *v = k + nkv * hd;
+        if (c->qkv_bias) {
+            add_rows(q, L->bq, nq);
+            add_rows(k, L->bk, nkv * hd);
+            add_rows(v, L->bv, nkv * hd);
+        }
+        const float *cs = m->rope_cs + r * 2 * pairs;
+        for (int64_t h = 0; h < nh; h++)
+            rope_apply(q + h * hd, cs, pairs, c->rope_interleaved);
+        for (int64_t h = 0; h < nkv; h++)
+            rope_apply(k + h * hd, cs, pairs, c->rope_interleaved);
+        int64_t nb;
+        const int32_t *table = kv_seq_blocks(j->kv, j->rows[r].seq, &nb);
+        int64_t p = j->rows[r].pos;
+        int32_t b = table[p / KV_BLOCK_TOKENS];
+        size_t off = (size_t)((p % KV_BLOCK_TOKENS) * nkv * hd);
+        memcpy(kv_block_k(j->kv, j->layer, b) + off, k, (size_t)(nkv * hd) * sizeof(float));
+        memcpy(kv_block_v(j->kv, j->layer, b) + off, v, (size_t)(nkv * hd) * sizeof(float));
+    }
+}
+
+/* x += h (attention output); h = ffn_norm(x). */
+static void st_attn_residual_ffn_norm(struct rows_job *j, int64_t r0, int64_t r1)
+{
+    struct model *m = j->m;
+    int64_t E = m->cfg.n_embd;
+    add_rows(m->x + r0 * E, m->h + r0 * E, (r1 - r0) * E);
+    rmsnorm_rows(m->h + r0 * E, m->x + r0 * E, m->layers[j->layer].ffn_norm, r1 - r0, E,
+                 m->cfg.rms_eps);
+}
+
+/* act = silu(gate) * up, as SiLU is x * sigmoid(x). */
+static void st_silu_mul(struct rows_job *j, int64_t r0, int64_t r1)
+{
+    struct model *m = j->m;
+    int64_t ff = m->cfg.n_ff;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *g = m->gu + r * 2 * ff, *u = g + ff;
+        float *a = m->act + r * ff;
         for (int64_t i = 0; i < ff; i++)
             a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
+}
+
+/* x += h (MLP output). */
+static void st_mlp_residual(struct rows_job *j, int64_t r0, int64_t r1)
+{
+    struct model *m = j->m;
+    int64_t E = m->cfg.n_embd;
+    add_rows(m->x + r0 * E, m->h + r0 * E, (r1 - r0) * E);
 }
 
 static int check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
@@ -589,23 +700,14 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
     }
     int64_t E = c->n_embd, hd = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
     int64_t nq = nh * hd, nqkv = nq + 2 * nkv * hd, ff = c->n_ff;
-    int64_t pairs = c->rope_dim / 2;
     void *sc = m->mm_scratch;
-
-    for (int64_t r = 0; r < n; r++) {
-        k_dequant_row(&m->tok_embd, rows[r].token, m->x + r * E);
-        const float *inv = kv_seq_rope_long(kv, rows[r].seq) ? c->inv_freq_long : c->inv_freq_short;
-        float *cs = m->rope_cs + r * 2 * pairs;
-        for (int64_t i = 0; i < pairs; i++) {
-            float theta = (float)rows[r].pos * inv[i];
-            cs[2 * i] = cosf(theta) * c->rope_mscale;
-            cs[2 * i + 1] = sinf(theta) * c->rope_mscale;
-        }
-    }
+    struct rows_job rj = {m, kv, rows, n, 0, NULL};
+    run_rows(&rj, st_embed);
 
     for (int64_t il = 0; il < c->n_layer; il++) {
         const struct layer *L = &m->layers[il];
-        rmsnorm_rows(m->h, m->x, L->attn_norm, n, E, c->rms_eps);
+        rj.layer = il;
+        run_rows(&rj, st_attn_norm);
         if (c->fused_qkv) {
             k_matmul(m->pool, &L->wqkv, m->h, E, n, m->qkv, nqkv, sc);
         } else {
@@ -613,42 +715,20 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
             k_matmul(m->pool, &L->wk, m->h, E, n, m->qkv + nq, nqkv, sc);
             k_matmul(m->pool, &L->wv, m->h, E, n, m->qkv + nq + nkv * hd, nqkv, sc);
         }
-        for (int64_t r = 0; r < n; r++) {
-            float *q = m->qkv + r * nqkv, *k = q + nq, *v = k + nkv * hd;
-            if (c->qkv_bias) {
-                add_rows(q, L->bq, nq);
-                add_rows(k, L->bk, nkv * hd);
-                add_rows(v, L->bv, nkv * hd);
-            }
-            const float *cs = m->rope_cs + r * 2 * pairs;
-            for (int64_t h = 0; h < nh; h++)
-                rope_apply(q + h * hd, cs, pairs, c->rope_interleaved);
-            for (int64_t h = 0; h < nkv; h++)
-                rope_apply(k + h * hd, cs, pairs, c->rope_interleaved);
-            /* Store this row's keys and values before any row attends. */
-            int64_t nb;
-            const int32_t *table = kv_seq_blocks(kv, rows[r].seq, &nb);
-            int64_t p = rows[r].pos;
-            int32_t b = table[p / KV_BLOCK_TOKENS];
-            size_t off = (size_t)((p % KV_BLOCK_TOKENS) * nkv * hd);
-            memcpy(kv_block_k(kv, il, b) + off, k, (size_t)(nkv * hd) * sizeof(float));
-            memcpy(kv_block_v(kv, il, b) + off, v, (size_t)(nkv * hd) * sizeof(float));
-        }
+        run_rows(&rj, st_qkv_post);
         struct attn_job job = {m, kv, rows, n, il};
         k_pool_run(m->pool, attn_worker, &job);
         k_matmul(m->pool, &L->wo, m->att, nq, n, m->h, E, sc);
-        add_rows(m->x, m->h, n * E);
-
-        rmsnorm_rows(m->h, m->x, L->ffn_norm, n, E, c->rms_eps);
+        run_rows(&rj, st_attn_residual_ffn_norm);
         if (c->fused_gate_up) {
             k_matmul(m->pool, &L->wgate_up, m->h, E, n, m->gu, 2 * ff, sc);
         } else {
             k_matmul(m->pool, &L->wgate, m->h, E, n, m->gu, 2 * ff, sc);
             k_matmul(m->pool, &L->wup, m->h, E, n, m->gu + ff, 2 * ff, sc);
         }
-        silu_mul_rows(m->act, m->gu, n, ff);
+        run_rows(&rj, st_silu_mul);
         k_matmul(m->pool, &L->wdown, m->act, ff, n, m->h, E, sc);
-        add_rows(m->x, m->h, n * E);
+        run_rows(&rj, st_mlp_residual);
     }
 
     /* Only the rows asked for go through the (large) LM head. */
