@@ -54,13 +54,15 @@ install_python() {
   fi
 }
 
-build() {
-  if [ ! -f "$BUILD/build.ninja" ]; then
-    log "configuring $BUILD"
-    meson setup "$BUILD" --buildtype=release >/dev/null
+build() { # build [dir] [meson options...]
+  local dir=${1:-$BUILD}
+  shift || true
+  if [ ! -f "$dir/build.ninja" ]; then
+    log "configuring $dir"
+    meson setup "$dir" --buildtype=release "$@" >/dev/null
   fi
-  log "building"
-  ninja -C "$BUILD" >/dev/null
+  log "building $dir"
+  ninja -C "$dir" >/dev/null
 }
 
 install_debian
@@ -75,7 +77,11 @@ case "$MODE" in
     ;;
   test)
     install_python
-    export INFERD_BUILD_DIR="$BUILD"
+    # A second build with AddressSanitizer and UBSan: the unit tests and the
+    # hostile-file tests run against it too.
+    ASAN=${INFERD_ASAN_BUILD_DIR:-build-asan}
+    build "$ASAN" --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
+    export INFERD_BUILD_DIR="$BUILD" INFERD_ASAN_BUILD_DIR="$ASAN"
     cd "$ROOT"
     exec "$VENV/bin/python" -m pytest -q tests
     ;;

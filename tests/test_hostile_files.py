@@ -14,8 +14,8 @@ import pytest
 from conftest import FIXTURES
 
 
-def inspect(inferd, path):
-    return subprocess.run([inferd, "inspect", str(path)], capture_output=True, text=True, timeout=60)
+def inspect(exe, path):
+    return subprocess.run([exe, "inspect", str(path)], capture_output=True, text=True, timeout=60)
 
 
 def assert_refused(r, name):
@@ -33,17 +33,17 @@ def header_len_gguf(data):
     return min(len(data), 4096)
 
 
-def test_gguf_truncated_everywhere(inferd, tmp_path):
+def test_gguf_truncated_everywhere(inferd_any, tmp_path):
     data = gguf_fixture().read_bytes()
     rnd = random.Random(1)
     cuts = sorted(set(list(range(0, 64)) + [rnd.randrange(len(data)) for _ in range(60)]))
     for cut in cuts:
         p = tmp_path / "t.gguf"
         p.write_bytes(data[:cut])
-        assert_refused(inspect(inferd, p), "t.gguf")
+        assert_refused(inspect(inferd_any, p), "t.gguf")
 
 
-def test_gguf_header_byte_flips_never_crash(inferd, tmp_path):
+def test_gguf_header_byte_flips_never_crash(inferd_any, tmp_path):
     data = bytearray(gguf_fixture().read_bytes())
     rnd = random.Random(2)
     n = header_len_gguf(data)
@@ -53,26 +53,26 @@ def test_gguf_header_byte_flips_never_crash(inferd, tmp_path):
             d[rnd.randrange(n)] = rnd.randrange(256)
         p = tmp_path / "f.gguf"
         p.write_bytes(bytes(d))
-        r = inspect(inferd, p)
+        r = inspect(inferd_any, p)
         # A flip may land in a string that does not matter: then it loads.
         assert r.returncode in (0, 1), f"case {i}: exit {r.returncode}\n{r.stderr}"
         if r.returncode == 1:
             assert r.stderr.startswith("inferd: ")
 
 
-def test_gguf_bad_magic_and_version(inferd, tmp_path):
+def test_gguf_bad_magic_and_version(inferd_any, tmp_path):
     data = bytearray(gguf_fixture().read_bytes())
     p = tmp_path / "m.gguf"
     p.write_bytes(b"GGUX" + data[4:])
-    assert_refused(inspect(inferd, p), "m.gguf")
+    assert_refused(inspect(inferd_any, p), "m.gguf")
     d = bytearray(data)
     d[4:8] = struct.pack("<I", 99)
     p.write_bytes(bytes(d))
-    assert_refused(inspect(inferd, p), "m.gguf")
+    assert_refused(inspect(inferd_any, p), "m.gguf")
     d = bytearray(data)
     d[8:16] = struct.pack("<Q", 1 << 60)  # tensor count
     p.write_bytes(bytes(d))
-    assert_refused(inspect(inferd, p), "m.gguf")
+    assert_refused(inspect(inferd_any, p), "m.gguf")
 
 
 def copy_hf(tmp_path):
@@ -81,7 +81,7 @@ def copy_hf(tmp_path):
     return d
 
 
-def test_safetensors_truncated_everywhere(inferd, tmp_path):
+def test_safetensors_truncated_everywhere(inferd_any, tmp_path):
     d = copy_hf(tmp_path)
     data = (d / "model.safetensors").read_bytes()
     rnd = random.Random(3)
@@ -90,10 +90,10 @@ def test_safetensors_truncated_everywhere(inferd, tmp_path):
                       + [rnd.randrange(len(data)) for _ in range(30)]))
     for cut in cuts:
         (d / "model.safetensors").write_bytes(data[:cut])
-        assert_refused(inspect(inferd, d), "model.safetensors")
+        assert_refused(inspect(inferd_any, d), "model.safetensors")
 
 
-def test_safetensors_header_edits(inferd, tmp_path):
+def test_safetensors_header_edits(inferd_any, tmp_path):
     d = copy_hf(tmp_path)
     data = (d / "model.safetensors").read_bytes()
     hlen = struct.unpack("<Q", data[:8])[0]
@@ -103,7 +103,7 @@ def test_safetensors_header_edits(inferd, tmp_path):
     def write(h, raw=None):
         hb = raw if raw is not None else json.dumps(h).encode()
         (d / "model.safetensors").write_bytes(struct.pack("<Q", len(hb)) + hb + body)
-        return inspect(inferd, d)
+        return inspect(inferd_any, d)
 
     name = next(k for k in header if k != "__metadata__")
     for mutate in (
@@ -123,22 +123,22 @@ def test_safetensors_header_edits(inferd, tmp_path):
     assert_refused(write(None, b"{" * 100000), "model.safetensors")
 
 
-def test_config_shape_mismatch_is_refused(inferd, tmp_path):
+def test_config_shape_mismatch_is_refused(inferd_any, tmp_path):
     d = copy_hf(tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] += 32
     (d / "config.json").write_text(json.dumps(cfg))
-    r = inspect(inferd, d)
+    r = inspect(inferd_any, d)
     assert_refused(r, "model.safetensors" if "model.safetensors" in r.stderr else str(d))
     assert "config implies" in r.stderr
 
 
 @pytest.mark.parametrize("field,value", [("num_attention_heads", 0), ("hidden_size", -4),
                                          ("model_type", "gpt2"), ("rope_scaling", {"rope_type": "yarn", "factor": 2})])
-def test_bad_config_is_refused(inferd, tmp_path, field, value):
+def test_bad_config_is_refused(inferd_any, tmp_path, field, value):
     d = copy_hf(tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     cfg[field] = value
     cfg.pop("rope_parameters", None) if field == "rope_scaling" else None
     (d / "config.json").write_text(json.dumps(cfg))
-    assert_refused(inspect(inferd, d), "config.json")
+    assert_refused(inspect(inferd_any, d), "config.json")

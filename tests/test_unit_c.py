@@ -2,10 +2,13 @@
 every test the project has."""
 import subprocess
 
-from conftest import BUILD
+import pytest
+
+from conftest import builds
 
 
-def test_meson_unit_tests():
-    r = subprocess.run(["meson", "test", "-C", str(BUILD), "--print-errorlogs"],
-                       capture_output=True, text=True, timeout=900)
+@pytest.mark.parametrize("build", builds(), ids=lambda b: b.name)
+def test_meson_unit_tests(build):
+    r = subprocess.run(["meson", "test", "-C", str(build), "--print-errorlogs", "--suite", "unit"],
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-4000:]
