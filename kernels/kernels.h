@@ -56,6 +56,12 @@ enum k_isa { K_ISA_SCALAR = 0, K_ISA_AVX2, K_ISA_AVX512 };
  * variable INFERD_ISA=scalar|avx2|avx512 (never above what the CPU has). */
 enum k_isa k_isa_detect(void);
 const char *k_isa_name(enum k_isa isa);
+/* The path the kernels use: k_isa_detect() until k_isa_select() is called. */
+enum k_isa k_isa_active(void);
+/* Forces the path of all later kernel calls (clamped to what the CPU has)
+ * and returns the one in effect. For tests and benchmarks: call it while
+ * no kernel runs. */
+enum k_isa k_isa_select(enum k_isa want);
 
 /* ----------------------------------------------------------- thread pool */
 
@@ -99,6 +105,31 @@ void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
 
 /* Converts row `row` of W to f32 (for embedding lookups). out: W->cols. */
 void k_dequant_row(const struct k_matrix *W, int64_t row, float *out);
+
+/* ------------------------------------------------------------ vector ops
+ *
+ * Single-threaded, on the calling thread. Reductions use the canonical
+ * order of the matmul (16 fmaf partial sums by index mod 16, then a fixed
+ * tree), elementwise ops the same float expression on every path, so the
+ * results are bit-identical across SIMD paths. n may be any size >= 0;
+ * pointers need no alignment. */
+
+/* sum_i a[i] * b[i]. */
+float k_dot_f32(const float *a, const float *b, int64_t n);
+/* y[i] += a * x[i], as fmaf(a, x[i], y[i]). */
+void k_axpy_f32(float *y, float a, const float *x, int64_t n);
+/* out[i] = (x[i] * r) * w[i], r = 1 / sqrtf(sum(x^2) / n + eps).
+ * out may alias x. */
+void k_rmsnorm(float *out, const float *x, const float *w, int64_t n,
+               float eps);
+/* out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)).
+ * out may alias gate or up. */
+void k_silu_mul(float *out, const float *gate, const float *up, int64_t n);
+/* In place: x[i] = exp(x[i] - max) / sum_j exp(x[j] - max). n >= 1. */
+void k_softmax_f32(float *x, int64_t n);
+/* The kernels' exp (about 1 ulp; 0 below -87.3, +inf above 88.37): the
+ * same function silu and softmax use, for callers that must agree. */
+float k_expf(float x);
 
 
 /* ------------------------------------------------------------- ceilings */

@@ -1,0 +1,224 @@
+/* kcpu.h: private seam between the CPU kernel front ends (matmul.c, vec.c)
+ * and their per-ISA implementations. It defines the canonical reduction
+ * orders every path must follow bit for bit, the layout of activations
+ * quantized to int8, and the one expf all paths share.
+ * Not installed; only kernels/cpu/ includes it.
+ */
+#ifndef INFERD_KCPU_H
+#define INFERD_KCPU_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+
+/* ------------------------------------------------------ canonical orders
+ *
+ * Float weights (F32, F16, BF16), k_dot_f32 and the sum of squares of
+ * k_rmsnorm: 16 partial sums. Lane j accumulates elements i = j mod 16 in
+ * increasing i with fmaf(w[i], x[i], lane); then the lanes are folded by a
+ * fixed tree: j += j+8, j += j+4, j += j+2, 0 += 1 (kc_tree16).
+ *
+ * Quantized weights: every integer block sum is exact, so only the float
+ * combine has an order. For each output, acc = 0 and, for blocks b in
+ * increasing order:
+ *   Q8_0: acc = fmaf((float)S_b, dw_b * dx_b, acc)
+ *         S_b = sum of the 32 products q_w * q_x
+ *   Q4_K: acc = fmaf((float)A_b, d_b * dx_b, acc)
+ *         acc = fmaf((float)B_b, -(dmin_b * dx_b), acc)
+ *         A_b = sum_j sc_j * (sum over sub-block j of q_w * q_x)
+ *         B_b = sum_j m_j * (sum over sub-block j of q_x)
+ *   Q6_K: acc = fmaf((float)A_b, d_b * dx_b, acc)
+ *         A_b = sum_k sc_k * (sum over 16-sub-block k of (u_w - 32) * q_x)
+ * dw, d, dmin are the weight's f16 scales widened to f32, dx the f32 scale
+ * of the activation block. All int sums fit int32 (worst cases: Q8_0
+ * 520192; Q4_K 30.7M; Q6_K 133M). */
+
+static inline float kc_tree16(float a[16])
+{
+    for (int s = 8; s >= 1; s >>= 1)
+        for (int j = 0; j < s; j++)
+            a[j] = a[j] + a[j + s];
+    return a[0];
+}
+
+/* ----------------------------------------------- quantized activations
+ *
+ * x rows are quantized to int8 per block with one f32 scale:
+ *   d = amax / 127, q = rint(x * (127 / amax)) clamped to [-127, 127]
+ * (never -128, so the sign and offset tricks of the SIMD paths cannot
+ * overflow). Block of 32 for Q8_0 weights, 256 for the K-quants.
+ * One quantized row, at a 64-byte aligned stride:
+ *   qs  int8[K]     Q4_K permutes each 256-block into the order its
+ *                   nibbles unpack (see kc_q4k_perm), the others keep it
+ *   d   float[nb]
+ *   s   Q8_0: int32[nb] block sums
+ *       Q4_K: int16[nb][16], per-32 sums in [0..8), zeros after
+ *       Q6_K: int16[nb][16], per-16 sums */
+struct kc_xq {
+    int64_t qs_off, d_off, s_off, stride; /* bytes */
+    int64_t nb, block;
+};
+
+static inline int64_t kc_align64(int64_t n)
+{
+    return (n + 63) & ~(int64_t)63;
+}
+
+static inline struct kc_xq kc_xq_layout(enum k_dtype t, int64_t cols)
+{
+    struct kc_xq l;
+    l.block = t == K_Q8_0 ? 32 : 256;
+    l.nb = cols / l.block;
+    l.qs_off = 0;
+    l.d_off = kc_align64(cols);
+    l.s_off = l.d_off + kc_align64(4 * l.nb);
+    l.stride = l.s_off + kc_align64(t == K_Q8_0 ? 4 * l.nb : 32 * l.nb);
+    return l;
+}
+
+/* Q4_K: position p of a permuted 256-block holds natural element
+ * kc_q4k_perm(p). Chunk c = p / 64 is the low (c even) or high (c odd)
+ * nibbles of the 64 quant bytes 64 * (c / 2) .. +63, so one 64-byte load
+ * of the weights lines up with one 64-byte load of x. */
+static inline int kc_q4k_perm(int p)
+{
+    int c = p >> 6, t = p & 63;
+    return 64 * (2 * (c >> 1) + (t >> 5)) + 32 * (c & 1) + (t & 31);
+}
+
+/* Sub-block (scale index) of the first and second 32 bytes of chunk c. */
+static inline int kc_q4k_sub(int c, int half)
+{
+    return 4 * (c >> 1) + (c & 1) + 2 * half;
+}
+
+/* Unpacks the 12 bytes of Q4_K 6-bit scales and mins. */
+static inline void kc_q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t m[8])
+{
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (uint8_t)((s[j + 8] & 0xF) | ((s[j] >> 6) << 4));
+        m[j + 4] = (uint8_t)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+}
+
+static inline float kc_f16(const uint8_t *p)
+{
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return k_f16_to_f32(h);
+}
+
+/* -------------------------------------------------------------- expf
+ *
+ * The one exponential of the kernels. Every SIMD path runs exactly these
+ * float operations, so exp-based kernels agree bit for bit. Cephes-style
+ * range reduction and polynomial (about 1 ulp); inputs below -87.3 give 0
+ * and above 88.37 give +inf, which is all silu and softmax need. */
+#define KC_EXP_HI 88.3762626647949f
+#define KC_EXP_LO (-87.3365447504019f)
+#define KC_LOG2E 1.44269504088896341f
+#define KC_LN2_HI 0.693359375f
+#define KC_LN2_LO (-2.12194440e-4f)
+#define KC_EXP_P0 1.9875691500e-4f
+#define KC_EXP_P1 1.3981999507e-3f
+#define KC_EXP_P2 8.3334519073e-3f
+#define KC_EXP_P3 4.1665795894e-2f
+#define KC_EXP_P4 1.6666665459e-1f
+#define KC_EXP_P5 5.0000001201e-1f
+#define KC_SHIFTER 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
+
+static inline float kc_expf(float x)
+{
+    if (x > KC_EXP_HI)
+        return INFINITY;
+    if (x < KC_EXP_LO)
+        return 0.0f;
+    float t = fmaf(x, KC_LOG2E, KC_SHIFTER);
+    float n = t - KC_SHIFTER;
+    float r = fmaf(n, -KC_LN2_HI, x);
+    r = fmaf(n, -KC_LN2_LO, r);
+    float p = KC_EXP_P0;
+    p = fmaf(p, r, KC_EXP_P1);
+    p = fmaf(p, r, KC_EXP_P2);
+    p = fmaf(p, r, KC_EXP_P3);
+    p = fmaf(p, r, KC_EXP_P4);
+    p = fmaf(p, r, KC_EXP_P5);
+    float r2 = r * r;
+    float y = fmaf(p, r2, r) + 1.0f;
+    uint32_t tb, sb;
+    memcpy(&tb, &t, 4);
+    /* the low mantissa bits of t hold n; rebuild 2^n from them */
+    sb = (tb - 0x4b400000u + 127u) << 23;
+    float s;
+    memcpy(&s, &sb, 4);
+    return y * s;
+}
+
+/* ------------------------------------------------------- per-ISA table */
+
+/* One matmul as the per-ISA kernels see it. x_q is the quantized copy of
+ * x (quantized types only). */
+struct kc_mm {
+    enum k_dtype dt;
+    int64_t rows, cols;
+    const uint8_t *w;
+    int64_t w_stride; /* bytes per weight row */
+    const float *x;
+    int64_t x_stride;
+    int64_t n_x;
+    const uint8_t *xq;
+    struct kc_xq xl;
+    float *y;
+    int64_t y_stride;
+};
+
+struct kc_ops {
+    enum k_isa isa;
+    /* Quantizes x rows [r0, r1) into m->xq (identical bytes on every path). */
+    void (*quantize)(const struct kc_mm *m, int64_t r0, int64_t r1);
+    /* Per-thread work bytes mm_rows needs. */
+    size_t (*mm_work)(const struct kc_mm *m);
+    /* y[r][o] for all r < n_x and o in [o0, o1). o0 is a multiple of
+     * row_align; work: mm_work bytes, 64-byte aligned, private to the
+     * calling thread. */
+    void (*mm_rows)(const struct kc_mm *m, int64_t o0, int64_t o1, void *work);
+    int row_align;
+    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*axpy)(float *y, float a, const float *x, int64_t n);
+    void (*rmsnorm)(float *out, const float *x, const float *w, int64_t n,
+                    float eps);
+    void (*silu_mul)(float *out, const float *gate, const float *up, int64_t n);
+    void (*softmax)(float *x, int64_t n);
+};
+
+/* The table of the ISA in effect (k_isa_select, else k_isa_detect). */
+const struct kc_ops *kc_ops(void);
+
+/* Each path's entry points (matmul_<isa>.c, vec_<isa>.c, quant.c); isa.c
+ * puts them in the tables. */
+#define KC_DECLARE_PATH(isa)                                                  \
+    void kc_quantize_##isa(const struct kc_mm *m, int64_t r0, int64_t r1);    \
+    size_t kc_mm_work_##isa(const struct kc_mm *m);                           \
+    void kc_mm_rows_##isa(const struct kc_mm *m, int64_t o0, int64_t o1,      \
+                          void *work);                                        \
+    float kc_dot_##isa(const float *a, const float *b, int64_t n);            \
+    void kc_axpy_##isa(float *y, float a, const float *x, int64_t n);         \
+    void kc_rmsnorm_##isa(float *out, const float *x, const float *w,         \
+                          int64_t n, float eps);                              \
+    void kc_silu_mul_##isa(float *out, const float *g, const float *u,        \
+                           int64_t n);                                        \
+    void kc_softmax_##isa(float *x, int64_t n);
+KC_DECLARE_PATH(scalar)
+KC_DECLARE_PATH(avx2)
+KC_DECLARE_PATH(avx512)
+
+/* Per-thread work buffers owned by the pool (pool.c). kc_pool_reserve is
+ * called by the dispatching thread before k_pool_run; returns 0 or -1. */
+int kc_pool_reserve(struct k_pool *p, size_t bytes);
+void *kc_pool_work(struct k_pool *p, int ith);
+
+#endif

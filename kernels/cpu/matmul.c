@@ -1,0 +1,135 @@
+/* matmul.c: k_matmul's front end. Quantizes the activations when the
+ * weights are int8 blocks, then hands out output-row chunks to the pool
+ * through an atomic counter. Each output element is computed whole by one
+ * thread in the canonical order (kcpu.h), so neither the split nor the
+ * thread count nor the batch size changes a bit of the result.
+ * Runs on the engine thread, fanning out over the pool.
+ */
+#include <assert.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "kernels/cpu/kcpu.h"
+
+static int is_quant(enum k_dtype t)
+{
+    return t == K_Q8_0 || t == K_Q4_K || t == K_Q6_K;
+}
+
+size_t k_matmul_scratch(const struct k_matrix *W, int64_t n_x)
+{
+    if (!is_quant(W->dtype) || n_x <= 0)
+        return 0;
+    return (size_t)(n_x * kc_xq_layout(W->dtype, W->cols).stride);
+}
+
+struct mm_job {
+    const struct kc_ops *ops;
+    struct kc_mm m;
+    struct k_pool *pool;
+    int64_t chunk;              /* output rows per task */
+    int64_t n_chunks;
+    _Alignas(64) _Atomic int64_t next;
+    _Alignas(64) _Atomic int64_t next_q; /* next x row to quantize */
+};
+
+static void quant_task(void *ctx, int ith, int nth)
+{
+    struct mm_job *j = ctx;
+    (void)ith;
+    (void)nth;
+    /* a few rows per grab: quantizing a row costs about a microsecond */
+    const int64_t step = 4;
+    for (;;) {
+        int64_t r = atomic_fetch_add_explicit(&j->next_q, step,
+                                              memory_order_relaxed);
+        if (r >= j->m.n_x)
+            break;
+        int64_t e = r + step < j->m.n_x ? r + step : j->m.n_x;
+        j->ops->quantize(&j->m, r, e);
+    }
+}
+
+static void mm_task(void *ctx, int ith, int nth)
+{
+    struct mm_job *j = ctx;
+    (void)nth;
+    void *work = j->pool ? kc_pool_work(j->pool, ith) : NULL;
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&j->next, 1,
+                                              memory_order_relaxed);
+        if (c >= j->n_chunks)
+            break;
+        int64_t o0 = c * j->chunk;
+        int64_t o1 = o0 + j->chunk < j->m.rows ? o0 + j->chunk : j->m.rows;
+        j->ops->mm_rows(&j->m, o0, o1, work);
+    }
+}
+
+void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
+              int64_t x_stride, int64_t n_x, float *y, int64_t y_stride,
+              void *scratch)
+{
+    assert(W && (unsigned)W->dtype < K_DTYPE_COUNT);
+    assert(k_row_bytes(W->dtype, W->cols) >= 0);
+    if (n_x <= 0 || W->rows <= 0)
+        return;
+    struct mm_job job, *j = &job;
+    memset(j, 0, sizeof(*j));
+    j->ops = kc_ops();
+    j->pool = pool;
+    struct kc_mm *m = &j->m;
+    m->dt = W->dtype;
+    m->rows = W->rows;
+    m->cols = W->cols;
+    m->w = W->data;
+    m->w_stride = k_row_bytes(W->dtype, W->cols);
+    m->x = x;
+    m->x_stride = x_stride;
+    m->n_x = n_x;
+    m->y = y;
+    m->y_stride = y_stride;
+    int nth = k_pool_size(pool);
+
+    if (is_quant(W->dtype)) {
+        assert(scratch && ((uintptr_t)scratch & 63) == 0);
+        m->xq = scratch;
+        m->xl = kc_xq_layout(W->dtype, W->cols);
+        /* one decode row is cheaper to quantize here than to dispatch */
+        if (n_x * W->cols <= 16384 || nth == 1)
+            j->ops->quantize(m, 0, n_x);
+        else
+            k_pool_run(pool, quant_task, j);
+    }
+
+    /* Chunks: whole multiples of the path's row tile; about 8 per thread
+     * for balance when the rows are many, the tile when they are few. */
+    int64_t align = j->ops->row_align;
+    int64_t tiles = (W->rows + align - 1) / align;
+    int64_t per = tiles / (8 * (int64_t)nth);
+    if (per < 1)
+        per = 1;
+    j->chunk = per * align;
+    j->n_chunks = (W->rows + j->chunk - 1) / j->chunk;
+
+    size_t work = j->ops->mm_work(m);
+    void *own = NULL;
+    if (work && pool) {
+        if (kc_pool_reserve(pool, work))
+            abort(); /* out of memory is fatal in inferd */
+    } else if (work) {
+        own = aligned_alloc(64, (work + 63) & ~(size_t)63);
+        if (!own)
+            abort();
+    }
+    if (pool) {
+        k_pool_run(pool, mm_task, j);
+    } else {
+        for (int64_t c = 0; c < j->n_chunks; c++) {
+            int64_t o0 = c * j->chunk;
+            int64_t o1 = o0 + j->chunk < m->rows ? o0 + j->chunk : m->rows;
+            j->ops->mm_rows(m, o0, o1, own);
+        }
+    }
+    free(own);
+}
