@@ -249,6 +249,8 @@ static void std_file(struct gb *b, struct pos *p, const struct opts *o)
 
 static void write_file(const struct gb *b)
 {
+    /* unlink first: truncating a written file makes ext4 flush it */
+    unlink(fpath);
     FILE *f = fopen(fpath, "wb");
     if (!f || (b->n && fwrite(b->p, 1, b->n, f) != b->n)) {
         perror(fpath);

@@ -33,6 +33,8 @@ static char root[64]; /* the mkdtemp directory; set once in main */
 
 static void write_bytes(const char *path, const void *b, size_t n)
 {
+    /* unlink first: truncating a written file makes ext4 flush it */
+    unlink(path);
     FILE *f = fopen(path, "wb");
     if (!f || (n && fwrite(b, 1, n, f) != n)) {
         perror(path);
