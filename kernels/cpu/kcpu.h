@@ -105,6 +105,22 @@ static inline void kc_q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t m[8])
     }
 }
 
+/* The same unpacking on 32-bit words, for the SIMD paths: returns the 8
+ * scales (byte j = sc[j]) and writes the 8 mins likewise. */
+static inline uint64_t kc_q4k_scales64(const uint8_t *s, uint64_t *m)
+{
+    uint32_t u0, u1, u2;
+    memcpy(&u0, s, 4);
+    memcpy(&u1, s + 4, 4);
+    memcpy(&u2, s + 8, 4);
+    /* (b >> 6) << 4 of each byte is (word >> 2) & 0x30 per byte */
+    uint32_t sc_lo = u0 & 0x3f3f3f3fu, m_lo = u1 & 0x3f3f3f3fu;
+    uint32_t sc_hi = (u2 & 0x0f0f0f0fu) | ((u0 >> 2) & 0x30303030u);
+    uint32_t m_hi = ((u2 >> 4) & 0x0f0f0f0fu) | ((u1 >> 2) & 0x30303030u);
+    *m = m_lo | ((uint64_t)m_hi << 32);
+    return sc_lo | ((uint64_t)sc_hi << 32);
+}
+
 static inline float kc_f16(const uint8_t *p)
 {
     uint16_t h;

@@ -1,5 +1,749 @@
-/* matmul_avx512.c: stub */
+/* matmul_avx512.c: k_matmul on AVX-512 with VNNI, in the canonical orders
+ * of kcpu.h.
+ *   float weights: a tile of up to 4 weight rows x 4 activation rows, one
+ *     zmm accumulator per pair (its 16 lanes are the canonical lanes).
+ *   int8, one activation row (decode): Q8_0 takes 16 weight rows at once,
+ *     one per lane, reducing the vpdpbusd partials by a transpose tree;
+ *     the K-quants go row by row with a scalar f32 chain per row.
+ *   int8, several activation rows (prefill, batched decode): a panel of 16
+ *     weight rows is repacked once so that lane j of a vpdpbusd is row j;
+ *     each 4 activation bytes are then broadcast, every block sum comes out
+ *     whole in its lane, and the panel serves every activation row.
+ * Compiled with -mavx512f/bw/vl/vnni; called only after detection.
+ */
+#include <immintrin.h>
+
 #include "kernels/cpu/kcpu.h"
-void kc_quantize_avx512(const struct kc_mm *m, int64_t r0, int64_t r1) { kc_quantize_scalar(m, r0, r1); }
-size_t kc_mm_work_avx512(const struct kc_mm *m) { return kc_mm_work_scalar(m); }
-void kc_mm_rows_avx512(const struct kc_mm *m, int64_t o0, int64_t o1, void *work) { kc_mm_rows_scalar(m, o0, o1, work); }
+
+#define AI __attribute__((always_inline)) inline
+
+static AI __mmask16 mask_n(int64_t n)
+{
+    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+}
+
+static AI float tree16(__m512 v)
+{
+    __m256 lo = _mm512_castps512_ps256(v);
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    __m256 a = _mm256_add_ps(lo, hi);
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    __m128 d = _mm_add_ss(c, _mm_movehdup_ps(c));
+    return _mm_cvtss_f32(d);
+}
+
+static AI int32_t load_i32(const void *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ------------------------------------------------- activation quantizing */
+
+/* One block of 16 * nz floats: the same d, q and sums as quant.c. */
+static AI float quant_block(const float *x, int nz, int8_t *q, int32_t *part)
+{
+    __m512 vmax = _mm512_setzero_ps();
+    for (int z = 0; z < nz; z++) {
+        __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + 16 * z));
+        vmax = _mm512_max_ps(a, vmax);
+    }
+    float amax = _mm512_reduce_max_ps(vmax);
+    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    __m512 vid = _mm512_set1_ps(id);
+    for (int z = 0; z < nz; z++) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * z), vid);
+        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        v = _mm512_max_ps(v, _mm512_set1_ps(-127.0f));
+        v = _mm512_min_ps(v, _mm512_set1_ps(127.0f));
+        v = _mm512_mask_mov_ps(v, nan, _mm512_setzero_ps());
+        __m512i qi = _mm512_cvtps_epi32(v);
+        _mm_storeu_si128((__m128i *)(q + 16 * z), _mm512_cvtepi32_epi8(qi));
+        part[z] = _mm512_reduce_add_epi32(qi);
+    }
+    return amax / 127.0f;
+}
+
+void kc_quantize_avx512(const struct kc_mm *m, int64_t r0, int64_t r1)
+{
+    const struct kc_xq *l = &m->xl;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = m->x + r * m->x_stride;
+        uint8_t *row = (uint8_t *)m->xq + r * l->stride;
+        int8_t *qs = (int8_t *)(row + l->qs_off);
+        float *d = (float *)(row + l->d_off);
+        if (m->dt == K_Q8_0) {
+            int32_t *s = (int32_t *)(row + l->s_off);
+            for (int64_t b = 0; b < l->nb; b++) {
+                int32_t part[2];
+                d[b] = quant_block(x + 32 * b, 2, qs + 32 * b, part);
+                s[b] = part[0] + part[1];
+            }
+            continue;
+        }
+        int16_t *s = (int16_t *)(row + l->s_off);
+        for (int64_t b = 0; b < l->nb; b++) {
+            int32_t part[16];
+            int8_t *qb = qs + 256 * b;
+            int16_t *sb = s + 16 * b;
+            d[b] = quant_block(x + 256 * b, 16, qb, part);
+            if (m->dt == K_Q4_K) {
+                /* permuted order: swap the 32-byte chunks 1<->2, 5<->6 */
+                for (int h = 0; h < 256; h += 128) {
+                    __m256i c1 = _mm256_loadu_si256((const __m256i *)(qb + h + 32));
+                    __m256i c2 = _mm256_loadu_si256((const __m256i *)(qb + h + 64));
+                    _mm256_storeu_si256((__m256i *)(qb + h + 32), c2);
+                    _mm256_storeu_si256((__m256i *)(qb + h + 64), c1);
+                }
+                for (int k = 0; k < 8; k++)
+                    sb[k] = (int16_t)(part[2 * k] + part[2 * k + 1]);
+                for (int k = 8; k < 16; k++)
+                    sb[k] = 0;
+            } else {
+                for (int k = 0; k < 16; k++)
+                    sb[k] = (int16_t)part[k];
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------- float weights */
+
+static AI __m512 load_w(enum k_dtype dt, const uint8_t *row, int64_t i)
+{
+    if (dt == K_F32)
+        return _mm512_loadu_ps((const float *)row + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)(row + 2 * i));
+    if (dt == K_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static AI __m512 load_w_tail(enum k_dtype dt, const uint8_t *row, int64_t i,
+                             __mmask16 k)
+{
+    if (dt == K_F32)
+        return _mm512_maskz_loadu_ps(k, (const float *)row + i);
+    __m256i h = _mm256_maskz_loadu_epi16(k, row + 2 * i);
+    if (dt == K_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* y[c][a] for NW weight rows w[a] and NX activation rows x[c]. */
+static AI void ftile(const int NW, const int NX, enum k_dtype dt,
+                     const uint8_t *const *w, const float *const *x,
+                     int64_t K, float *const *y)
+{
+    __m512 acc[4][4];
+    for (int a = 0; a < NW; a++)
+        for (int c = 0; c < NX; c++)
+            acc[a][c] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= K; i += 16) {
+        __m512 wv[4];
+        for (int a = 0; a < NW; a++)
+            wv[a] = load_w(dt, w[a], i);
+        for (int c = 0; c < NX; c++) {
+            __m512 xv = _mm512_loadu_ps(x[c] + i);
+            for (int a = 0; a < NW; a++)
+                acc[a][c] = _mm512_fmadd_ps(wv[a], xv, acc[a][c]);
+        }
+    }
+    if (i < K) {
+        __mmask16 k = mask_n(K - i);
+        __m512 wv[4];
+        for (int a = 0; a < NW; a++)
+            wv[a] = load_w_tail(dt, w[a], i, k);
+        for (int c = 0; c < NX; c++) {
+            __m512 xv = _mm512_maskz_loadu_ps(k, x[c] + i);
+            for (int a = 0; a < NW; a++)
+                acc[a][c] = _mm512_mask3_fmadd_ps(wv[a], xv, acc[a][c], k);
+        }
+    }
+    for (int a = 0; a < NW; a++)
+        for (int c = 0; c < NX; c++)
+            y[c][a] = tree16(acc[a][c]);
+}
+
+static AI void ftile_nx(const int NW, int nx, enum k_dtype dt,
+                        const uint8_t *const *w, const float *const *x,
+                        int64_t K, float *const *y)
+{
+    switch (nx) {
+    case 4:
+        ftile(NW, 4, dt, w, x, K, y);
+        break;
+    case 3:
+        ftile(NW, 3, dt, w, x, K, y);
+        break;
+    case 2:
+        ftile(NW, 2, dt, w, x, K, y);
+        break;
+    default:
+        ftile(NW, 1, dt, w, x, K, y);
+        break;
+    }
+}
+
+static AI void mm_float(const struct kc_mm *m, int64_t o0, int64_t o1,
+                        enum k_dtype dt)
+{
+    for (int64_t o = o0; o < o1;) {
+        int nw = o1 - o >= 4 ? 4 : 1;
+        const uint8_t *w[4];
+        for (int a = 0; a < nw; a++)
+            w[a] = m->w + (o + a) * m->w_stride;
+        for (int64_t r = 0; r < m->n_x; r += 4) {
+            int nx = m->n_x - r >= 4 ? 4 : (int)(m->n_x - r);
+            const float *x[4];
+            float *y[4];
+            for (int c = 0; c < nx; c++) {
+                x[c] = m->x + (r + c) * m->x_stride;
+                y[c] = m->y + (r + c) * m->y_stride + o;
+            }
+            if (nw == 4)
+                ftile_nx(4, nx, dt, w, x, m->cols, y);
+            else
+                ftile_nx(1, nx, dt, w, x, m->cols, y);
+        }
+        o += nw;
+    }
+}
+
+/* ------------------------------------------- int8, one activation row */
+
+/* The quantized activation row r. */
+struct xrow {
+    const int8_t *qs;
+    const float *d;
+    const void *s;
+};
+
+static AI struct xrow xrow_at(const struct kc_mm *m, int64_t r)
+{
+    const uint8_t *p = m->xq + r * m->xl.stride;
+    struct xrow x = {(const int8_t *)(p + m->xl.qs_off),
+                     (const float *)(p + m->xl.d_off), p + m->xl.s_off};
+    return x;
+}
+
+/* Q8_0, up to 16 weight rows, lane j = row o0 + j. Per block, 8 zmm hold
+ * two rows' 32 products each as 16 int32 partials; a transpose tree turns
+ * them into one zmm of 16 block sums, then the f32 chain runs per lane. */
+static void q8_0_gemv16(const struct kc_mm *m, int64_t o0, int n,
+                        struct xrow x, float *y)
+{
+    const uint8_t *row[16];
+    int32_t off[16];
+    for (int j = 0; j < 16; j++) {
+        int jj = j < n ? j : n - 1;
+        row[j] = m->w + (o0 + jj) * m->w_stride;
+        off[j] = (int32_t)(jj * m->w_stride);
+    }
+    const __m512i vidx = _mm512_loadu_si512(off);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    /* after the tree, lane i holds row perm[i]; this puts row j in lane j */
+    const __m512i unperm = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9,
+                                             13, 10, 14, 11, 15);
+    const int32_t *sx = x.s;
+    const uint8_t *base = m->w + o0 * m->w_stride;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < m->xl.nb; b++) {
+        __m512i xb = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256((const __m256i *)(x.qs + 32 * b)));
+        __m512i s[8];
+        for (int p = 0; p < 8; p++) {
+            __m256i lo = _mm256_loadu_si256((const __m256i *)(row[2 * p] + 34 * b + 2));
+            __m256i hi = _mm256_loadu_si256((const __m256i *)(row[2 * p + 1] + 34 * b + 2));
+            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            /* w + 128 is unsigned; sum (w+128) x = sum w x + 128 sum x */
+            s[p] = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                       _mm512_xor_si512(v, flip), xb);
+        }
+        /* tree: within each 128-bit lane, then across the lanes */
+        __m512i t[4], u[2];
+        for (int p = 0; p < 4; p++)
+            t[p] = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2 * p], s[2 * p + 1]),
+                                    _mm512_unpackhi_epi32(s[2 * p], s[2 * p + 1]));
+        for (int p = 0; p < 2; p++)
+            u[p] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * p], t[2 * p + 1]),
+                                    _mm512_unpackhi_epi64(t[2 * p], t[2 * p + 1]));
+        __m512i v = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
+                                     _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
+        v = _mm512_permutexvar_epi32(unperm, v);
+        v = _mm512_sub_epi32(v, _mm512_set1_epi32(128 * sx[b]));
+        __m512i h = _mm512_i32gather_epi32(vidx, base + 34 * b, 1);
+        __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+        __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[b]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), dd, acc);
+    }
+    _mm512_mask_storeu_ps(y + o0, mask_n(n), acc);
+}
+
+/* 8 zmm of int32 partials -> their 8 sums, lane r = sum of a[r]. */
+static AI __m256i tree8x16(const __m512i *a)
+{
+    __m512i t[4];
+    for (int p = 0; p < 4; p++)
+        t[p] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * p], a[2 * p + 1]),
+                                _mm512_unpackhi_epi32(a[2 * p], a[2 * p + 1]));
+    /* each 128-bit lane: [a0 a1 a2 a3] and [a4 a5 a6 a7] partials */
+    __m512i u0 = _mm512_add_epi32(_mm512_unpacklo_epi64(t[0], t[1]),
+                                  _mm512_unpackhi_epi64(t[0], t[1]));
+    __m512i u1 = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2], t[3]),
+                                  _mm512_unpackhi_epi64(t[2], t[3]));
+    __m512i v = _mm512_add_epi32(_mm512_shuffle_i32x4(u0, u1, 0x88),
+                                 _mm512_shuffle_i32x4(u0, u1, 0xdd));
+    /* v: [u0 L0+L2, u0 L1+L3... ] fold the remaining pair of lanes */
+    __m512i w = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, 0xb1));
+    return _mm512_castsi512_si256(_mm512_shuffle_i32x4(w, w, 0x08));
+}
+
+/* 8 xmm of int32 partials -> their 8 sums. */
+static AI __m256i tree8x4(const __m128i *a)
+{
+    __m256i q[4];
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm256_inserti128_si256(_mm256_castsi128_si256(a[k]), a[k + 4], 1);
+    __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(q[0], q[1]),
+                                  _mm256_unpackhi_epi32(q[0], q[1]));
+    __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(q[2], q[3]),
+                                  _mm256_unpackhi_epi32(q[2], q[3]));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1),
+                            _mm256_unpackhi_epi64(t0, t1));
+}
+
+/* Row pointers and gather offsets for a group of n <= G rows from o0; the
+ * missing rows repeat the last one and are masked off at the store. */
+static AI void group_rows(const struct kc_mm *m, int64_t o0, int n, int G,
+                          const uint8_t **row, int32_t *off)
+{
+    for (int j = 0; j < G; j++) {
+        int jj = j < n ? j : n - 1;
+        row[j] = m->w + (o0 + jj) * m->w_stride;
+        off[j] = (int32_t)(jj * m->w_stride);
+    }
+}
+
+/* Q4_K, up to 8 weight rows, lane r = row o0 + r: A and B of each row's
+ * block (kcpu.h) by maddubs + vpdpwssd, then the f32 chain per lane. */
+static void q4_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
+                       struct xrow x, float *y)
+{
+    const uint8_t *row[8];
+    int32_t off[8];
+    group_rows(m, o0, n, 8, row, off);
+    const __m256i vidx = _mm256_loadu_si256((const __m256i *)off);
+    const uint8_t *base = m->w + o0 * m->w_stride;
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    /* int16 lanes 0-15 take scale kc_q4k_sub(c, 0), 16-31 (c, 1) */
+    __m512i sidx[4];
+    for (int c = 0; c < 4; c++)
+        sidx[c] = _mm512_mask_blend_epi16(
+            0xffff0000u, _mm512_set1_epi16((short)kc_q4k_sub(c, 0)),
+            _mm512_set1_epi16((short)kc_q4k_sub(c, 1)));
+    const int16_t *xs = x.s;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < m->xl.nb; b++) {
+        __m512i X[4];
+        for (int c = 0; c < 4; c++)
+            X[c] = _mm512_loadu_si512(x.qs + 256 * b + 64 * c);
+        __m128i bs = _mm_loadu_si128((const __m128i *)(xs + 16 * b));
+        __m512i a[8];
+        __m128i bp[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *blk = row[r] + 144 * b;
+            uint64_t mn, sc = kc_q4k_scales64(blk + 4, &mn);
+            __m512i scv = _mm512_castsi256_si512(
+                _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc))));
+            __m512i q0 = _mm512_loadu_si512(blk + 16), q1 = _mm512_loadu_si512(blk + 80);
+            __m512i nib[4] = {_mm512_and_si512(q0, lo4),
+                              _mm512_and_si512(_mm512_srli_epi16(q0, 4), lo4),
+                              _mm512_and_si512(q1, lo4),
+                              _mm512_and_si512(_mm512_srli_epi16(q1, 4), lo4)};
+            __m512i s = _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++)
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(nib[c], X[c]),
+                                        _mm512_permutexvar_epi16(sidx[c], scv));
+            a[r] = s;
+            bp[r] = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn)), bs);
+        }
+        __m256 A = _mm256_cvtepi32_ps(tree8x16(a));
+        __m256 B = _mm256_cvtepi32_ps(tree8x4(bp));
+        __m256i h = _mm256_i32gather_epi32((const int *)(base + 144 * b), vidx, 1);
+        __m256 d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(h));
+        __m256 dm = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(h, 16)));
+        __m256 dx = _mm256_set1_ps(x.d[b]);
+        acc = _mm256_fmadd_ps(A, _mm256_mul_ps(d, dx), acc);
+        acc = _mm256_fnmadd_ps(B, _mm256_mul_ps(dm, dx), acc);
+    }
+    _mm256_mask_storeu_ps(y + o0, (__mmask8)((1u << n) - 1), acc);
+}
+
+/* Q6_K, up to 8 weight rows: A of each row's block (kcpu.h), the -32
+ * offset folded in before the sum, then the f32 chain per lane. */
+static void q6_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
+                       struct xrow x, float *y)
+{
+    const uint8_t *row[8];
+    int32_t off[8];
+    group_rows(m, o0, n, 8, row, off);
+    const __m256i vidx = _mm256_loadu_si256((const __m256i *)off);
+    const uint8_t *base = m->w + o0 * m->w_stride;
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi2 = _mm512_set1_epi8(0x30);
+    /* per 256-bit half: bits 0-1 / 2-3 of qh to bits 4-5 for the low
+     * nibbles, bits 4-5 / 6-7 for the high nibbles */
+    const __m512i sh_lo = _mm512_inserti64x4(_mm512_set1_epi16(4),
+                                             _mm256_set1_epi16(2), 1);
+    const __m512i sh_hi = _mm512_inserti64x4(_mm512_setzero_si512(),
+                                             _mm256_set1_epi16(2), 1);
+    /* 8 int16 lanes (16 elements) per scale: quarter q of half n takes
+     * scales 8n + 4q' + 0..3 */
+    __m512i sidx[4];
+    for (int k = 0; k < 4; k++) {
+        short e[32];
+        for (int l = 0; l < 32; l++)
+            e[l] = (short)(4 * k + l / 8);
+        sidx[k] = _mm512_loadu_si512(e);
+    }
+    const int16_t *xs = x.s;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < m->xl.nb; b++) {
+        __m512i X[4];
+        for (int k = 0; k < 4; k++)
+            X[k] = _mm512_loadu_si512(x.qs + 256 * b + 64 * k);
+        __m256i bs = _mm256_loadu_si256((const __m256i *)(xs + 16 * b));
+        __m512i a[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *blk = row[r] + 210 * b;
+            __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+            __m512i scz = _mm512_castsi256_si512(sc16);
+            /* -32 * sum_k sc_k * bsum_k, as 8 partials in the low half */
+            __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
+            __m512i s = _mm512_inserti64x4(_mm512_setzero_si512(),
+                                           _mm256_sub_epi32(_mm256_setzero_si256(), corr), 0);
+            for (int nh = 0; nh < 2; nh++) {
+                __m512i L = _mm512_loadu_si512(blk + 64 * nh);
+                __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * nh));
+                __m512i Hz = _mm512_inserti64x4(_mm512_castsi256_si512(H), H, 1);
+                __m512i u0 = _mm512_or_si512(_mm512_and_si512(L, lo4),
+                                             _mm512_and_si512(_mm512_sllv_epi16(Hz, sh_lo), hi2));
+                __m512i u1 = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16(L, 4), lo4),
+                    _mm512_and_si512(_mm512_srlv_epi16(Hz, sh_hi), hi2));
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u0, X[2 * nh]),
+                                        _mm512_permutexvar_epi16(sidx[2 * nh], scz));
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u1, X[2 * nh + 1]),
+                                        _mm512_permutexvar_epi16(sidx[2 * nh + 1], scz));
+            }
+            a[r] = s;
+        }
+        __m256 A = _mm256_cvtepi32_ps(tree8x16(a));
+        __m256i h = _mm256_i32gather_epi32((const int *)(base + 210 * b + 208), vidx, 1);
+        __m256 d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(h));
+        acc = _mm256_fmadd_ps(A, _mm256_mul_ps(d, _mm256_set1_ps(x.d[b])), acc);
+    }
+    _mm256_mask_storeu_ps(y + o0, (__mmask8)((1u << n) - 1), acc);
+}
+
+static void mm_q_gemv(const struct kc_mm *m, int64_t o0, int64_t o1)
+{
+    struct xrow x = xrow_at(m, 0);
+    float *y = m->y;
+    switch (m->dt) {
+    case K_Q8_0:
+        for (int64_t o = o0; o < o1; o += 16)
+            q8_0_gemv16(m, o, o1 - o >= 16 ? 16 : (int)(o1 - o), x, y);
+        break;
+    case K_Q4_K:
+        for (int64_t o = o0; o < o1; o += 8)
+            q4_k_gemv8(m, o, o1 - o >= 8 ? 8 : (int)(o1 - o), x, y);
+        break;
+    default:
+        for (int64_t o = o0; o < o1; o += 8)
+            q6_k_gemv8(m, o, o1 - o >= 8 ? 8 : (int)(o1 - o), x, y);
+        break;
+    }
+}
+
+/* ------------------------------------ int8, many rows: repacked panels */
+
+/* Panel of 16 weight rows over all columns, lane j = row j:
+ *   P   groups of 4 consecutive (in x's order) unsigned weight bytes,
+ *       (G, 16 lanes, 4) with G = cols / 4; Q8_0 stores w + 128
+ *   f0  (nb, 16) f32: Q8_0 d, Q4_K d, Q6_K d
+ *   f1  (nb, 16) f32: Q4_K dmin
+ *   i0  Q4_K (nb, 8, 16) int32 sub-block scales; Q6_K (nb, 16, 16)
+ *   i1  Q4_K (nb, 4, 16) int32: mins of sub-blocks 2k | 2k+1 << 16 */
+struct panel {
+    uint8_t *P;
+    float *f0, *f1;
+    int32_t *i0, *i1;
+};
+
+static struct panel panel_at(const struct kc_mm *m, void *work)
+{
+    int64_t nb = m->xl.nb;
+    uint8_t *p = work;
+    struct panel pn;
+    pn.P = p;
+    p += kc_align64(16 * m->cols);
+    pn.f0 = (float *)p;
+    p += 64 * nb;
+    pn.f1 = (float *)p;
+    p += 64 * nb;
+    pn.i0 = (int32_t *)p;
+    p += 64 * 16 * nb;
+    pn.i1 = (int32_t *)p;
+    return pn;
+}
+
+size_t kc_mm_work_avx512(const struct kc_mm *m)
+{
+    if (m->dt != K_Q8_0 && m->dt != K_Q4_K && m->dt != K_Q6_K)
+        return 0;
+    if (m->n_x < 2)
+        return 0;
+    int64_t nb = m->cols / (m->dt == K_Q8_0 ? 32 : 256);
+    return (size_t)(kc_align64(16 * m->cols) + 64 * nb * (2 + 16 + 4));
+}
+
+static void repack(const struct kc_mm *m, int64_t o0, int n, struct panel pn)
+{
+    int32_t off[16];
+    for (int j = 0; j < 16; j++)
+        off[j] = (int32_t)((j < n ? j : n - 1) * m->w_stride);
+    const __m512i vidx = _mm512_loadu_si512(off);
+    const uint8_t *base = m->w + o0 * m->w_stride;
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    int64_t nb = m->xl.nb;
+    for (int64_t b = 0; b < nb; b++) {
+        if (m->dt == K_Q8_0) {
+            const uint8_t *bb = base + 34 * b;
+            for (int g = 0; g < 8; g++) {
+                __m512i v = _mm512_i32gather_epi32(vidx, bb + 2 + 4 * g, 1);
+                v = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+                _mm512_store_si512(pn.P + (8 * b + g) * 64, v);
+            }
+            __m512i h = _mm512_i32gather_epi32(vidx, bb, 1);
+            _mm512_store_ps(pn.f0 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)));
+        } else if (m->dt == K_Q4_K) {
+            const uint8_t *bb = base + 144 * b;
+            for (int g = 0; g < 64; g++) {
+                int c = g >> 4;
+                __m512i v = _mm512_i32gather_epi32(
+                    vidx, bb + 16 + 64 * (c >> 1) + 4 * (g & 15), 1);
+                if (c & 1)
+                    v = _mm512_srli_epi32(v, 4);
+                _mm512_store_si512(pn.P + (64 * b + g) * 64, _mm512_and_si512(v, lo4));
+            }
+            __m512i h = _mm512_i32gather_epi32(vidx, bb, 1);
+            _mm512_store_ps(pn.f0 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)));
+            _mm512_store_ps(pn.f1 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+                                                _mm512_srli_epi32(h, 16))));
+            for (int j = 0; j < 16; j++) {
+                uint8_t sc[8], mn[8];
+                kc_q4k_scales(bb + off[j] + 4, sc, mn);
+                for (int s = 0; s < 8; s++)
+                    pn.i0[(8 * b + s) * 16 + j] = sc[s];
+                for (int k = 0; k < 4; k++)
+                    pn.i1[(4 * b + k) * 16 + j] = mn[2 * k] | (mn[2 * k + 1] << 16);
+            }
+        } else {
+            const uint8_t *bb = base + 210 * b;
+            const __m512i lo2 = _mm512_set1_epi8(0x03);
+            for (int g = 0; g < 64; g++) {
+                int e = 4 * g, nh = e >> 7, t = e & 127, qu = t >> 5, i = t & 31;
+                __m512i lo = _mm512_i32gather_epi32(
+                    vidx, bb + 64 * nh + 32 * (qu & 1) + i, 1);
+                lo = _mm512_and_si512(_mm512_srli_epi32(lo, 4 * (qu >> 1)), lo4);
+                __m512i hi = _mm512_i32gather_epi32(vidx, bb + 128 + 32 * nh + i, 1);
+                hi = _mm512_and_si512(_mm512_srli_epi32(hi, 2 * qu), lo2);
+                __m512i u = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
+                _mm512_store_si512(pn.P + (64 * b + g) * 64, u);
+            }
+            __m512i h = _mm512_i32gather_epi32(vidx, bb + 208, 1);
+            _mm512_store_ps(pn.f0 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)));
+            for (int k = 0; k < 16; k += 4) {
+                __m512i s = _mm512_i32gather_epi32(vidx, bb + 192 + k, 1);
+                for (int kk = 0; kk < 4; kk++) {
+                    /* sign-extend byte kk of each lane */
+                    __m512i v = _mm512_srai_epi32(
+                        _mm512_slli_epi32(s, 24 - 8 * kk), 24);
+                    _mm512_store_si512(pn.i0 + (16 * b + k + kk) * 16, v);
+                }
+            }
+        }
+    }
+}
+
+#define RX_MAX 4
+
+/* RX activation rows against the panel; y rows get lanes [0, n). */
+static AI void panel_rows(const int RX, enum k_dtype dt, const struct kc_mm *m,
+                          struct panel pn, int64_t r0, int64_t o0, int n)
+{
+    struct xrow x[RX_MAX];
+    for (int j = 0; j < RX; j++)
+        x[j] = xrow_at(m, r0 + j);
+    __m512 f[RX_MAX];
+    for (int j = 0; j < RX; j++)
+        f[j] = _mm512_setzero_ps();
+    int64_t nb = m->xl.nb;
+    if (dt == K_Q8_0) {
+        for (int64_t b = 0; b < nb; b++) {
+            __m512i s[RX_MAX];
+            for (int j = 0; j < RX; j++)
+                s[j] = _mm512_set1_epi32(-128 * ((const int32_t *)x[j].s)[b]);
+            const uint8_t *P = pn.P + 8 * b * 64;
+            for (int g = 0; g < 8; g++) {
+                __m512i p = _mm512_load_si512(P + 64 * g);
+                for (int j = 0; j < RX; j++)
+                    s[j] = _mm512_dpbusd_epi32(
+                        s[j], p, _mm512_set1_epi32(load_i32(x[j].qs + 32 * b + 4 * g)));
+            }
+            __m512 dw = _mm512_load_ps(pn.f0 + 16 * b);
+            for (int j = 0; j < RX; j++)
+                f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]),
+                                       _mm512_mul_ps(dw, _mm512_set1_ps(x[j].d[b])), f[j]);
+        }
+    } else if (dt == K_Q4_K) {
+        for (int64_t b = 0; b < nb; b++) {
+            __m512i A[RX_MAX], B[RX_MAX];
+            for (int j = 0; j < RX; j++) {
+                A[j] = _mm512_setzero_si512();
+                B[j] = _mm512_setzero_si512();
+            }
+            const uint8_t *P = pn.P + 64 * b * 64;
+            for (int c = 0; c < 4; c++)
+                for (int h = 0; h < 2; h++) {
+                    __m512i t[RX_MAX];
+                    for (int j = 0; j < RX; j++)
+                        t[j] = _mm512_setzero_si512();
+                    for (int gg = 0; gg < 8; gg++) {
+                        int g = 16 * c + 8 * h + gg;
+                        __m512i p = _mm512_load_si512(P + 64 * g);
+                        for (int j = 0; j < RX; j++)
+                            t[j] = _mm512_dpbusd_epi32(
+                                t[j], p,
+                                _mm512_set1_epi32(load_i32(x[j].qs + 256 * b + 4 * g)));
+                    }
+                    __m512i sc = _mm512_load_si512(
+                        pn.i0 + (8 * b + kc_q4k_sub(c, h)) * 16);
+                    for (int j = 0; j < RX; j++)
+                        A[j] = _mm512_add_epi32(A[j], _mm512_mullo_epi32(t[j], sc));
+                }
+            for (int k = 0; k < 4; k++) {
+                __m512i mp = _mm512_load_si512(pn.i1 + (4 * b + k) * 16);
+                for (int j = 0; j < RX; j++)
+                    B[j] = _mm512_dpwssd_epi32(
+                        B[j], mp,
+                        _mm512_set1_epi32(load_i32((const int16_t *)x[j].s + 16 * b + 2 * k)));
+            }
+            __m512 d = _mm512_load_ps(pn.f0 + 16 * b);
+            __m512 dm = _mm512_load_ps(pn.f1 + 16 * b);
+            for (int j = 0; j < RX; j++) {
+                __m512 dx = _mm512_set1_ps(x[j].d[b]);
+                f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(A[j]), _mm512_mul_ps(d, dx), f[j]);
+                f[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(B[j]), _mm512_mul_ps(dm, dx), f[j]);
+            }
+        }
+    } else {
+        for (int64_t b = 0; b < nb; b++) {
+            __m512i A[RX_MAX];
+            for (int j = 0; j < RX; j++)
+                A[j] = _mm512_setzero_si512();
+            const uint8_t *P = pn.P + 64 * b * 64;
+            for (int k = 0; k < 16; k++) {
+                __m512i t[RX_MAX];
+                for (int j = 0; j < RX; j++)
+                    t[j] = _mm512_set1_epi32(-32 * ((const int16_t *)x[j].s)[16 * b + k]);
+                for (int gg = 0; gg < 4; gg++) {
+                    int g = 4 * k + gg;
+                    __m512i p = _mm512_load_si512(P + 64 * g);
+                    for (int j = 0; j < RX; j++)
+                        t[j] = _mm512_dpbusd_epi32(
+                            t[j], p, _mm512_set1_epi32(load_i32(x[j].qs + 256 * b + 4 * g)));
+                }
+                __m512i sc = _mm512_load_si512(pn.i0 + (16 * b + k) * 16);
+                for (int j = 0; j < RX; j++)
+                    A[j] = _mm512_add_epi32(A[j], _mm512_mullo_epi32(t[j], sc));
+            }
+            __m512 d = _mm512_load_ps(pn.f0 + 16 * b);
+            for (int j = 0; j < RX; j++)
+                f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(A[j]),
+                                       _mm512_mul_ps(d, _mm512_set1_ps(x[j].d[b])), f[j]);
+        }
+    }
+    for (int j = 0; j < RX; j++)
+        _mm512_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + o0, mask_n(n), f[j]);
+}
+
+static AI void panel_all(enum k_dtype dt, const struct kc_mm *m,
+                         struct panel pn, int64_t o0, int n)
+{
+    int64_t r = 0;
+    for (; r + RX_MAX <= m->n_x; r += RX_MAX)
+        panel_rows(RX_MAX, dt, m, pn, r, o0, n);
+    switch (m->n_x - r) {
+    case 3:
+        panel_rows(3, dt, m, pn, r, o0, n);
+        break;
+    case 2:
+        panel_rows(2, dt, m, pn, r, o0, n);
+        break;
+    case 1:
+        panel_rows(1, dt, m, pn, r, o0, n);
+        break;
+    default:
+        break;
+    }
+}
+
+static void mm_q_panels(const struct kc_mm *m, int64_t o0, int64_t o1,
+                        void *work)
+{
+    struct panel pn = panel_at(m, work);
+    for (int64_t o = o0; o < o1; o += 16) {
+        int n = o1 - o >= 16 ? 16 : (int)(o1 - o);
+        repack(m, o, n, pn);
+        switch (m->dt) {
+        case K_Q8_0:
+            panel_all(K_Q8_0, m, pn, o, n);
+            break;
+        case K_Q4_K:
+            panel_all(K_Q4_K, m, pn, o, n);
+            break;
+        default:
+            panel_all(K_Q6_K, m, pn, o, n);
+            break;
+        }
+    }
+}
+
+/* -------------------------------------------------------------- entry */
+
+void kc_mm_rows_avx512(const struct kc_mm *m, int64_t o0, int64_t o1,
+                       void *work)
+{
+    switch (m->dt) {
+    case K_F32:
+        mm_float(m, o0, o1, K_F32);
+        break;
+    case K_F16:
+        mm_float(m, o0, o1, K_F16);
+        break;
+    case K_BF16:
+        mm_float(m, o0, o1, K_BF16);
+        break;
+    default:
+        if (m->n_x == 1)
+            mm_q_gemv(m, o0, o1);
+        else
+            mm_q_panels(m, o0, o1, work);
+        break;
+    }
+}

@@ -1,7 +1,130 @@
-/* vec_avx512.c: stub */
+/* vec_avx512.c: the vector ops on AVX-512. One zmm is exactly the 16 lanes
+ * of the canonical order (kcpu.h), so a reduction is one accumulator and
+ * the kc_tree16 fold; elementwise ops repeat the scalar expression, and
+ * the exp is kc_expf's sequence of operations, lane by lane.
+ * Compiled with -mavx512f/bw/vl/vnni; called only after detection.
+ */
+#include <immintrin.h>
+
 #include "kernels/cpu/kcpu.h"
-float kc_dot_avx512(const float *a, const float *b, int64_t n) { return kc_dot_scalar(a, b, n); }
-void kc_axpy_avx512(float *y, float a, const float *x, int64_t n) { kc_axpy_scalar(y, a, x, n); }
-void kc_rmsnorm_avx512(float *out, const float *x, const float *w, int64_t n, float eps) { kc_rmsnorm_scalar(out, x, w, n, eps); }
-void kc_silu_mul_avx512(float *out, const float *g, const float *u, int64_t n) { kc_silu_mul_scalar(out, g, u, n); }
-void kc_softmax_avx512(float *x, int64_t n) { kc_softmax_scalar(x, n); }
+
+static inline __mmask16 tail_mask(int64_t left)
+{
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
+/* kc_tree16 on the lanes of v: j += j+8, j += j+4, j += j+2, 0 += 1. */
+static inline float tree16(__m512 v)
+{
+    __m256 lo = _mm512_castps512_ps256(v);
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    __m256 a = _mm256_add_ps(lo, hi);
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    __m128 d = _mm_add_ss(c, _mm_movehdup_ps(c));
+    return _mm_cvtss_f32(d);
+}
+
+float kc_dot_avx512(const float *a, const float *b, int64_t n)
+{
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        __mmask16 k = tail_mask(n - i);
+        acc = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i),
+                                    _mm512_maskz_loadu_ps(k, b + i), acc, k);
+    }
+    return tree16(acc);
+}
+
+void kc_axpy_avx512(float *y, float a, const float *x, int64_t n)
+{
+    __m512 va = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = tail_mask(n - i);
+        __m512 v = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, x + i),
+                                   _mm512_maskz_loadu_ps(k, y + i));
+        _mm512_mask_storeu_ps(y + i, k, v);
+    }
+}
+
+void kc_rmsnorm_avx512(float *out, const float *x, const float *w, int64_t n,
+                       float eps)
+{
+    float ss = kc_dot_avx512(x, x, n);
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    __m512 vr = _mm512_set1_ps(r);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = tail_mask(n - i);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), vr);
+        v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, w + i));
+        _mm512_mask_storeu_ps(out + i, k, v);
+    }
+}
+
+/* kc_expf, lane by lane: the same operations in the same order. */
+static inline __m512 exp16(__m512 x)
+{
+    __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(KC_LOG2E),
+                               _mm512_set1_ps(KC_SHIFTER));
+    __m512 n = _mm512_sub_ps(t, _mm512_set1_ps(KC_SHIFTER));
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-KC_LN2_HI), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-KC_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(KC_EXP_P0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(KC_EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(KC_EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(KC_EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(KC_EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(KC_EXP_P5));
+    __m512 r2 = _mm512_mul_ps(r, r);
+    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
+    __m512i sb = _mm512_sub_epi32(_mm512_castps_si512(t),
+                                  _mm512_set1_epi32(0x4b400000 - 127));
+    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 23));
+    __m512 e = _mm512_mul_ps(y, s);
+    __mmask16 hi = _mm512_cmp_ps_mask(x, _mm512_set1_ps(KC_EXP_HI), _CMP_GT_OQ);
+    __mmask16 lo = _mm512_cmp_ps_mask(x, _mm512_set1_ps(KC_EXP_LO), _CMP_LT_OQ);
+    e = _mm512_mask_mov_ps(e, hi, _mm512_set1_ps(INFINITY));
+    return _mm512_mask_mov_ps(e, lo, _mm512_setzero_ps());
+}
+
+void kc_silu_mul_avx512(float *out, const float *g, const float *u, int64_t n)
+{
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = tail_mask(n - i);
+        __m512 vg = _mm512_maskz_loadu_ps(k, g + i);
+        __m512 vu = _mm512_maskz_loadu_ps(k, u + i);
+        __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(vg), _mm512_set1_epi32((int)0x80000000u)));
+        __m512 s = _mm512_div_ps(vg, _mm512_add_ps(one, exp16(neg)));
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(s, vu));
+    }
+}
+
+void kc_softmax_avx512(float *x, int64_t n)
+{
+    /* max is exact in any order; the scalar loop's value for the sign of
+     * a zero max cannot change exp(x - max) */
+    __m512 vm = _mm512_set1_ps(x[0]);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = tail_mask(n - i);
+        vm = _mm512_mask_max_ps(vm, k, _mm512_maskz_loadu_ps(k, x + i), vm);
+    }
+    float mx = _mm512_reduce_max_ps(vm);
+    __m512 vmx = _mm512_set1_ps(mx), acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = tail_mask(n - i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vmx));
+        acc = _mm512_mask_add_ps(acc, k, acc, e);
+        _mm512_mask_storeu_ps(x + i, k, e);
+    }
+    __m512 vs = _mm512_set1_ps(tree16(acc));
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = tail_mask(n - i);
+        _mm512_mask_storeu_ps(x + i, k,
+                              _mm512_div_ps(_mm512_maskz_loadu_ps(k, x + i), vs));
+    }
+}

@@ -1,0 +1,337 @@
+/* bench_kernels.c: the CPU kernels against the machine's ceilings.
+ * Measures the memory read bandwidth (1 GiB streamed by every thread of
+ * the pool) and the peak f32 FMA and int8 VNNI rates, then k_matmul:
+ * GEMV (n_x = 1) in GB/s of weights read, from DRAM (cycling through 1 GiB
+ * of weight copies, as a model's layers do) and from cache (one matrix),
+ * and GEMM (n_x = 64) in GFLOP/s, each printed as a ratio to its ceiling.
+ *
+ *   bench_kernels [threads (default 2)] [rows cols (default 4096 4096)]
+ *
+ * INFERD_ISA selects the path. Built, not run by `meson test`.
+ */
+#include <immintrin.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/kernels.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void *xalloc(size_t n)
+{
+    void *p = aligned_alloc(64, (n + 63) & ~(size_t)63);
+    if (!p) {
+        fprintf(stderr, "bench_kernels: out of memory (%zu bytes)\n", n);
+        exit(2);
+    }
+    return p;
+}
+
+static uint64_t rng = 88172645463325252ull;
+static uint64_t rnd(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+static float rnd_f(void)
+{
+    return ((float)(rnd() >> 40) / 16777216.0f - 0.5f) * 2.0f;
+}
+
+/* ------------------------------------------------------------ ceilings */
+
+struct stream_ctx {
+    const uint8_t *buf;
+    size_t bytes;
+    _Atomic uint64_t sink;
+};
+
+__attribute__((target("avx2"))) static void stream_fn(void *ctx, int ith, int nth)
+{
+    struct stream_ctx *c = ctx;
+    size_t per = (c->bytes / (size_t)nth) & ~(size_t)255;
+    const uint8_t *p = c->buf + per * (size_t)ith;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i < per; i += 128) {
+        a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(p + i)));
+        a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(p + i + 32)));
+        a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(p + i + 64)));
+        a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(p + i + 96)));
+    }
+    a0 = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+    atomic_fetch_add(&c->sink, (uint64_t)_mm256_extract_epi64(a0, 0));
+}
+
+static double bench_bandwidth(struct k_pool *pool, const uint8_t *buf,
+                              size_t bytes)
+{
+    struct stream_ctx c = {buf, bytes, 0};
+    double best = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        double t = now_s();
+        k_pool_run(pool, stream_fn, &c);
+        double gbs = (double)bytes / (now_s() - t) / 1e9;
+        best = gbs > best ? gbs : best;
+    }
+    return best;
+}
+
+#define PEAK_ITERS 20000000L
+
+/* 12 independent FMA chains: enough to cover latency x throughput. */
+__attribute__((target("avx512f"))) static void fma512_fn(void *ctx, int ith, int nth)
+{
+    (void)ith;
+    (void)nth;
+    __m512 a[12], m = _mm512_set1_ps(0.999999f), s = _mm512_set1_ps(1e-7f);
+    for (int i = 0; i < 12; i++)
+        a[i] = _mm512_set1_ps((float)i);
+    for (long it = 0; it < PEAK_ITERS / 10; it++)
+        for (int i = 0; i < 12; i++)
+            a[i] = _mm512_fmadd_ps(a[i], m, s);
+    __m512 t = a[0];
+    for (int i = 1; i < 12; i++)
+        t = _mm512_add_ps(t, a[i]);
+    *(volatile float *)ctx += _mm512_reduce_add_ps(t);
+}
+
+__attribute__((target("avx2,fma"))) static void fma256_fn(void *ctx, int ith, int nth)
+{
+    (void)ith;
+    (void)nth;
+    __m256 a[12], m = _mm256_set1_ps(0.999999f), s = _mm256_set1_ps(1e-7f);
+    for (int i = 0; i < 12; i++)
+        a[i] = _mm256_set1_ps((float)i);
+    for (long it = 0; it < PEAK_ITERS / 10; it++)
+        for (int i = 0; i < 12; i++)
+            a[i] = _mm256_fmadd_ps(a[i], m, s);
+    __m256 t = a[0];
+    for (int i = 1; i < 12; i++)
+        t = _mm256_add_ps(t, a[i]);
+    float v[8];
+    _mm256_storeu_ps(v, t);
+    *(volatile float *)ctx += v[0];
+}
+
+__attribute__((target("avx512f,avx512vnni"))) static void vnni_fn(void *ctx, int ith, int nth)
+{
+    (void)ith;
+    (void)nth;
+    __m512i a[12], u = _mm512_set1_epi8(3), s = _mm512_set1_epi8(-2);
+    for (int i = 0; i < 12; i++)
+        a[i] = _mm512_set1_epi32(i);
+    for (long it = 0; it < PEAK_ITERS / 10; it++)
+        for (int i = 0; i < 12; i++)
+            a[i] = _mm512_dpbusd_epi32(a[i], u, s);
+    __m512i t = a[0];
+    for (int i = 1; i < 12; i++)
+        t = _mm512_add_epi32(t, a[i]);
+    *(volatile float *)ctx += (float)_mm512_reduce_add_epi32(t);
+}
+
+/* Best-of-3 rate of fn on every thread; ops_per_iter per chain step. */
+static double bench_peak(struct k_pool *pool, k_pool_fn fn, double ops_per_thread)
+{
+    volatile float sink = 0;
+    double best = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        double t = now_s();
+        k_pool_run(pool, fn, (void *)&sink);
+        double r = ops_per_thread * k_pool_size(pool) / (now_s() - t) / 1e9;
+        best = r > best ? r : best;
+    }
+    return best;
+}
+
+/* -------------------------------------------------------------- matmul */
+
+static void fill_weights(enum k_dtype t, uint8_t *w, int64_t rows, int64_t cols)
+{
+    int64_t rb = k_row_bytes(t, cols);
+    for (int64_t r = 0; r < rows; r++) {
+        uint8_t *row = w + r * rb;
+        for (int64_t i = 0; i < rb; i++)
+            row[i] = (uint8_t)rnd();
+        /* keep every float and scale normal: denormals would bench the
+         * microcode, not the kernel */
+        int64_t B = k_dtype_block(t), BB = k_dtype_block_bytes(t);
+        for (int64_t b = 0; b < cols / B; b++) {
+            uint8_t *blk = row + b * BB;
+            uint16_t h = k_f32_to_f16(0.001f + 0.001f * (float)(rnd() % 8));
+            switch (t) {
+            case K_F32: {
+                float f = rnd_f();
+                memcpy(blk, &f, 4);
+                break;
+            }
+            case K_F16:
+                h = k_f32_to_f16(rnd_f());
+                memcpy(blk, &h, 2);
+                break;
+            case K_BF16:
+                h = k_f32_to_bf16(rnd_f());
+                memcpy(blk, &h, 2);
+                break;
+            case K_Q8_0:
+                memcpy(blk, &h, 2);
+                break;
+            case K_Q4_K:
+                memcpy(blk, &h, 2);
+                memcpy(blk + 2, &h, 2);
+                break;
+            case K_Q6_K:
+                memcpy(blk + 208, &h, 2);
+                break;
+            default:
+                break;
+            }
+        }
+    }
+}
+
+struct result {
+    double gemv_cold, gemv_hot, gemm;
+};
+
+static double time_matmul(struct k_pool *pool, const struct k_matrix *W,
+                          const float *x, int64_t nx, float *y, void *scratch,
+                          int reps)
+{
+    double best = 1e30;
+    for (int i = 0; i < reps; i++) {
+        double t = now_s();
+        k_matmul(pool, W, x, W->cols, nx, y, W->rows, scratch);
+        t = now_s() - t;
+        best = t < best ? t : best;
+    }
+    return best;
+}
+
+static struct result bench_dtype(struct k_pool *pool, enum k_dtype t,
+                                 int64_t rows, int64_t cols, uint8_t *big,
+                                 size_t big_bytes, const float *x, float *y,
+                                 void *scratch)
+{
+    struct result r;
+    int64_t rb = k_row_bytes(t, cols);
+    size_t mat = (size_t)(rows * rb);
+    size_t mat_pad = (mat + 4095) & ~(size_t)4095;
+    int copies = (int)(big_bytes / mat_pad);
+    if (copies < 1)
+        copies = 1;
+    fill_weights(t, big, rows, cols);
+    for (int c = 1; c < copies; c++)
+        memcpy(big + (size_t)c * mat_pad, big, mat);
+
+    /* GEMV from DRAM: each call reads a different copy */
+    int calls = copies * 2 < 64 ? 64 : copies * 2;
+    struct k_matrix W = {t, rows, cols, big};
+    k_matmul(pool, &W, x, cols, 1, y, rows, scratch); /* warm up */
+    double best = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        double t0 = now_s();
+        for (int i = 0; i < calls; i++) {
+            W.data = big + (size_t)(i % copies) * mat_pad;
+            k_matmul(pool, &W, x, cols, 1, y, rows, scratch);
+        }
+        double gbs = (double)mat * calls / (now_s() - t0) / 1e9;
+        best = gbs > best ? gbs : best;
+    }
+    r.gemv_cold = best;
+    /* GEMV from cache: one matrix over and over */
+    W.data = big;
+    double tt = time_matmul(pool, &W, x, 1, y, scratch, 200);
+    r.gemv_hot = (double)mat / tt / 1e9;
+    /* GEMM, 64 activation rows */
+    tt = time_matmul(pool, &W, x, 64, y, scratch, 5);
+    r.gemm = 2.0 * (double)rows * (double)cols * 64 / tt / 1e9;
+    return r;
+}
+
+static void nop_fn(void *ctx, int ith, int nth)
+{
+    (void)ctx;
+    (void)ith;
+    (void)nth;
+}
+
+int main(int argc, char **argv)
+{
+    int threads = argc > 1 ? atoi(argv[1]) : 2;
+    int64_t rows = argc > 3 ? atoll(argv[2]) : 4096;
+    int64_t cols = argc > 3 ? atoll(argv[3]) : 4096;
+    struct k_pool *pool = k_pool_create(threads);
+    if (!pool)
+        return 2;
+    printf("bench_kernels: %d threads, path %s, matrix %lldx%lld\n", threads,
+           k_isa_name(k_isa_active()), (long long)rows, (long long)cols);
+
+    /* ceilings */
+    size_t big_bytes = (size_t)1 << 30;
+    uint8_t *big = xalloc(big_bytes);
+    for (size_t i = 0; i < big_bytes; i += 8)
+        *(uint64_t *)(big + i) = i;
+    double bw = bench_bandwidth(pool, big, big_bytes);
+    printf("memory read bandwidth (1 GiB stream): %.1f GB/s\n", bw);
+    double peak = 0, peak8 = 0;
+    if (__builtin_cpu_supports("avx512f"))
+        peak = bench_peak(pool, fma512_fn, PEAK_ITERS / 10.0 * 12 * 32);
+    else if (__builtin_cpu_supports("fma"))
+        peak = bench_peak(pool, fma256_fn, PEAK_ITERS / 10.0 * 12 * 16);
+    printf("peak f32 FMA: %.1f GFLOP/s\n", peak);
+    if (__builtin_cpu_supports("avx512vnni")) {
+        peak8 = bench_peak(pool, vnni_fn, PEAK_ITERS / 10.0 * 12 * 128);
+        printf("peak int8 vpdpbusd: %.1f GOP/s (2 ops per multiply-add)\n", peak8);
+    }
+    double t0 = now_s();
+    for (int i = 0; i < 20000; i++)
+        k_pool_run(pool, nop_fn, NULL);
+    printf("k_pool_run dispatch (empty task): %.2f us\n",
+           (now_s() - t0) / 20000 * 1e6);
+
+    float *x = xalloc((size_t)(64 * cols) * 4);
+    float *y = xalloc((size_t)(64 * rows) * 4);
+    for (int64_t i = 0; i < 64 * cols; i++)
+        x[i] = rnd_f();
+    size_t sb = 0;
+    for (int t = 0; t < K_DTYPE_COUNT; t++) {
+        struct k_matrix W = {(enum k_dtype)t, rows, cols, NULL};
+        size_t s = k_matmul_scratch(&W, 64);
+        sb = s > sb ? s : sb;
+    }
+    void *scratch = xalloc(sb + 64);
+
+    printf("\n%-6s %12s %8s %12s %14s %8s %8s\n", "dtype", "GEMV GB/s",
+           "of BW", "(cached)", "GEMM GFLOP/s", "of FMA", "of int8");
+    for (int t = 0; t < K_DTYPE_COUNT; t++) {
+        if (k_row_bytes((enum k_dtype)t, cols) < 0)
+            continue;
+        struct result r = bench_dtype(pool, (enum k_dtype)t, rows, cols, big,
+                                      big_bytes, x, y, scratch);
+        int q = t == K_Q8_0 || t == K_Q4_K || t == K_Q6_K;
+        char i8[16] = "";
+        if (q && peak8 > 0)
+            snprintf(i8, sizeof(i8), "%.2f", r.gemm / peak8);
+        printf("%-6s %12.1f %8.2f %12.1f %14.1f %8.2f %8s\n",
+               k_dtype_name((enum k_dtype)t), r.gemv_cold, r.gemv_cold / bw,
+               r.gemv_hot, r.gemm, r.gemm / peak, i8);
+        fflush(stdout);
+    }
+    free(scratch);
+    free(x);
+    free(y);
+    free(big);
+    k_pool_destroy(pool);
+    return 0;
+}
