@@ -40,6 +40,18 @@ static void put_st(const char *name, const char *hdr, const char *data, size_t n
     put(name, buf, 8 + h + n);
 }
 
+static void cleanup(void)
+{
+    static const char *const names[] = {"model.safetensors", "model.safetensors.index.json",
+                                        "a.safetensors", "b.safetensors"};
+    char p[128];
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        snprintf(p, sizeof(p), "%s/%s", dir, names[i]);
+        unlink(p);
+    }
+    rmdir(dir);
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
@@ -47,6 +59,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     snprintf(dir, sizeof(dir), "/tmp/fuzz_st_XXXXXX");
     if (!mkdtemp(dir))
         abort();
+    atexit(cleanup);
     return 0;
 }
 
