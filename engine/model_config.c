@@ -12,6 +12,27 @@
 
 #define CFG_ERR(...) do { snprintf(err, errlen, __VA_ARGS__); return -1; } while (0)
 
+/* A string from a file, made safe to print in a message: printable ASCII
+ * kept, everything else as \xNN, cut at 48 bytes. out: at least 200 bytes. */
+static const char *printable(const char *s, char *out, size_t outlen)
+{
+    size_t o = 0;
+    for (size_t i = 0; s[i] && o + 5 < outlen; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (i == 48) {
+            memcpy(out + o, "...", 3);
+            o += 3;
+            break;
+        }
+        if (ch >= 0x20 && ch < 0x7f && ch != '"' && ch != '\\')
+            out[o++] = (char)ch;
+        else
+            o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", ch);
+    }
+    out[o] = 0;
+    return out;
+}
+
 /* ------------------------------------------------------------ RoPE tables */
 
 /* Base inverse frequency of pair i: theta^(-2i/d). */
@@ -215,8 +236,9 @@ static int hf_rope(const struct json *cfg, struct model_config *c, const char *p
                 : (float)sqrt(1.0 + log(c->rope_factor) / log((double)orig));
         }
     } else {
+        char safe[200];
         CFG_ERR("%s: rope scaling type \"%s\" is not supported (supported: default, linear, llama3, longrope)",
-                path, type);
+                path, printable(type, safe, sizeof(safe)));
     }
     for (int64_t i = 0; i < pairs; i++) {
         double inv = rope_base_inv(c, i);
@@ -245,9 +267,11 @@ int mc_from_hf(const struct json *cfg, const char *path, struct model_config *c,
         c->arch = ARCH_QWEN2;
     else if (!strcmp(mt, "phi3"))
         c->arch = ARCH_PHI3;
-    else
+    else {
+        char safe[200];
         CFG_ERR("%s: model_type \"%s\" is not supported (supported: llama, mistral, qwen2, phi3)",
-                path, mt);
+                path, printable(mt, safe, sizeof(safe)));
+    }
     snprintf(c->arch_name, sizeof(c->arch_name), "%s", mt);
 
     if (hf_int(cfg, "vocab_size", -1, &c->n_vocab, path, err, errlen) ||
@@ -371,9 +395,11 @@ int mc_from_gguf(const struct gguf_file *f, const char *path, struct model_confi
         c->arch = ARCH_QWEN2;
     else if (!strcmp(arch, "phi3"))
         c->arch = ARCH_PHI3;
-    else
+    else {
+        char safe[200];
         CFG_ERR("%s: general.architecture \"%s\" is not supported (supported: llama, qwen2, phi3)",
-                path, arch);
+                path, printable(arch, safe, sizeof(safe)));
+    }
     snprintf(c->arch_name, sizeof(c->arch_name), "%s", arch);
 
     if (gg_int(f, arch, "embedding_length", -1, &c->n_embd, path, err, errlen) ||
@@ -477,8 +503,9 @@ int mc_from_gguf(const struct gguf_file *f, const char *path, struct model_confi
         for (int64_t i = 0; i < pairs; i++)
             fs[i] = fl[i] = c->rope_factor;
     } else if (stype && strcmp(stype, "none") != 0) {
+        char safe[200];
         CFG_ERR("%s: %s \"%s\" is not supported (supported: none, linear, llama3 rope_freqs, longrope)",
-                path, key, stype);
+                path, key, printable(stype, safe, sizeof(safe)));
     }
     for (int64_t i = 0; i < pairs; i++) {
         double inv = rope_base_inv(c, i);

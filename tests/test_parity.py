@@ -24,9 +24,9 @@ TOL = {
     "f32": 1e-4,   # the bound for F32
     "f16": 1e-4,   # same weights as the reference, f32 arithmetic
     "bf16": 1e-4,
-    "q8_0": 3e-2,  # activations quantized to int8 per 32-block
-    "q4_k": 3e-2,  # activations quantized to int8 per 256-block
-    "q6_k": 3e-2,
+    "q8_0": 5e-2,  # activations quantized to int8 per 32-block
+    "q4_k": 5e-2,  # activations quantized to int8 per 256-block
+    "q6_k": 5e-2,
 }
 EXACT_GREEDY = {"f32", "f16", "bf16"}
 
