@@ -15,7 +15,7 @@ VENV=${INFERD_VENV:-$ROOT/.venv}
 MODE=${1:-build}
 
 DEB_PACKAGES=(
-  build-essential meson ninja-build pkg-config
+  build-essential meson ninja-build pkg-config clang libclang-rt-14-dev
   libjansson-dev libevent-dev libpcre2-dev libssl-dev libsystemd-dev node-llhttp
   python3 python3-venv python3-pip curl ca-certificates
 )
@@ -81,7 +81,14 @@ case "$MODE" in
     # hostile-file tests run against it too.
     ASAN=${INFERD_ASAN_BUILD_DIR:-build-asan}
     build "$ASAN" --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
-    export INFERD_BUILD_DIR="$BUILD" INFERD_ASAN_BUILD_DIR="$ASAN"
+    # The libFuzzer targets need clang; only they are built there.
+    FUZZ=${INFERD_FUZZ_BUILD_DIR:-build-fuzz}
+    if command -v clang >/dev/null; then
+      [ -f "$FUZZ/build.ninja" ] || CC=clang meson setup "$FUZZ" --buildtype=debugoptimized >/dev/null
+      log "building $FUZZ (fuzz targets)"
+      ninja -C "$FUZZ" tests/fuzz/fuzz_json tests/fuzz/fuzz_gguf tests/fuzz/fuzz_safetensors >/dev/null
+    fi
+    export INFERD_BUILD_DIR="$BUILD" INFERD_ASAN_BUILD_DIR="$ASAN" INFERD_FUZZ_BUILD_DIR="$FUZZ"
     cd "$ROOT"
     exec "$VENV/bin/python" -m pytest -q tests
     ;;
