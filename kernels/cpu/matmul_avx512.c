@@ -213,6 +213,123 @@ static AI void mm_float(const struct kc_mm *m, int64_t o0, int64_t o1,
     }
 }
 
+/* Batches: the same canonical lanes, blocked over K so that a chunk of a
+ * 16-row weight panel and of 6 activation rows stay in L1 while 4 x 6
+ * tiles sweep them. A lane's partial sum waits in st between chunks, which
+ * cannot change it: each lane still adds its elements in increasing order.
+ * st: (n_x, 16 weight rows, 16 lanes) f32. */
+#define FB_NX 6
+
+static AI void fbtile(const int NW, const int NX, enum k_dtype dt,
+                      const uint8_t *const *w, const float *const *x,
+                      int64_t k0, int64_t k1, float *st, int first, int last,
+                      float *const *y)
+{
+    __m512 acc[4][FB_NX];
+    for (int a = 0; a < NW; a++)
+        for (int c = 0; c < NX; c++)
+            acc[a][c] = first ? _mm512_setzero_ps()
+                              : _mm512_load_ps(st + (c * 16 + a) * 16);
+    int64_t i = k0;
+    for (; i + 16 <= k1; i += 16) {
+        __m512 wv[4];
+        for (int a = 0; a < NW; a++)
+            wv[a] = load_w(dt, w[a], i);
+        for (int c = 0; c < NX; c++) {
+            __m512 xv = _mm512_loadu_ps(x[c] + i);
+            for (int a = 0; a < NW; a++)
+                acc[a][c] = _mm512_fmadd_ps(wv[a], xv, acc[a][c]);
+        }
+    }
+    if (i < k1) { /* the row's last, partial group of 16 */
+        __mmask16 k = mask_n(k1 - i);
+        __m512 wv[4];
+        for (int a = 0; a < NW; a++)
+            wv[a] = load_w_tail(dt, w[a], i, k);
+        for (int c = 0; c < NX; c++) {
+            __m512 xv = _mm512_maskz_loadu_ps(k, x[c] + i);
+            for (int a = 0; a < NW; a++)
+                acc[a][c] = _mm512_mask3_fmadd_ps(wv[a], xv, acc[a][c], k);
+        }
+    }
+    for (int a = 0; a < NW; a++)
+        for (int c = 0; c < NX; c++) {
+            if (last)
+                y[c][a] = tree16(acc[a][c]);
+            else
+                _mm512_store_ps(st + (c * 16 + a) * 16, acc[a][c]);
+        }
+}
+
+static AI void fbtile_nx(const int NW, int nx, enum k_dtype dt,
+                         const uint8_t *const *w, const float *const *x,
+                         int64_t k0, int64_t k1, float *st, int first, int last,
+                         float *const *y)
+{
+    switch (nx) {
+    case 6:
+        fbtile(NW, 6, dt, w, x, k0, k1, st, first, last, y);
+        break;
+    case 5:
+        fbtile(NW, 5, dt, w, x, k0, k1, st, first, last, y);
+        break;
+    case 4:
+        fbtile(NW, 4, dt, w, x, k0, k1, st, first, last, y);
+        break;
+    case 3:
+        fbtile(NW, 3, dt, w, x, k0, k1, st, first, last, y);
+        break;
+    case 2:
+        fbtile(NW, 2, dt, w, x, k0, k1, st, first, last, y);
+        break;
+    default:
+        fbtile(NW, 1, dt, w, x, k0, k1, st, first, last, y);
+        break;
+    }
+}
+
+/* Activation rows per block of a batch: a block's rows (and, for int8,
+ * the panels it meets) stay in L2 while the block is worked through. */
+#define XB 64
+
+static AI void mm_float_blocked(const struct kc_mm *m, int64_t o0, int64_t o1,
+                                enum k_dtype dt, float *st)
+{
+    /* chunk of a 16-row panel plus 6 activation rows: 28-44 KB */
+    const int64_t KC = dt == K_F32 ? 256 : 512, K = m->cols;
+    for (int64_t p = o0; p < o1; p += 16) {
+        int n = o1 - p >= 16 ? 16 : (int)(o1 - p);
+        for (int64_t xb = 0; xb < m->n_x; xb += XB) {
+            int64_t xe = xb + XB < m->n_x ? xb + XB : m->n_x;
+            for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                int64_t k1 = k0 + KC < K ? k0 + KC : K;
+                int first = k0 == 0, last = k1 == K;
+                for (int64_t r = xb; r < xe; r += FB_NX) {
+                    int nx = xe - r >= FB_NX ? FB_NX : (int)(xe - r);
+                    const float *x[FB_NX];
+                    for (int c = 0; c < nx; c++)
+                        x[c] = m->x + (r + c) * m->x_stride;
+                    for (int a0 = 0; a0 < n;) {
+                        int nw = n - a0 >= 4 ? 4 : 1;
+                        const uint8_t *w[4];
+                        float *y[FB_NX];
+                        for (int a = 0; a < nw; a++)
+                            w[a] = m->w + (p + a0 + a) * m->w_stride;
+                        for (int c = 0; c < nx; c++)
+                            y[c] = m->y + (r + c) * m->y_stride + p + a0;
+                        float *s = st + ((r - xb) * 16 + a0) * 16;
+                        if (nw == 4)
+                            fbtile_nx(4, nx, dt, w, x, k0, k1, s, first, last, y);
+                        else
+                            fbtile_nx(1, nx, dt, w, x, k0, k1, s, first, last, y);
+                        a0 += nw;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* ------------------------------------------- int8, one activation row */
 
 /* The quantized activation row r. */
@@ -501,81 +618,177 @@ static struct panel panel_at(const struct kc_mm *m, void *work)
     return pn;
 }
 
-size_t kc_mm_work_avx512(const struct kc_mm *m)
+/* Float batches from this many rows take the K-blocked tiles. */
+#ifndef FB_MIN_NX
+#define FB_MIN_NX 4
+#endif
+
+static size_t panel_bytes(const struct kc_mm *m)
 {
-    if (m->dt != K_Q8_0 && m->dt != K_Q4_K && m->dt != K_Q6_K)
-        return 0;
-    if (m->n_x < 2)
-        return 0;
     int64_t nb = m->cols / (m->dt == K_Q8_0 ? 32 : 256);
     return (size_t)(kc_align64(16 * m->cols) + 64 * nb * (2 + 16 + 4));
 }
 
+/* Panels repacked together: as many as fit 512 KB, at most 4, so that a
+ * block of activation rows is read once per group of panels. */
+static int panels_per_group(const struct kc_mm *m)
+{
+    int64_t g = (512 * 1024) / (int64_t)panel_bytes(m);
+    return g < 1 ? 1 : (g > 4 ? 4 : (int)g);
+}
+
+size_t kc_mm_work_avx512(const struct kc_mm *m)
+{
+    if (m->dt == K_F32 || m->dt == K_F16 || m->dt == K_BF16)
+        return m->n_x >= FB_MIN_NX
+                   ? (size_t)((m->n_x < XB ? m->n_x : XB) * 16 * 16 * 4)
+                   : 0;
+    if (m->n_x < 2)
+        return 0;
+    return panel_bytes(m) * (size_t)panels_per_group(m);
+}
+
+/* In place: r[j] lane l becomes r[l] lane j (a 16 x 16 dword transpose:
+ * two unpack stages inside the 128-bit lanes, then 4 x 4 of the lanes). */
+static AI void transpose16(__m512i *r)
+{
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    /* u[4i + k], 128-bit lane L: rows 4i..4i+3 of column 4L + k */
+    for (int k = 0; k < 4; k++) {
+        __m512i s0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44);
+        __m512i s1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xee);
+        __m512i s2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
+        __m512i s3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xee);
+        r[k] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+        r[4 + k] = _mm512_shuffle_i32x4(s0, s2, 0xdd);
+        r[8 + k] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(s1, s3, 0xdd);
+    }
+}
+
+/* Q8_0 blocks b and b + 1 (when it exists) of 16 rows into the panel. */
+static AI void repack_q8_0(const uint8_t *const *row, int64_t b, int two,
+                           struct panel pn)
+{
+    __m512i r[16];
+    for (int j = 0; j < 16; j++) {
+        const uint8_t *p = row[j] + 34 * b + 2;
+        __m256i lo = _mm256_loadu_si256((const __m256i *)p);
+        __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(p + 34))
+                         : _mm256_setzero_si256();
+        r[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    transpose16(r);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int g = 0; g < (two ? 16 : 8); g++)
+        _mm512_store_si512(pn.P + (8 * b + g) * 64, _mm512_xor_si512(r[g], flip));
+}
+
+/* Q4_K block b of 16 rows: the nibbles in x's permuted order, the scales
+ * and mins as int32 lanes. */
+static AI void repack_q4_k(const uint8_t *const *row, int64_t b, struct panel pn)
+{
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    __m512i ch[4][16];
+    __m512i sm[16];
+    for (int j = 0; j < 16; j++) {
+        const uint8_t *blk = row[j] + 144 * b;
+        __m512i q0 = _mm512_loadu_si512(blk + 16), q1 = _mm512_loadu_si512(blk + 80);
+        ch[0][j] = _mm512_and_si512(q0, lo4);
+        ch[1][j] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), lo4);
+        ch[2][j] = _mm512_and_si512(q1, lo4);
+        ch[3][j] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), lo4);
+        uint64_t mn, sc = kc_q4k_scales64(blk + 4, &mn);
+        /* lanes 0-7 the scales, 8-15 the mins */
+        sm[j] = _mm512_cvtepu8_epi32(_mm_set_epi64x((long long)mn, (long long)sc));
+    }
+    for (int c = 0; c < 4; c++) {
+        transpose16(ch[c]);
+        for (int gg = 0; gg < 16; gg++)
+            _mm512_store_si512(pn.P + (64 * b + 16 * c + gg) * 64, ch[c][gg]);
+    }
+    transpose16(sm);
+    for (int s = 0; s < 8; s++)
+        _mm512_store_si512(pn.i0 + (8 * b + s) * 16, sm[s]);
+    for (int k = 0; k < 4; k++)
+        _mm512_store_si512(pn.i1 + (4 * b + k) * 16,
+                           _mm512_or_si512(sm[8 + 2 * k],
+                                           _mm512_slli_epi32(sm[9 + 2 * k], 16)));
+}
+
+/* Q6_K block b of 16 rows: the 6-bit values in natural order, the scales
+ * sign-extended to int32 lanes. */
+static AI void repack_q6_k(const uint8_t *const *row, int64_t b, struct panel pn)
+{
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi2 = _mm512_set1_epi8(0x30);
+    const __m512i sh_lo = _mm512_inserti64x4(_mm512_set1_epi16(4),
+                                             _mm256_set1_epi16(2), 1);
+    const __m512i sh_hi = _mm512_inserti64x4(_mm512_setzero_si512(),
+                                             _mm256_set1_epi16(2), 1);
+    __m512i ch[4][16];
+    __m512i sc[16];
+    for (int j = 0; j < 16; j++) {
+        const uint8_t *blk = row[j] + 210 * b;
+        for (int nh = 0; nh < 2; nh++) {
+            __m512i L = _mm512_loadu_si512(blk + 64 * nh);
+            __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * nh));
+            __m512i Hz = _mm512_inserti64x4(_mm512_castsi256_si512(H), H, 1);
+            ch[2 * nh][j] = _mm512_or_si512(_mm512_and_si512(L, lo4),
+                                            _mm512_and_si512(_mm512_sllv_epi16(Hz, sh_lo), hi2));
+            ch[2 * nh + 1][j] = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16(L, 4), lo4),
+                _mm512_and_si512(_mm512_srlv_epi16(Hz, sh_hi), hi2));
+        }
+        sc[j] = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)));
+    }
+    for (int c = 0; c < 4; c++) {
+        transpose16(ch[c]);
+        for (int gg = 0; gg < 16; gg++)
+            _mm512_store_si512(pn.P + (64 * b + 16 * c + gg) * 64, ch[c][gg]);
+    }
+    transpose16(sc);
+    for (int k = 0; k < 16; k++)
+        _mm512_store_si512(pn.i0 + (16 * b + k) * 16, sc[k]);
+}
+
 static void repack(const struct kc_mm *m, int64_t o0, int n, struct panel pn)
 {
+    const uint8_t *row[16];
     int32_t off[16];
-    for (int j = 0; j < 16; j++)
-        off[j] = (int32_t)((j < n ? j : n - 1) * m->w_stride);
+    for (int j = 0; j < 16; j++) {
+        int jj = j < n ? j : n - 1;
+        row[j] = m->w + (o0 + jj) * m->w_stride;
+        off[j] = (int32_t)(jj * m->w_stride);
+    }
     const __m512i vidx = _mm512_loadu_si512(off);
     const uint8_t *base = m->w + o0 * m->w_stride;
-    const __m512i lo4 = _mm512_set1_epi8(0x0f);
     int64_t nb = m->xl.nb;
     for (int64_t b = 0; b < nb; b++) {
         if (m->dt == K_Q8_0) {
-            const uint8_t *bb = base + 34 * b;
-            for (int g = 0; g < 8; g++) {
-                __m512i v = _mm512_i32gather_epi32(vidx, bb + 2 + 4 * g, 1);
-                v = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
-                _mm512_store_si512(pn.P + (8 * b + g) * 64, v);
-            }
-            __m512i h = _mm512_i32gather_epi32(vidx, bb, 1);
+            if ((b & 1) == 0)
+                repack_q8_0(row, b, b + 1 < nb, pn);
+            __m512i h = _mm512_i32gather_epi32(vidx, base + 34 * b, 1);
             _mm512_store_ps(pn.f0 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)));
         } else if (m->dt == K_Q4_K) {
-            const uint8_t *bb = base + 144 * b;
-            for (int g = 0; g < 64; g++) {
-                int c = g >> 4;
-                __m512i v = _mm512_i32gather_epi32(
-                    vidx, bb + 16 + 64 * (c >> 1) + 4 * (g & 15), 1);
-                if (c & 1)
-                    v = _mm512_srli_epi32(v, 4);
-                _mm512_store_si512(pn.P + (64 * b + g) * 64, _mm512_and_si512(v, lo4));
-            }
-            __m512i h = _mm512_i32gather_epi32(vidx, bb, 1);
+            repack_q4_k(row, b, pn);
+            __m512i h = _mm512_i32gather_epi32(vidx, base + 144 * b, 1);
             _mm512_store_ps(pn.f0 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)));
             _mm512_store_ps(pn.f1 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
                                                 _mm512_srli_epi32(h, 16))));
-            for (int j = 0; j < 16; j++) {
-                uint8_t sc[8], mn[8];
-                kc_q4k_scales(bb + off[j] + 4, sc, mn);
-                for (int s = 0; s < 8; s++)
-                    pn.i0[(8 * b + s) * 16 + j] = sc[s];
-                for (int k = 0; k < 4; k++)
-                    pn.i1[(4 * b + k) * 16 + j] = mn[2 * k] | (mn[2 * k + 1] << 16);
-            }
         } else {
-            const uint8_t *bb = base + 210 * b;
-            const __m512i lo2 = _mm512_set1_epi8(0x03);
-            for (int g = 0; g < 64; g++) {
-                int e = 4 * g, nh = e >> 7, t = e & 127, qu = t >> 5, i = t & 31;
-                __m512i lo = _mm512_i32gather_epi32(
-                    vidx, bb + 64 * nh + 32 * (qu & 1) + i, 1);
-                lo = _mm512_and_si512(_mm512_srli_epi32(lo, 4 * (qu >> 1)), lo4);
-                __m512i hi = _mm512_i32gather_epi32(vidx, bb + 128 + 32 * nh + i, 1);
-                hi = _mm512_and_si512(_mm512_srli_epi32(hi, 2 * qu), lo2);
-                __m512i u = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
-                _mm512_store_si512(pn.P + (64 * b + g) * 64, u);
-            }
-            __m512i h = _mm512_i32gather_epi32(vidx, bb + 208, 1);
+            repack_q6_k(row, b, pn);
+            __m512i h = _mm512_i32gather_epi32(vidx, base + 210 * b + 208, 1);
             _mm512_store_ps(pn.f0 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)));
-            for (int k = 0; k < 16; k += 4) {
-                __m512i s = _mm512_i32gather_epi32(vidx, bb + 192 + k, 1);
-                for (int kk = 0; kk < 4; kk++) {
-                    /* sign-extend byte kk of each lane */
-                    __m512i v = _mm512_srai_epi32(
-                        _mm512_slli_epi32(s, 24 - 8 * kk), 24);
-                    _mm512_store_si512(pn.i0 + (16 * b + k + kk) * 16, v);
-                }
-            }
         }
     }
 }
@@ -683,12 +896,13 @@ static AI void panel_rows(const int RX, enum k_dtype dt, const struct kc_mm *m,
 }
 
 static AI void panel_all(enum k_dtype dt, const struct kc_mm *m,
-                         struct panel pn, int64_t o0, int n)
+                         struct panel pn, int64_t o0, int n, int64_t r0,
+                         int64_t r1)
 {
-    int64_t r = 0;
-    for (; r + RX_MAX <= m->n_x; r += RX_MAX)
+    int64_t r = r0;
+    for (; r + RX_MAX <= r1; r += RX_MAX)
         panel_rows(RX_MAX, dt, m, pn, r, o0, n);
-    switch (m->n_x - r) {
+    switch (r1 - r) {
     case 3:
         panel_rows(3, dt, m, pn, r, o0, n);
         break;
@@ -706,20 +920,33 @@ static AI void panel_all(enum k_dtype dt, const struct kc_mm *m,
 static void mm_q_panels(const struct kc_mm *m, int64_t o0, int64_t o1,
                         void *work)
 {
-    struct panel pn = panel_at(m, work);
-    for (int64_t o = o0; o < o1; o += 16) {
-        int n = o1 - o >= 16 ? 16 : (int)(o1 - o);
-        repack(m, o, n, pn);
-        switch (m->dt) {
-        case K_Q8_0:
-            panel_all(K_Q8_0, m, pn, o, n);
-            break;
-        case K_Q4_K:
-            panel_all(K_Q4_K, m, pn, o, n);
-            break;
-        default:
-            panel_all(K_Q6_K, m, pn, o, n);
-            break;
+    int np_max = panels_per_group(m);
+    size_t pb = panel_bytes(m);
+    struct panel pn[4];
+    for (int i = 0; i < np_max; i++)
+        pn[i] = panel_at(m, (uint8_t *)work + i * pb);
+    for (int64_t o = o0; o < o1; o += 16 * np_max) {
+        int np = 0, n[4];
+        for (; np < np_max && o + 16 * np < o1; np++) {
+            int64_t left = o1 - (o + 16 * np);
+            n[np] = left >= 16 ? 16 : (int)left;
+            repack(m, o + 16 * np, n[np], pn[np]);
+        }
+        for (int64_t xb = 0; xb < m->n_x; xb += XB) {
+            int64_t xe = xb + XB < m->n_x ? xb + XB : m->n_x;
+            for (int i = 0; i < np; i++) {
+                switch (m->dt) {
+                case K_Q8_0:
+                    panel_all(K_Q8_0, m, pn[i], o + 16 * i, n[i], xb, xe);
+                    break;
+                case K_Q4_K:
+                    panel_all(K_Q4_K, m, pn[i], o + 16 * i, n[i], xb, xe);
+                    break;
+                default:
+                    panel_all(K_Q6_K, m, pn[i], o + 16 * i, n[i], xb, xe);
+                    break;
+                }
+            }
         }
     }
 }
@@ -731,13 +958,22 @@ void kc_mm_rows_avx512(const struct kc_mm *m, int64_t o0, int64_t o1,
 {
     switch (m->dt) {
     case K_F32:
-        mm_float(m, o0, o1, K_F32);
+        if (m->n_x >= FB_MIN_NX)
+            mm_float_blocked(m, o0, o1, K_F32, work);
+        else
+            mm_float(m, o0, o1, K_F32);
         break;
     case K_F16:
-        mm_float(m, o0, o1, K_F16);
+        if (m->n_x >= FB_MIN_NX)
+            mm_float_blocked(m, o0, o1, K_F16, work);
+        else
+            mm_float(m, o0, o1, K_F16);
         break;
     case K_BF16:
-        mm_float(m, o0, o1, K_BF16);
+        if (m->n_x >= FB_MIN_NX)
+            mm_float_blocked(m, o0, o1, K_BF16, work);
+        else
+            mm_float(m, o0, o1, K_BF16);
         break;
     default:
         if (m->n_x == 1)

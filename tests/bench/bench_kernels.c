@@ -89,20 +89,24 @@ static double bench_bandwidth(struct k_pool *pool, const uint8_t *buf,
 
 #define PEAK_ITERS 20000000L
 
-/* 12 independent FMA chains: enough to cover latency x throughput. */
+/* 12 independent chains in named registers (an array would go through
+ * memory): enough to cover latency x throughput of FMA and vpdpbusd. */
+#define R12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
 __attribute__((target("avx512f"))) static void fma512_fn(void *ctx, int ith, int nth)
 {
     (void)ith;
     (void)nth;
-    __m512 a[12], m = _mm512_set1_ps(0.999999f), s = _mm512_set1_ps(1e-7f);
-    for (int i = 0; i < 12; i++)
-        a[i] = _mm512_set1_ps((float)i);
-    for (long it = 0; it < PEAK_ITERS / 10; it++)
-        for (int i = 0; i < 12; i++)
-            a[i] = _mm512_fmadd_ps(a[i], m, s);
-    __m512 t = a[0];
-    for (int i = 1; i < 12; i++)
-        t = _mm512_add_ps(t, a[i]);
+    __m512 m = _mm512_set1_ps(0.999999f), s = _mm512_set1_ps(1e-7f);
+#define F_DECL(i) __m512 a##i = _mm512_set1_ps((float)i);
+#define F_STEP(i) a##i = _mm512_fmadd_ps(a##i, m, s);
+#define F_SUM(i) t = _mm512_add_ps(t, a##i);
+    R12(F_DECL)
+    for (long it = 0; it < PEAK_ITERS / 10; it++) {
+        R12(F_STEP)
+    }
+    __m512 t = _mm512_setzero_ps();
+    R12(F_SUM)
     *(volatile float *)ctx += _mm512_reduce_add_ps(t);
 }
 
@@ -110,15 +114,16 @@ __attribute__((target("avx2,fma"))) static void fma256_fn(void *ctx, int ith, in
 {
     (void)ith;
     (void)nth;
-    __m256 a[12], m = _mm256_set1_ps(0.999999f), s = _mm256_set1_ps(1e-7f);
-    for (int i = 0; i < 12; i++)
-        a[i] = _mm256_set1_ps((float)i);
-    for (long it = 0; it < PEAK_ITERS / 10; it++)
-        for (int i = 0; i < 12; i++)
-            a[i] = _mm256_fmadd_ps(a[i], m, s);
-    __m256 t = a[0];
-    for (int i = 1; i < 12; i++)
-        t = _mm256_add_ps(t, a[i]);
+    __m256 m = _mm256_set1_ps(0.999999f), s = _mm256_set1_ps(1e-7f);
+#define G_DECL(i) __m256 a##i = _mm256_set1_ps((float)i);
+#define G_STEP(i) a##i = _mm256_fmadd_ps(a##i, m, s);
+#define G_SUM(i) t = _mm256_add_ps(t, a##i);
+    R12(G_DECL)
+    for (long it = 0; it < PEAK_ITERS / 10; it++) {
+        R12(G_STEP)
+    }
+    __m256 t = _mm256_setzero_ps();
+    R12(G_SUM)
     float v[8];
     _mm256_storeu_ps(v, t);
     *(volatile float *)ctx += v[0];
@@ -128,15 +133,16 @@ __attribute__((target("avx512f,avx512vnni"))) static void vnni_fn(void *ctx, int
 {
     (void)ith;
     (void)nth;
-    __m512i a[12], u = _mm512_set1_epi8(3), s = _mm512_set1_epi8(-2);
-    for (int i = 0; i < 12; i++)
-        a[i] = _mm512_set1_epi32(i);
-    for (long it = 0; it < PEAK_ITERS / 10; it++)
-        for (int i = 0; i < 12; i++)
-            a[i] = _mm512_dpbusd_epi32(a[i], u, s);
-    __m512i t = a[0];
-    for (int i = 1; i < 12; i++)
-        t = _mm512_add_epi32(t, a[i]);
+    __m512i u = _mm512_set1_epi8(3), s = _mm512_set1_epi8(-2);
+#define V_DECL(i) __m512i a##i = _mm512_set1_epi32(i);
+#define V_STEP(i) a##i = _mm512_dpbusd_epi32(a##i, u, s);
+#define V_SUM(i) t = _mm512_add_epi32(t, a##i);
+    R12(V_DECL)
+    for (long it = 0; it < PEAK_ITERS / 10; it++) {
+        R12(V_STEP)
+    }
+    __m512i t = _mm512_setzero_si512();
+    R12(V_SUM)
     *(volatile float *)ctx += (float)_mm512_reduce_add_epi32(t);
 }
 
