@@ -16,6 +16,9 @@ int cli_bench(int argc, char **argv);
 int cli_parse_int(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out);
 /* Parses "1,2,3" into a malloc'ed array (caller frees); -1 on error. */
 int cli_parse_ids(const char *flag, const char *s, int32_t **ids, int64_t *n);
+/* Index of the largest of v[0..n), the first one on ties (as greedy
+ * decoding in Hugging Face picks). */
+int64_t cli_argmax(const float *v, int64_t n);
 /* Prints "inferd: msg" to stderr. */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

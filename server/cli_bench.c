@@ -34,15 +34,6 @@ static uint64_t rng_next(uint64_t *s)
     return *s;
 }
 
-static int64_t argmax(const float *v, int64_t n)
-{
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (v[i] > v[best])
-            best = i;
-    return best;
-}
-
 static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double bw,
                        double peak, struct bench_result *res)
 {
@@ -81,7 +72,7 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double 
     }
     double t_prefill = now_s() - t0;
     for (int64_t b = 0; b < B; b++)
-        last[b] = (int32_t)argmax(logits + b * c->n_vocab, c->n_vocab);
+        last[b] = (int32_t)cli_argmax(logits + b * c->n_vocab, c->n_vocab);
     t0 = now_s();
     for (int64_t step = 0; step < G; step++) {
         for (int64_t b = 0; b < B; b++) {
@@ -95,7 +86,7 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double 
             goto done;
         }
         for (int64_t b = 0; b < B; b++)
-            last[b] = (int32_t)argmax(logits + b * c->n_vocab, c->n_vocab);
+            last[b] = (int32_t)cli_argmax(logits + b * c->n_vocab, c->n_vocab);
     }
     double t_decode = now_s() - t0;
 
@@ -227,9 +218,18 @@ static int bench_engine(int argc, char **argv)
             cli_error("%s: cannot write", json_path);
             rc = 1;
         } else {
-            fprintf(f, "{\"model\":\"%s\",\"threads\":%d,\"bandwidth_Bps\":%.0f,\"f32_flops\":%.0f,"
+            fputs("{\"model\":\"", f);
+            for (const char *q = path; *q; q++) {
+                if (*q == '"' || *q == '\\')
+                    fputc('\\', f);
+                if ((unsigned char)*q < 0x20)
+                    fprintf(f, "\\u%04x", *q);
+                else
+                    fputc(*q, f);
+            }
+            fprintf(f, "\",\"threads\":%d,\"bandwidth_Bps\":%.0f,\"f32_flops\":%.0f,"
                        "\"int8_ops\":%.0f,\"prompt\":%lld,\"gen\":%lld,\"results\":[",
-                    path, k_pool_size(pool), bw, f32, i8, (long long)P, (long long)G);
+                    k_pool_size(pool), bw, f32, i8, (long long)P, (long long)G);
             for (int64_t i = 0; i < nb; i++)
                 fprintf(f, "%s{\"batch\":%lld,\"prefill_tps\":%.2f,\"prefill_ceiling\":%.2f,"
                            "\"decode_tps\":%.2f,\"decode_roofline\":%.2f}", i ? "," : "",

@@ -129,15 +129,6 @@ static void print_floats(const float *v, int64_t n)
     putchar(']');
 }
 
-static int64_t argmax(const float *v, int64_t n)
-{
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (v[i] > v[best])
-            best = i;
-    return best;
-}
-
 /* Shared driver: prefill every sequence (in chunks), then decode greedily
  * max_tokens - 1 further steps (generate) or stop after the prompt (logits). */
 static int run(int argc, char **argv, int is_generate)
@@ -271,7 +262,7 @@ static int run(int argc, char **argv, int is_generate)
 
     /* Decode: the first generated token comes from the prefill logits. */
     for (int i = 0; i < s.n; i++) {
-        int32_t t = (int32_t)argmax(logits + (int64_t)i * cf->n_vocab, cf->n_vocab);
+        int32_t t = (int32_t)cli_argmax(logits + (int64_t)i * cf->n_vocab, cf->n_vocab);
         out[i][n_out[i]++] = t;
         finished[i] = (!a.ignore_eos && t == cf->eos_id) || n_out[i] >= a.max_tokens;
     }
@@ -294,7 +285,7 @@ static int run(int argc, char **argv, int is_generate)
         }
         for (int64_t r = 0; r < n; r++) {
             int i = which_seq[r];
-            int32_t t = (int32_t)argmax(logits + r * cf->n_vocab, cf->n_vocab);
+            int32_t t = (int32_t)cli_argmax(logits + r * cf->n_vocab, cf->n_vocab);
             out[i][n_out[i]++] = t;
             finished[i] = (!a.ignore_eos && t == cf->eos_id) || n_out[i] >= a.max_tokens;
         }

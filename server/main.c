@@ -18,6 +18,15 @@ void cli_error(const char *fmt, ...)
     va_end(ap);
 }
 
+int64_t cli_argmax(const float *v, int64_t n)
+{
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (v[i] > v[best])
+            best = i;
+    return best;
+}
+
 int cli_parse_int(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out)
 {
     char *end;

@@ -124,3 +124,18 @@ def test_usage_errors(inferd):
     assert run([inferd, "frobnicate"]).returncode == 2
     r = run([inferd, "logits", FIXTURES / "llama3", "--tokens", "1,x"])
     assert r.returncode == 2 and "comma-separated token ids" in r.stderr
+
+
+def test_bench_engine_runs_and_reports(inferd, tmp_path):
+    """The benchmark is not timed here; this only checks that it runs and
+    that its JSON holds a figure and a ceiling for every batch size."""
+    out = tmp_path / "b.json"
+    r = run([inferd, "bench", "engine", FIXTURES / "llama3" / "model-q8_0.gguf", "--batch", "1,3",
+             "--prompt", "8", "--gen", "4", "--json", out])
+    assert r.returncode == 0, r.stderr
+    assert "decode tok/s" in r.stdout
+    res = json.loads(out.read_text())
+    assert [x["batch"] for x in res["results"]] == [1, 3]
+    assert res["bandwidth_Bps"] > 1e9
+    for x in res["results"]:
+        assert x["prefill_tps"] > 0 and x["decode_tps"] > 0 and x["decode_roofline"] > 0
