@@ -332,6 +332,13 @@ static AI void mm_float_blocked(const struct kc_mm *m, int64_t o0, int64_t o1,
 
 /* ------------------------------------------- int8, one activation row */
 
+/* Software prefetch distance of the one-row kernels, in bytes of each
+ * weight row: with 8-16 rows in flight per core the hardware prefetcher
+ * alone leaves DRAM bandwidth unused (measured: +15-60% at 512). */
+#ifndef PF_DIST
+#define PF_DIST 512
+#endif
+
 /* The quantized activation row r. */
 struct xrow {
     const int8_t *qs;
@@ -369,6 +376,11 @@ static void q8_0_gemv16(const struct kc_mm *m, int64_t o0, int n,
     const uint8_t *base = m->w + o0 * m->w_stride;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t b = 0; b < m->xl.nb; b++) {
+#if PF_DIST
+        if ((b & 1) == 0)
+            for (int j = 0; j < 16; j++)
+                _mm_prefetch((const char *)(row[j] + 34 * b + PF_DIST), _MM_HINT_T0);
+#endif
         __m512i xb = _mm512_broadcast_i64x4(
             _mm256_loadu_si256((const __m256i *)(x.qs + 32 * b)));
         __m512i s[8];
@@ -471,8 +483,14 @@ static void q4_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
         __m128i bs = _mm_loadu_si128((const __m128i *)(xs + 16 * b));
         __m512i a[8];
         __m128i bp[8];
+#pragma GCC unroll 8
         for (int r = 0; r < 8; r++) {
             const uint8_t *blk = row[r] + 144 * b;
+#if PF_DIST
+            _mm_prefetch((const char *)(blk + PF_DIST), _MM_HINT_T0);
+            _mm_prefetch((const char *)(blk + PF_DIST + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(blk + PF_DIST + 128), _MM_HINT_T0);
+#endif
             uint64_t mn, sc = kc_q4k_scales64(blk + 4, &mn);
             __m512i scv = _mm512_castsi256_si512(
                 _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc))));
@@ -534,8 +552,15 @@ static void q6_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
             X[k] = _mm512_loadu_si512(x.qs + 256 * b + 64 * k);
         __m256i bs = _mm256_loadu_si256((const __m256i *)(xs + 16 * b));
         __m512i a[8];
+#pragma GCC unroll 8
         for (int r = 0; r < 8; r++) {
             const uint8_t *blk = row[r] + 210 * b;
+#if PF_DIST
+            _mm_prefetch((const char *)(blk + PF_DIST), _MM_HINT_T0);
+            _mm_prefetch((const char *)(blk + PF_DIST + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(blk + PF_DIST + 128), _MM_HINT_T0);
+            _mm_prefetch((const char *)(blk + PF_DIST + 192), _MM_HINT_T0);
+#endif
             __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
             __m512i scz = _mm512_castsi256_si512(sc16);
             /* -32 * sum_k sc_k * bsum_k, as 8 partials in the low half */
