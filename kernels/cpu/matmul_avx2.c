@@ -408,7 +408,8 @@ static AI void group_q(const int NX, enum k_dtype dt, const struct kc_mm *m,
                 acc[j] = _mm256_fnmadd_ps(B, _mm256_mul_ps(dm, dx), acc[j]);
             }
         } else {
-            __m256 d = f16x8(base, vidx, 210 * b + 208, 0);
+            /* d is the block's last 2 bytes: read 206..209, not past the row */
+            __m256 d = f16x8(base, vidx, 210 * b + 206, 1);
             for (int j = 0; j < NX; j++) {
                 __m256 A = _mm256_cvtepi32_ps(tree8(part[j]));
                 acc[j] = _mm256_fmadd_ps(A, _mm256_mul_ps(d, _mm256_set1_ps(x[j].d[b])), acc[j]);

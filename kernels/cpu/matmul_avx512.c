@@ -584,8 +584,9 @@ static void q6_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
             a[r] = s;
         }
         __m256 A = _mm256_cvtepi32_ps(tree8x16(a));
-        __m256i h = _mm256_i32gather_epi32((const int *)(base + 210 * b + 208), vidx, 1);
-        __m256 d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(h));
+        /* d is the block's last 2 bytes: read 206..209, not past the row */
+        __m256i h = _mm256_i32gather_epi32((const int *)(base + 210 * b + 206), vidx, 1);
+        __m256 d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(h, 16)));
         acc = _mm256_fmadd_ps(A, _mm256_mul_ps(d, _mm256_set1_ps(x.d[b])), acc);
     }
     _mm256_mask_storeu_ps(y + o0, (__mmask8)((1u << n) - 1), acc);
@@ -812,8 +813,10 @@ static void repack(const struct kc_mm *m, int64_t o0, int n, struct panel pn)
                                                 _mm512_srli_epi32(h, 16))));
         } else {
             repack_q6_k(row, b, pn);
-            __m512i h = _mm512_i32gather_epi32(vidx, base + 210 * b + 208, 1);
-            _mm512_store_ps(pn.f0 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)));
+            /* d is the block's last 2 bytes: read 206..209 */
+            __m512i h = _mm512_i32gather_epi32(vidx, base + 210 * b + 206, 1);
+            _mm512_store_ps(pn.f0 + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+                                                _mm512_srli_epi32(h, 16))));
         }
     }
 }

@@ -300,11 +300,19 @@ static void put16(uint8_t *p, uint16_t v)
 }
 
 /* Random weights of dtype: gaussian floats, or random quant bytes with
- * sane f16 scales (what a quantizer could have written). */
+ * sane f16 scales (what a quantizer could have written). The matrix ends
+ * exactly where its allocation does and starts one byte in (the header
+ * allows unaligned weights), so ASan sees any read past either end.
+ * Free with free_weights. */
 static void *make_weights(enum k_dtype t, int64_t rows, int64_t cols)
 {
     int64_t rb = k_row_bytes(t, cols);
-    uint8_t *w = xalloc((size_t)(rows * rb) + 64);
+    uint8_t *base = malloc((size_t)(rows * rb) + 1);
+    if (!base) {
+        fprintf(stderr, "out of memory\n");
+        exit(2);
+    }
+    uint8_t *w = base + 1;
     for (int64_t r = 0; r < rows; r++) {
         uint8_t *row = w + r * rb;
         switch (t) {
@@ -355,6 +363,11 @@ static void *make_weights(enum k_dtype t, int64_t rows, int64_t cols)
 }
 
 /* Independent statement of the dequantization (GGUF's formulas). */
+static void free_weights(void *w)
+{
+    free((uint8_t *)w - 1);
+}
+
 static float ref_weight(enum k_dtype t, const uint8_t *row, int64_t i)
 {
     uint16_t h;
@@ -431,7 +444,7 @@ static void test_dequant(void)
         }
         CHECK(bad == 0, "%s: %d dequantized values differ", k_dtype_name(t), bad);
         free(out);
-        free(w);
+        free_weights(w);
     }
 }
 
@@ -464,7 +477,7 @@ static struct mm_case mm_make(enum k_dtype t, int64_t rows, int64_t cols,
 
 static void mm_free(struct mm_case *c)
 {
-    free(c->w);
+    free_weights(c->w);
     free(c->x);
 }
 
