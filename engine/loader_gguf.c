@@ -8,15 +8,13 @@
  */
 #include "engine/gguf.h"
 
-#include <errno.h>
-#include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
+
+#include "engine/file_map.h"
+#include "engine/load_error.h"
+#include "engine/name_index.h"
 
 #define GGUF_DEFAULT_ALIGNMENT 32
 #define GGUF_MAX_KEY 65535      /* the specification's limit on key names */
@@ -39,24 +37,18 @@ struct gguf_kv {
     uint64_t *offs;       /* string arrays: offset of element i from val */
 };
 
-struct gguf_name {
-    const char *name;
-    size_t idx;
-};
-
 struct gguf_file {
-    const uint8_t *map; /* whole file, PROT_READ */
-    size_t size;
+    struct fm_file fm; /* the whole file, read-only */
     uint32_t version;
     uint64_t alignment;
     uint64_t data_off;   /* start of the data section */
     struct gguf_kv *kv;  /* file order */
     size_t n_kv, cap_kv;
-    struct gguf_name *kv_by_name;
+    struct ni_entry *kv_by_name; /* sorted by key */
     struct tensor *tensors; /* file order; names malloc'd */
     uint64_t *t_off;        /* offset of each tensor in the data section */
     size_t n_tensors, cap_tensors;
-    struct gguf_name *t_by_name;
+    struct ni_entry *t_by_name; /* sorted by tensor name */
 };
 
 /* ---------------------------------------------------------------- tables */
@@ -100,48 +92,6 @@ static const char *gguf_type_name(uint32_t t)
     return t < GGUF_N_TYPES ? gguf_types[t].name : "invalid";
 }
 
-/* ------------------------------------------------------------- messages */
-
-static int gguf_err(char *err, size_t errlen, const char *path, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-/* Writes "<path>: <message>" and returns -1. */
-static int gguf_err(char *err, size_t errlen, const char *path, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return -1;
-    int n = snprintf(err, errlen, "%s: ", path);
-    if (n < 0 || (size_t)n >= errlen)
-        return -1;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
-/* A name from the file made safe to print: odd bytes as \xNN, long names
- * cut, so a hostile name cannot garble the message. */
-static const char *gguf_show(const void *p, size_t len, char *buf, size_t cap)
-{
-    const unsigned char *s = p;
-    size_t k = 0;
-    for (size_t i = 0; i < len; i++) {
-        if (k + 8 >= cap) {
-            memcpy(buf + k, "...", 4);
-            return buf;
-        }
-        if (s[i] >= 0x20 && s[i] < 0x7f && s[i] != '\\')
-            buf[k++] = (char)s[i];
-        else
-            k += (size_t)snprintf(buf + k, cap - k, "\\x%02x", s[i]);
-    }
-    buf[k] = '\0';
-    return buf;
-}
-
-#define SHOWN 96
-
 /* ---------------------------------------------------------------- cursor */
 
 /* Every read of header bytes goes through this cursor, which refuses to
@@ -177,9 +127,9 @@ static size_t rd_left(const struct gguf_rd *r)
 static int rd_need(struct gguf_rd *r, uint64_t n, const char *what)
 {
     if (n > rd_left(r))
-        return gguf_err(r->err, r->errlen, r->path,
-                        "truncated: %s at offset %zu needs %llu bytes, %zu left", what, r->pos,
-                        (unsigned long long)n, rd_left(r));
+        return le_err(r->err, r->errlen, r->path,
+                      "truncated: %s at offset %zu needs %llu bytes, %zu left", what, r->pos,
+                      (unsigned long long)n, rd_left(r));
     return 0;
 }
 
@@ -208,9 +158,9 @@ static int rd_str(struct gguf_rd *r, const uint8_t **s, uint64_t *len, const cha
     if (rd_u64(r, &n, what))
         return -1;
     if (n > rd_left(r))
-        return gguf_err(r->err, r->errlen, r->path,
-                        "%s at offset %zu: string length %llu exceeds the %zu bytes left", what,
-                        r->pos - 8, (unsigned long long)n, rd_left(r));
+        return le_err(r->err, r->errlen, r->path,
+                      "%s at offset %zu: string length %llu exceeds the %zu bytes left", what,
+                      r->pos - 8, (unsigned long long)n, rd_left(r));
     *s = r->p + r->pos;
     *len = n;
     r->pos += (size_t)n;
@@ -219,14 +169,9 @@ static int rd_str(struct gguf_rd *r, const uint8_t **s, uint64_t *len, const cha
 
 /* ------------------------------------------------------------- metadata */
 
-static int gguf_name_cmp(const void *a, const void *b)
-{
-    return strcmp(((const struct gguf_name *)a)->name, ((const struct gguf_name *)b)->name);
-}
-
 static int gguf_read_value(struct gguf_rd *r, struct gguf_kv *kv, const char *kn)
 {
-    char what[SHOWN + 64];
+    char what[LE_SHOWN + 64];
     snprintf(what, sizeof(what), "key '%s' value", kn);
     if (kv->type == GGUF_STRING) {
         const uint8_t *s;
@@ -234,7 +179,7 @@ static int gguf_read_value(struct gguf_rd *r, struct gguf_kv *kv, const char *kn
             return -1;
         kv->str = malloc((size_t)kv->str_len + 1);
         if (!kv->str)
-            return gguf_err(r->err, r->errlen, r->path, "out of memory");
+            return le_err(r->err, r->errlen, r->path, "out of memory");
         memcpy(kv->str, s, (size_t)kv->str_len);
         kv->str[kv->str_len] = '\0';
         return 0;
@@ -245,8 +190,8 @@ static int gguf_read_value(struct gguf_rd *r, struct gguf_kv *kv, const char *kn
             return -1;
         kv->val = r->p + r->pos;
         if (kv->type == GGUF_BOOL && kv->val[0] > 1)
-            return gguf_err(r->err, r->errlen, r->path, "key '%s': bool value %u is not 0 or 1",
-                            kn, kv->val[0]);
+            return le_err(r->err, r->errlen, r->path, "key '%s': bool value %u is not 0 or 1", kn,
+                          kv->val[0]);
         r->pos += sz;
         return 0;
     }
@@ -255,11 +200,11 @@ static int gguf_read_value(struct gguf_rd *r, struct gguf_kv *kv, const char *kn
     if (rd_u32(r, &et, what))
         return -1;
     if (et >= GGUF_N_TYPES)
-        return gguf_err(r->err, r->errlen, r->path, "key '%s': array element type %u out of range",
-                        kn, et);
+        return le_err(r->err, r->errlen, r->path, "key '%s': array element type %u out of range",
+                      kn, et);
     if (et == GGUF_ARRAY)
-        return gguf_err(r->err, r->errlen, r->path,
-                        "key '%s': nested arrays (arrays of arrays) are not supported", kn);
+        return le_err(r->err, r->errlen, r->path,
+                      "key '%s': nested arrays (arrays of arrays) are not supported", kn);
     kv->elem = (enum gguf_type)et;
     if (rd_u64(r, &kv->n, what))
         return -1;
@@ -268,27 +213,27 @@ static int gguf_read_value(struct gguf_rd *r, struct gguf_kv *kv, const char *kn
         uint64_t bytes;
         if (__builtin_mul_overflow(kv->n, (uint64_t)gguf_types[et].size, &bytes) ||
             bytes > rd_left(r))
-            return gguf_err(r->err, r->errlen, r->path,
-                            "key '%s': array of %llu %s runs past the end of the file (%zu bytes left)",
-                            kn, (unsigned long long)kv->n, gguf_types[et].name, rd_left(r));
+            return le_err(r->err, r->errlen, r->path,
+                          "key '%s': array of %llu %s runs past the end of the file (%zu bytes left)",
+                          kn, (unsigned long long)kv->n, gguf_types[et].name, rd_left(r));
         if (et == GGUF_BOOL)
             for (uint64_t i = 0; i < kv->n; i++)
                 if (kv->val[i] > 1)
-                    return gguf_err(r->err, r->errlen, r->path,
-                                    "key '%s': bool element %llu is %u, not 0 or 1", kn,
-                                    (unsigned long long)i, kv->val[i]);
+                    return le_err(r->err, r->errlen, r->path,
+                                  "key '%s': bool element %llu is %u, not 0 or 1", kn,
+                                  (unsigned long long)i, kv->val[i]);
         r->pos += (size_t)bytes;
         return 0;
     }
     /* Strings: each needs at least its 8-byte length, which bounds the
      * offset table by the file size before it is allocated. */
     if (kv->n > rd_left(r) / 8)
-        return gguf_err(r->err, r->errlen, r->path,
-                        "key '%s': array of %llu strings cannot fit in the %zu bytes left", kn,
-                        (unsigned long long)kv->n, rd_left(r));
+        return le_err(r->err, r->errlen, r->path,
+                      "key '%s': array of %llu strings cannot fit in the %zu bytes left", kn,
+                      (unsigned long long)kv->n, rd_left(r));
     kv->offs = malloc((kv->n ? (size_t)kv->n : 1) * sizeof(*kv->offs));
     if (!kv->offs)
-        return gguf_err(r->err, r->errlen, r->path, "out of memory");
+        return le_err(r->err, r->errlen, r->path, "out of memory");
     size_t start = r->pos;
     for (uint64_t i = 0; i < kv->n; i++) {
         snprintf(what, sizeof(what), "key '%s' string %llu", kn, (unsigned long long)i);
@@ -303,14 +248,14 @@ static int gguf_read_value(struct gguf_rd *r, struct gguf_kv *kv, const char *kn
 
 static int gguf_read_kvs(struct gguf_file *f, struct gguf_rd *r, uint64_t n_kv)
 {
-    char nb[SHOWN], what[64];
+    char nb[LE_SHOWN], what[64];
     for (uint64_t i = 0; i < n_kv; i++) {
         if (f->n_kv == f->cap_kv) {
             /* grow as entries really parse, not by the count in the file */
             size_t nc = f->cap_kv ? f->cap_kv * 2 : 32;
             struct gguf_kv *nk = realloc(f->kv, nc * sizeof(*nk));
             if (!nk)
-                return gguf_err(r->err, r->errlen, r->path, "out of memory");
+                return le_err(r->err, r->errlen, r->path, "out of memory");
             f->kv = nk;
             f->cap_kv = nc;
         }
@@ -322,17 +267,17 @@ static int gguf_read_kvs(struct gguf_file *f, struct gguf_rd *r, uint64_t n_kv)
         if (rd_str(r, &name, &len, what))
             return -1;
         if (len == 0)
-            return gguf_err(r->err, r->errlen, r->path, "key #%llu has an empty name",
-                            (unsigned long long)i);
+            return le_err(r->err, r->errlen, r->path, "key #%llu has an empty name",
+                          (unsigned long long)i);
         if (len > GGUF_MAX_KEY)
-            return gguf_err(r->err, r->errlen, r->path, "key #%llu: name is %llu bytes, over %d",
-                            (unsigned long long)i, (unsigned long long)len, GGUF_MAX_KEY);
-        const char *kn = gguf_show(name, (size_t)len, nb, sizeof(nb));
+            return le_err(r->err, r->errlen, r->path, "key #%llu: name is %llu bytes, over %d",
+                          (unsigned long long)i, (unsigned long long)len, GGUF_MAX_KEY);
+        const char *kn = le_show(name, (size_t)len, nb, sizeof(nb));
         if (memchr(name, '\0', (size_t)len))
-            return gguf_err(r->err, r->errlen, r->path, "key '%s': name contains a NUL byte", kn);
+            return le_err(r->err, r->errlen, r->path, "key '%s': name contains a NUL byte", kn);
         kv->key = malloc((size_t)len + 1);
         if (!kv->key)
-            return gguf_err(r->err, r->errlen, r->path, "out of memory");
+            return le_err(r->err, r->errlen, r->path, "out of memory");
         memcpy(kv->key, name, (size_t)len);
         kv->key[len] = '\0';
         f->n_kv++; /* from here gguf_close frees what kv holds */
@@ -341,8 +286,8 @@ static int gguf_read_kvs(struct gguf_file *f, struct gguf_rd *r, uint64_t n_kv)
         if (rd_u32(r, &type, what))
             return -1;
         if (type >= GGUF_N_TYPES)
-            return gguf_err(r->err, r->errlen, r->path, "key '%s': value type %u out of range",
-                            kn, type);
+            return le_err(r->err, r->errlen, r->path, "key '%s': value type %u out of range", kn,
+                          type);
         kv->type = (enum gguf_type)type;
         if (gguf_read_value(r, kv, kn))
             return -1;
@@ -350,15 +295,15 @@ static int gguf_read_kvs(struct gguf_file *f, struct gguf_rd *r, uint64_t n_kv)
 
     f->kv_by_name = malloc((f->n_kv ? f->n_kv : 1) * sizeof(*f->kv_by_name));
     if (!f->kv_by_name)
-        return gguf_err(r->err, r->errlen, r->path, "out of memory");
+        return le_err(r->err, r->errlen, r->path, "out of memory");
     for (size_t i = 0; i < f->n_kv; i++)
-        f->kv_by_name[i] = (struct gguf_name){f->kv[i].key, i};
-    qsort(f->kv_by_name, f->n_kv, sizeof(*f->kv_by_name), gguf_name_cmp);
-    for (size_t i = 1; i < f->n_kv; i++)
-        if (strcmp(f->kv_by_name[i - 1].name, f->kv_by_name[i].name) == 0)
-            return gguf_err(r->err, r->errlen, r->path, "duplicate key '%s'",
-                            gguf_show(f->kv_by_name[i].name, strlen(f->kv_by_name[i].name), nb,
-                                      sizeof(nb)));
+        f->kv_by_name[i] = (struct ni_entry){f->kv[i].key, i};
+    size_t dup = ni_sort(f->kv_by_name, f->n_kv);
+    if (dup) {
+        const char *kn = f->kv_by_name[dup].name;
+        return le_err(r->err, r->errlen, r->path, "duplicate key '%s'",
+                      le_show(kn, strlen(kn), nb, sizeof(nb)));
+    }
     return 0;
 }
 
@@ -423,17 +368,17 @@ static int gguf_val_f64(enum gguf_type t, const uint8_t *p, double *out)
 
 static int gguf_read_tensor_infos(struct gguf_file *f, struct gguf_rd *r, uint64_t n_t)
 {
-    char nb[SHOWN], what[SHOWN + 64];
+    char nb[LE_SHOWN], what[LE_SHOWN + 64];
     for (uint64_t i = 0; i < n_t; i++) {
         if (f->n_tensors == f->cap_tensors) {
             size_t nc = f->cap_tensors ? f->cap_tensors * 2 : 64;
             struct tensor *nt = realloc(f->tensors, nc * sizeof(*nt));
             if (!nt)
-                return gguf_err(r->err, r->errlen, r->path, "out of memory");
+                return le_err(r->err, r->errlen, r->path, "out of memory");
             f->tensors = nt;
             uint64_t *no = realloc(f->t_off, nc * sizeof(*no));
             if (!no)
-                return gguf_err(r->err, r->errlen, r->path, "out of memory");
+                return le_err(r->err, r->errlen, r->path, "out of memory");
             f->t_off = no;
             f->cap_tensors = nc;
         }
@@ -445,19 +390,17 @@ static int gguf_read_tensor_infos(struct gguf_file *f, struct gguf_rd *r, uint64
         if (rd_str(r, &name, &len, what))
             return -1;
         if (len == 0)
-            return gguf_err(r->err, r->errlen, r->path, "tensor #%llu has an empty name",
-                            (unsigned long long)i);
+            return le_err(r->err, r->errlen, r->path, "tensor #%llu has an empty name",
+                          (unsigned long long)i);
         if (len > GGUF_MAX_TENSOR_NAME)
-            return gguf_err(r->err, r->errlen, r->path,
-                            "tensor #%llu: name is %llu bytes, over %d", (unsigned long long)i,
-                            (unsigned long long)len, GGUF_MAX_TENSOR_NAME);
-        const char *tn = gguf_show(name, (size_t)len, nb, sizeof(nb));
+            return le_err(r->err, r->errlen, r->path, "tensor #%llu: name is %llu bytes, over %d",
+                          (unsigned long long)i, (unsigned long long)len, GGUF_MAX_TENSOR_NAME);
+        const char *tn = le_show(name, (size_t)len, nb, sizeof(nb));
         if (memchr(name, '\0', (size_t)len))
-            return gguf_err(r->err, r->errlen, r->path, "tensor '%s': name contains a NUL byte",
-                            tn);
+            return le_err(r->err, r->errlen, r->path, "tensor '%s': name contains a NUL byte", tn);
         char *copy = malloc((size_t)len + 1);
         if (!copy)
-            return gguf_err(r->err, r->errlen, r->path, "out of memory");
+            return le_err(r->err, r->errlen, r->path, "out of memory");
         memcpy(copy, name, (size_t)len);
         copy[len] = '\0';
         t->name = copy;
@@ -468,8 +411,8 @@ static int gguf_read_tensor_infos(struct gguf_file *f, struct gguf_rd *r, uint64
         if (rd_u32(r, &nd, what))
             return -1;
         if (nd < 1 || nd > TENSOR_MAX_DIMS)
-            return gguf_err(r->err, r->errlen, r->path,
-                            "tensor '%s': n_dims %u, expected 1 to %d", tn, nd, TENSOR_MAX_DIMS);
+            return le_err(r->err, r->errlen, r->path, "tensor '%s': n_dims %u, expected 1 to %d",
+                          tn, nd, TENSOR_MAX_DIMS);
         t->n_dims = (int)nd;
         for (int d = 0; d < TENSOR_MAX_DIMS; d++)
             t->ne[d] = 1;
@@ -478,9 +421,9 @@ static int gguf_read_tensor_infos(struct gguf_file *f, struct gguf_rd *r, uint64
             if (rd_u64(r, &ne, what))
                 return -1;
             if (ne == 0 || ne > (uint64_t)INT64_MAX)
-                return gguf_err(r->err, r->errlen, r->path,
-                                "tensor '%s': ne[%u] = %llu, expected 1 to 2^63-1", tn, d,
-                                (unsigned long long)ne);
+                return le_err(r->err, r->errlen, r->path,
+                              "tensor '%s': ne[%u] = %llu, expected 1 to 2^63-1", tn, d,
+                              (unsigned long long)ne);
             t->ne[d] = (int64_t)ne;
         }
         uint32_t type;
@@ -494,18 +437,18 @@ static int gguf_read_tensor_infos(struct gguf_file *f, struct gguf_rd *r, uint64
             }
         }
         if (!known)
-            return gguf_err(r->err, r->errlen, r->path,
-                            "tensor '%s': type %u (%s) is not supported (f32, f16, bf16, q8_0, q4_k, q6_k)",
-                            tn, type, gguf_ggml_name(type));
+            return le_err(r->err, r->errlen, r->path,
+                          "tensor '%s': type %u (%s) is not supported (f32, f16, bf16, q8_0, q4_k, q6_k)",
+                          tn, type, gguf_ggml_name(type));
         if (rd_u64(r, &f->t_off[f->n_tensors - 1], what))
             return -1;
 
         /* size: rows of whole blocks, times the other dims, in 64 bits */
         int64_t blk = k_dtype_block(t->dtype);
         if (t->ne[0] % blk)
-            return gguf_err(r->err, r->errlen, r->path,
-                            "tensor '%s': ne[0] = %lld is not a multiple of the %s block size %lld",
-                            tn, (long long)t->ne[0], k_dtype_name(t->dtype), (long long)blk);
+            return le_err(r->err, r->errlen, r->path,
+                          "tensor '%s': ne[0] = %lld is not a multiple of the %s block size %lld",
+                          tn, (long long)t->ne[0], k_dtype_name(t->dtype), (long long)blk);
         int64_t row = k_row_bytes(t->dtype, t->ne[0]);
         uint64_t size = (uint64_t)row, elems = (uint64_t)t->ne[0];
         int over = row < 0;
@@ -514,7 +457,7 @@ static int gguf_read_tensor_infos(struct gguf_file *f, struct gguf_rd *r, uint64
             over |= __builtin_mul_overflow(elems, (uint64_t)t->ne[d], &elems);
         }
         if (over || elems > (uint64_t)INT64_MAX)
-            return gguf_err(r->err, r->errlen, r->path, "tensor '%s': size overflows 64 bits", tn);
+            return le_err(r->err, r->errlen, r->path, "tensor '%s': size overflows 64 bits", tn);
         t->nbytes = size;
     }
     return 0;
@@ -536,42 +479,41 @@ static int gguf_span_cmp(const void *a, const void *b)
 /* Offsets aligned, inside the file, not overlapping; names unique. */
 static int gguf_place_tensors(struct gguf_file *f, struct gguf_rd *r)
 {
-    char nb[SHOWN], nb2[SHOWN];
+    char nb[LE_SHOWN], nb2[LE_SHOWN];
     struct gguf_span *by_off = NULL;
     int rc = -1;
-    uint64_t avail = f->size >= f->data_off ? f->size - f->data_off : 0;
+    uint64_t avail = f->fm.size >= f->data_off ? f->fm.size - f->data_off : 0;
     for (size_t i = 0; i < f->n_tensors; i++) {
         struct tensor *t = &f->tensors[i];
-        const char *tn = gguf_show(t->name, strlen(t->name), nb, sizeof(nb));
+        const char *tn = le_show(t->name, strlen(t->name), nb, sizeof(nb));
         uint64_t off = f->t_off[i];
         if (off % f->alignment)
-            return gguf_err(r->err, r->errlen, r->path,
-                            "tensor '%s': offset %llu is not a multiple of the alignment %llu",
-                            tn, (unsigned long long)off, (unsigned long long)f->alignment);
-        if (f->data_off > f->size || off > avail || t->nbytes > avail - off)
-            return gguf_err(r->err, r->errlen, r->path,
-                            "tensor '%s': offset %llu + size %llu beyond end of file (%zu bytes, data section at %llu)",
-                            tn, (unsigned long long)off, (unsigned long long)t->nbytes, f->size,
-                            (unsigned long long)f->data_off);
-        t->data = f->map + f->data_off + off;
+            return le_err(r->err, r->errlen, r->path,
+                          "tensor '%s': offset %llu is not a multiple of the alignment %llu", tn,
+                          (unsigned long long)off, (unsigned long long)f->alignment);
+        if (f->data_off > f->fm.size || off > avail || t->nbytes > avail - off)
+            return le_err(r->err, r->errlen, r->path,
+                          "tensor '%s': offset %llu + size %llu beyond end of file (%zu bytes, "
+                          "data section at %llu)",
+                          tn, (unsigned long long)off, (unsigned long long)t->nbytes, f->fm.size,
+                          (unsigned long long)f->data_off);
+        t->data = f->fm.data + f->data_off + off;
     }
 
     f->t_by_name = malloc((f->n_tensors ? f->n_tensors : 1) * sizeof(*f->t_by_name));
     by_off = malloc((f->n_tensors ? f->n_tensors : 1) * sizeof(*by_off));
     if (!f->t_by_name || !by_off) {
-        gguf_err(r->err, r->errlen, r->path, "out of memory");
+        le_err(r->err, r->errlen, r->path, "out of memory");
         goto done;
     }
     for (size_t i = 0; i < f->n_tensors; i++)
-        f->t_by_name[i] = (struct gguf_name){f->tensors[i].name, i};
-    qsort(f->t_by_name, f->n_tensors, sizeof(*f->t_by_name), gguf_name_cmp);
-    for (size_t i = 1; i < f->n_tensors; i++) {
-        if (strcmp(f->t_by_name[i - 1].name, f->t_by_name[i].name) == 0) {
-            const char *n = f->t_by_name[i].name;
-            gguf_err(r->err, r->errlen, r->path, "duplicate tensor name '%s'",
-                     gguf_show(n, strlen(n), nb, sizeof(nb)));
-            goto done;
-        }
+        f->t_by_name[i] = (struct ni_entry){f->tensors[i].name, i};
+    size_t dup = ni_sort(f->t_by_name, f->n_tensors);
+    if (dup) {
+        const char *n = f->t_by_name[dup].name;
+        le_err(r->err, r->errlen, r->path, "duplicate tensor name '%s'",
+               le_show(n, strlen(n), nb, sizeof(nb)));
+        goto done;
     }
 
     /* Sorted by offset, each tensor must end at or before the next one
@@ -583,11 +525,11 @@ static int gguf_place_tensors(struct gguf_file *f, struct gguf_rd *r)
         size_t a = by_off[i - 1].idx, b = by_off[i].idx;
         if (f->t_off[a] + f->tensors[a].nbytes > f->t_off[b]) {
             const char *an = f->tensors[a].name, *bn = f->tensors[b].name;
-            gguf_err(r->err, r->errlen, r->path,
-                     "tensor '%s' (offset %llu) overlaps tensor '%s' (offset %llu, size %llu)",
-                     gguf_show(bn, strlen(bn), nb, sizeof(nb)), (unsigned long long)f->t_off[b],
-                     gguf_show(an, strlen(an), nb2, sizeof(nb2)), (unsigned long long)f->t_off[a],
-                     (unsigned long long)f->tensors[a].nbytes);
+            le_err(r->err, r->errlen, r->path,
+                   "tensor '%s' (offset %llu) overlaps tensor '%s' (offset %llu, size %llu)",
+                   le_show(bn, strlen(bn), nb, sizeof(nb)), (unsigned long long)f->t_off[b],
+                   le_show(an, strlen(an), nb2, sizeof(nb2)), (unsigned long long)f->t_off[a],
+                   (unsigned long long)f->tensors[a].nbytes);
             goto done;
         }
     }
@@ -628,14 +570,14 @@ static int gguf_check_tokenizer(const struct gguf_file *f, struct gguf_rd *r)
         if (!kv)
             continue;
         if (kv->type != GGUF_ARRAY || kv->elem != arrays[i].elem)
-            return gguf_err(r->err, r->errlen, r->path, "%s is %s%s%s, expected an array of %s",
-                            arrays[i].key, kv->type == GGUF_ARRAY ? "an array of " : "a ",
-                            gguf_type_name(kv->type == GGUF_ARRAY ? kv->elem : kv->type),
-                            kv->type == GGUF_ARRAY ? "" : " value", gguf_type_name(arrays[i].elem));
+            return le_err(r->err, r->errlen, r->path, "%s is %s%s%s, expected an array of %s",
+                          arrays[i].key, kv->type == GGUF_ARRAY ? "an array of " : "a ",
+                          gguf_type_name(kv->type == GGUF_ARRAY ? kv->elem : kv->type),
+                          kv->type == GGUF_ARRAY ? "" : " value", gguf_type_name(arrays[i].elem));
         if (first && kv->n != first->n)
-            return gguf_err(r->err, r->errlen, r->path, "%s has %llu entries but %s has %llu",
-                            arrays[i].key, (unsigned long long)kv->n, first->key,
-                            (unsigned long long)first->n);
+            return le_err(r->err, r->errlen, r->path, "%s has %llu entries but %s has %llu",
+                          arrays[i].key, (unsigned long long)kv->n, first->key,
+                          (unsigned long long)first->n);
         if (!first)
             first = kv;
     }
@@ -647,15 +589,15 @@ static int gguf_check_tokenizer(const struct gguf_file *f, struct gguf_rd *r)
         int64_t id;
         if (kv->type == GGUF_ARRAY || kv->type == GGUF_STRING || kv->type == GGUF_BOOL ||
             gguf_val_i64(kv->type, kv->val, &id))
-            return gguf_err(r->err, r->errlen, r->path, "%s is a %s, expected an integer", ids[i],
-                            gguf_type_name(kv->type));
+            return le_err(r->err, r->errlen, r->path, "%s is a %s, expected an integer", ids[i],
+                          gguf_type_name(kv->type));
         if (!tokens)
-            return gguf_err(r->err, r->errlen, r->path,
-                            "%s is set but there is no tokenizer.ggml.tokens", ids[i]);
+            return le_err(r->err, r->errlen, r->path,
+                          "%s is set but there is no tokenizer.ggml.tokens", ids[i]);
         if (id < 0 || (uint64_t)id >= tokens->n)
-            return gguf_err(r->err, r->errlen, r->path,
-                            "%s = %lld is outside the vocabulary (%llu tokens)", ids[i],
-                            (long long)id, (unsigned long long)tokens->n);
+            return le_err(r->err, r->errlen, r->path,
+                          "%s = %lld is outside the vocabulary (%llu tokens)", ids[i],
+                          (long long)id, (unsigned long long)tokens->n);
     }
     return 0;
 }
@@ -665,53 +607,28 @@ static int gguf_check_tokenizer(const struct gguf_file *f, struct gguf_rd *r)
 int gguf_open(const char *path, struct gguf_file **out, char *err, size_t errlen)
 {
     struct gguf_file *f = NULL;
-    int fd = -1;
     if (err && errlen)
         err[0] = '\0';
     *out = NULL;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        gguf_err(err, errlen, path, "cannot open: %s", strerror(errno));
-        goto fail;
-    }
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        gguf_err(err, errlen, path, "cannot stat: %s", strerror(errno));
-        goto fail;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        gguf_err(err, errlen, path, "not a regular file");
-        goto fail;
-    }
-    if (sb.st_size < 24) {
-        gguf_err(err, errlen, path, "file is %lld bytes, too small for a GGUF header (24 bytes)",
-                 (long long)sb.st_size);
-        goto fail;
-    }
-    if ((unsigned long long)sb.st_size > SIZE_MAX) {
-        gguf_err(err, errlen, path, "file too large to map");
-        goto fail;
-    }
     f = calloc(1, sizeof(*f));
     if (!f) {
-        gguf_err(err, errlen, path, "out of memory");
+        le_err(err, errlen, path, "out of memory");
         goto fail;
     }
-    void *map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (map == MAP_FAILED) {
-        gguf_err(err, errlen, path, "cannot mmap: %s", strerror(errno));
+    if (fm_open(path, &f->fm, err, errlen))
+        goto fail;
+    if (f->fm.size < 24) {
+        le_err(err, errlen, path, "file is %zu bytes, too small for a GGUF header (24 bytes)",
+               f->fm.size);
         goto fail;
     }
-    f->map = map;
-    f->size = (size_t)sb.st_size;
-    close(fd);
-    fd = -1;
 
-    struct gguf_rd r = {f->map, f->size, 0, path, err, errlen};
-    if (memcmp(f->map, "GGUF", 4) != 0) {
-        char mb[SHOWN];
-        gguf_err(err, errlen, path, "not a GGUF file (magic '%s')", gguf_show(f->map, 4, mb, sizeof(mb)));
+    struct gguf_rd r = {f->fm.data, f->fm.size, 0, path, err, errlen};
+    if (memcmp(f->fm.data, "GGUF", 4) != 0) {
+        char mb[LE_SHOWN];
+        le_err(err, errlen, path, "not a GGUF file (magic '%s')",
+               le_show(f->fm.data, 4, mb, sizeof(mb)));
         goto fail;
     }
     r.pos = 4;
@@ -720,15 +637,15 @@ int gguf_open(const char *path, struct gguf_file **out, char *err, size_t errlen
     if (rd_u32(&r, &version, "version"))
         goto fail;
     if (version == 1) {
-        gguf_err(err, errlen, path, "GGUF version 1 is not supported (only 2 and 3)");
+        le_err(err, errlen, path, "GGUF version 1 is not supported (only 2 and 3)");
         goto fail;
     }
     if (version == 0x02000000u || version == 0x03000000u) {
-        gguf_err(err, errlen, path, "big-endian GGUF is not supported");
+        le_err(err, errlen, path, "big-endian GGUF is not supported");
         goto fail;
     }
     if (version != 2 && version != 3) {
-        gguf_err(err, errlen, path, "unsupported GGUF version %u (only 2 and 3)", version);
+        le_err(err, errlen, path, "unsupported GGUF version %u (only 2 and 3)", version);
         goto fail;
     }
     f->version = version;
@@ -738,15 +655,15 @@ int gguf_open(const char *path, struct gguf_file **out, char *err, size_t errlen
      * reserved: a 1 KiB file cannot claim 2^60 tensors. */
     uint64_t left = rd_left(&r);
     if (n_kv > left / GGUF_MIN_KV_BYTES) {
-        gguf_err(err, errlen, path, "key/value count %llu cannot fit in the %llu bytes left",
-                 (unsigned long long)n_kv, (unsigned long long)left);
+        le_err(err, errlen, path, "key/value count %llu cannot fit in the %llu bytes left",
+               (unsigned long long)n_kv, (unsigned long long)left);
         goto fail;
     }
     if (n_t > left / GGUF_MIN_TENSOR_INFO_BYTES ||
         n_kv * GGUF_MIN_KV_BYTES + n_t * GGUF_MIN_TENSOR_INFO_BYTES > left) {
-        gguf_err(err, errlen, path,
-                 "tensor count %llu (with %llu keys) cannot fit in the %llu bytes left",
-                 (unsigned long long)n_t, (unsigned long long)n_kv, (unsigned long long)left);
+        le_err(err, errlen, path,
+               "tensor count %llu (with %llu keys) cannot fit in the %llu bytes left",
+               (unsigned long long)n_t, (unsigned long long)n_kv, (unsigned long long)left);
         goto fail;
     }
     if (gguf_read_kvs(f, &r, n_kv))
@@ -756,13 +673,13 @@ int gguf_open(const char *path, struct gguf_file **out, char *err, size_t errlen
     const struct gguf_kv *al = gguf_kv_find(f, "general.alignment");
     if (al) {
         if (al->type != GGUF_UINT32) {
-            gguf_err(err, errlen, path, "general.alignment is a %s, expected uint32",
-                     gguf_type_name(al->type));
+            le_err(err, errlen, path, "general.alignment is a %s, expected uint32",
+                   gguf_type_name(al->type));
             goto fail;
         }
         uint32_t a = gguf_le32(al->val);
         if (a == 0 || (a & (a - 1))) {
-            gguf_err(err, errlen, path, "general.alignment %u is not a nonzero power of two", a);
+            le_err(err, errlen, path, "general.alignment %u is not a nonzero power of two", a);
             goto fail;
         }
         f->alignment = a;
@@ -778,8 +695,6 @@ int gguf_open(const char *path, struct gguf_file **out, char *err, size_t errlen
     return 0;
 
 fail:
-    if (fd >= 0)
-        close(fd);
     gguf_close(f);
     return -1;
 }
@@ -800,8 +715,7 @@ void gguf_close(struct gguf_file *f)
     free(f->tensors);
     free(f->t_off);
     free(f->t_by_name);
-    if (f->map)
-        munmap((void *)f->map, f->size);
+    fm_close(&f->fm);
     free(f);
 }
 
@@ -814,30 +728,15 @@ uint32_t gguf_version(const struct gguf_file *f)
 
 unsigned long long gguf_file_bytes(const struct gguf_file *f)
 {
-    return f ? f->size : 0;
-}
-
-static int64_t gguf_lookup(const struct gguf_name *v, size_t n, const char *name)
-{
-    size_t lo = 0, hi = n;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        int c = strcmp(v[mid].name, name);
-        if (c == 0)
-            return (int64_t)v[mid].idx;
-        if (c < 0)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return -1;
+    return f ? f->fm.size : 0;
 }
 
 int64_t gguf_find_key(const struct gguf_file *f, const char *key)
 {
     if (!f || !key || !f->kv_by_name)
         return -1;
-    return gguf_lookup(f->kv_by_name, f->n_kv, key);
+    const struct ni_entry *e = ni_find(f->kv_by_name, f->n_kv, key);
+    return e ? (int64_t)e->idx : -1;
 }
 
 size_t gguf_n_keys(const struct gguf_file *f)
@@ -957,6 +856,6 @@ const struct tensor *gguf_find_tensor(const struct gguf_file *f, const char *nam
 {
     if (!f || !name || !f->t_by_name)
         return NULL;
-    int64_t i = gguf_lookup(f->t_by_name, f->n_tensors, name);
-    return i < 0 ? NULL : &f->tensors[i];
+    const struct ni_entry *e = ni_find(f->t_by_name, f->n_tensors, name);
+    return e ? &f->tensors[e->idx] : NULL;
 }

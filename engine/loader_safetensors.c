@@ -9,16 +9,15 @@
 
 #include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
+#include "engine/file_map.h"
 #include "engine/json.h"
+#include "engine/load_error.h"
+#include "engine/name_index.h"
 
 /* The format's own limit on the header; it also bounds what we parse. */
 #define ST_MAX_HEADER (100ull << 20)
@@ -26,14 +25,8 @@
 #define ST_MAX_INDEX (64ull << 20)
 
 struct st_shard {
-    char *path;   /* dir/file, for messages */
-    void *map;    /* whole file, PROT_READ */
-    size_t size;
-};
-
-struct st_name {
-    const char *name;
-    size_t idx; /* into st_model.tensors */
+    char *path;        /* dir/file, for messages */
+    struct fm_file fm; /* the whole file, read-only */
 };
 
 struct st_model {
@@ -42,145 +35,11 @@ struct st_model {
     struct tensor *tensors;  /* names malloc'd, owned here */
     size_t *tensor_shard;    /* shard index of each tensor */
     size_t n_tensors, cap_tensors;
-    struct st_name *by_name; /* sorted by name, for st_find */
+    struct ni_entry *by_name; /* sorted by name, for st_find; idx into tensors */
     unsigned long long bytes;
 };
 
-/* ------------------------------------------------------------- messages */
-
-static int st_err(char *err, size_t errlen, const char *path, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-/* Writes "<path>: <message>" and returns -1, so callers `return st_err(...)`. */
-static int st_err(char *err, size_t errlen, const char *path, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return -1;
-    int n = snprintf(err, errlen, "%s: ", path);
-    if (n < 0 || (size_t)n >= errlen)
-        return -1;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
-/* A name from the file made safe to print: control and non-ASCII bytes as
- * \xNN, long names cut, so a hostile name cannot garble the message. */
-static const char *st_show(const char *s, size_t len, char *buf, size_t cap)
-{
-    size_t k = 0;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (k + 8 >= cap) {
-            memcpy(buf + k, "...", 4);
-            return buf;
-        }
-        if (c >= 0x20 && c < 0x7f && c != '\\')
-            buf[k++] = (char)c;
-        else
-            k += (size_t)snprintf(buf + k, cap - k, "\\x%02x", c);
-    }
-    buf[k] = '\0';
-    return buf;
-}
-
-#define SHOWN 96
-
 /* --------------------------------------------------------------- files */
-
-/* Opens, checks and maps path read-only. The fd is closed before return. */
-static int st_map_file(const char *path, void **map, size_t *size, char *err, size_t errlen)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return st_err(err, errlen, path, "cannot open: %s", strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        st_err(err, errlen, path, "cannot stat: %s", strerror(errno));
-        goto fail;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        st_err(err, errlen, path, "not a regular file");
-        goto fail;
-    }
-    if (sb.st_size < 8) {
-        st_err(err, errlen, path, "file is %lld bytes, too small for the 8-byte header length",
-               (long long)sb.st_size);
-        goto fail;
-    }
-    if ((unsigned long long)sb.st_size > SIZE_MAX) {
-        st_err(err, errlen, path, "file too large to map");
-        goto fail;
-    }
-    void *p = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (p == MAP_FAILED) {
-        st_err(err, errlen, path, "cannot mmap: %s", strerror(errno));
-        goto fail;
-    }
-    close(fd);
-    *map = p;
-    *size = (size_t)sb.st_size;
-    return 0;
-
-fail:
-    close(fd);
-    return -1;
-}
-
-/* Reads a small file (the index) whole into a malloc'd buffer. */
-static char *st_read_file(const char *path, size_t *len, char *err, size_t errlen)
-{
-    char *buf = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        st_err(err, errlen, path, "cannot open: %s", strerror(errno));
-        return NULL;
-    }
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        st_err(err, errlen, path, "cannot stat: %s", strerror(errno));
-        goto fail;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        st_err(err, errlen, path, "not a regular file");
-        goto fail;
-    }
-    if ((unsigned long long)sb.st_size > ST_MAX_INDEX) {
-        st_err(err, errlen, path, "file is %lld bytes, over the %llu MiB limit",
-               (long long)sb.st_size, ST_MAX_INDEX >> 20);
-        goto fail;
-    }
-    size_t n = (size_t)sb.st_size, got = 0;
-    buf = malloc(n ? n : 1);
-    if (!buf) {
-        st_err(err, errlen, path, "out of memory");
-        goto fail;
-    }
-    while (got < n) {
-        ssize_t r = read(fd, buf + got, n - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            st_err(err, errlen, path, "read failed: %s", strerror(errno));
-            goto fail;
-        }
-        if (r == 0) {
-            st_err(err, errlen, path, "file shrank while being read");
-            goto fail;
-        }
-        got += (size_t)r;
-    }
-    close(fd);
-    *len = n;
-    return buf;
-
-fail:
-    free(buf);
-    close(fd);
-    return NULL;
-}
 
 static char *st_join(const char *dir, const char *name)
 {
@@ -215,7 +74,7 @@ static int st_scan_dir(const char *dir, const char *const *suffixes, char *out, 
         size_t len = strlen(e->d_name);
         for (size_t i = 0; suffixes[i]; i++) {
             if (st_has_suffix(e->d_name, len, suffixes[i])) {
-                st_show(e->d_name, len, out, cap);
+                le_show(e->d_name, len, out, cap);
                 found = 1;
                 break;
             }
@@ -283,10 +142,10 @@ static int st_check_entry(const char *path, const char *name, const struct json 
                           const uint8_t *data, uint64_t data_size, struct tensor *t,
                           uint64_t *begin_out, uint64_t *end_out, char *err, size_t errlen)
 {
-    char nb[SHOWN], vb[SHOWN];
-    const char *tn = st_show(name, strlen(name), nb, sizeof(nb));
+    char nb[LE_SHOWN], vb[LE_SHOWN];
+    const char *tn = le_show(name, strlen(name), nb, sizeof(nb));
     if (json_type(e) != JSON_OBJECT)
-        return st_err(err, errlen, path, "tensor '%s': entry is not an object", tn);
+        return le_err(err, errlen, path, "tensor '%s': entry is not an object", tn);
     static const char *const fields[] = {"dtype", "shape", "data_offsets"};
     for (size_t i = 0; i < json_len(e); i++) {
         const char *k = json_key_at(e, i);
@@ -295,18 +154,18 @@ static int st_check_entry(const char *path, const char *name, const struct json 
         for (size_t f = 0; f < 3; f++)
             known |= kl == strlen(fields[f]) && memcmp(k, fields[f], kl) == 0;
         if (!known)
-            return st_err(err, errlen, path, "tensor '%s': unexpected field '%s'", tn,
-                          st_show(k, kl, vb, sizeof(vb)));
+            return le_err(err, errlen, path, "tensor '%s': unexpected field '%s'", tn,
+                          le_show(k, kl, vb, sizeof(vb)));
     }
     for (size_t f = 0; f < 3; f++)
         if (!json_get(e, fields[f]))
-            return st_err(err, errlen, path, "tensor '%s': missing field '%s'", tn, fields[f]);
+            return le_err(err, errlen, path, "tensor '%s': missing field '%s'", tn, fields[f]);
 
     /* dtype: a closed set */
     size_t dl;
     const char *ds = json_string(json_get(e, "dtype"), &dl);
     if (!ds)
-        return st_err(err, errlen, path, "tensor '%s': dtype is not a string", tn);
+        return le_err(err, errlen, path, "tensor '%s': dtype is not a string", tn);
     int esize = 0;
     for (size_t i = 0; i < sizeof(st_dtypes) / sizeof(st_dtypes[0]); i++) {
         if (dl == strlen(st_dtypes[i].name) && memcmp(ds, st_dtypes[i].name, dl) == 0) {
@@ -315,22 +174,22 @@ static int st_check_entry(const char *path, const char *name, const struct json 
         }
     }
     if (!esize) {
-        const char *shown = st_show(ds, dl, vb, sizeof(vb));
+        const char *shown = le_show(ds, dl, vb, sizeof(vb));
         for (size_t i = 0; st_other_dtypes[i]; i++)
             if (dl == strlen(st_other_dtypes[i]) && memcmp(ds, st_other_dtypes[i], dl) == 0)
-                return st_err(err, errlen, path,
+                return le_err(err, errlen, path,
                               "tensor '%s': dtype %s is not supported (only F32, F16, BF16)",
                               tn, shown);
-        return st_err(err, errlen, path, "tensor '%s': unknown dtype '%s'", tn, shown);
+        return le_err(err, errlen, path, "tensor '%s': unknown dtype '%s'", tn, shown);
     }
 
     /* shape: 0-4 non-negative integers, product without overflow */
     const struct json *shape = json_get(e, "shape");
     if (json_type(shape) != JSON_ARRAY)
-        return st_err(err, errlen, path, "tensor '%s': shape is not an array", tn);
+        return le_err(err, errlen, path, "tensor '%s': shape is not an array", tn);
     size_t nd = json_len(shape);
     if (nd > TENSOR_MAX_DIMS)
-        return st_err(err, errlen, path, "tensor '%s': shape has %zu dimensions, at most %d supported",
+        return le_err(err, errlen, path, "tensor '%s': shape has %zu dimensions, at most %d supported",
                       tn, nd, TENSOR_MAX_DIMS);
     uint64_t n_elems = 1;
     int overflow = 0;
@@ -339,7 +198,7 @@ static int st_check_entry(const char *path, const char *name, const struct json 
     for (size_t i = 0; i < nd; i++) {
         int64_t d;
         if (json_int64(json_at(shape, i), &d) || d < 0)
-            return st_err(err, errlen, path, "tensor '%s': shape[%zu] is not a non-negative integer",
+            return le_err(err, errlen, path, "tensor '%s': shape[%zu] is not a non-negative integer",
                           tn, i);
         t->ne[nd - 1 - i] = d; /* safetensors is outermost first; ggml order is innermost first */
         overflow |= __builtin_mul_overflow(n_elems, (uint64_t)d, &n_elems);
@@ -347,25 +206,25 @@ static int st_check_entry(const char *path, const char *name, const struct json 
     t->n_dims = nd ? (int)nd : 1;
     uint64_t nbytes;
     if (overflow || __builtin_mul_overflow(n_elems, (uint64_t)esize, &nbytes))
-        return st_err(err, errlen, path, "tensor '%s': shape product overflows", tn);
+        return le_err(err, errlen, path, "tensor '%s': shape product overflows", tn);
 
     /* data_offsets: [begin, end] inside the data region, matching the shape */
     const struct json *off = json_get(e, "data_offsets");
     int64_t b, en;
     if (json_type(off) != JSON_ARRAY || json_len(off) != 2)
-        return st_err(err, errlen, path, "tensor '%s': data_offsets is not an array of two integers", tn);
+        return le_err(err, errlen, path, "tensor '%s': data_offsets is not an array of two integers", tn);
     if (json_int64(json_at(off, 0), &b) || b < 0 || json_int64(json_at(off, 1), &en) || en < 0)
-        return st_err(err, errlen, path,
+        return le_err(err, errlen, path,
                       "tensor '%s': data_offsets entries must be non-negative integers", tn);
     if (b > en)
-        return st_err(err, errlen, path, "tensor '%s': data_offsets begin %lld > end %lld", tn,
+        return le_err(err, errlen, path, "tensor '%s': data_offsets begin %lld > end %lld", tn,
                       (long long)b, (long long)en);
     if ((uint64_t)en > data_size)
-        return st_err(err, errlen, path,
+        return le_err(err, errlen, path,
                       "tensor '%s': data_offsets [%lld, %lld] beyond the data region (%llu bytes)",
                       tn, (long long)b, (long long)en, (unsigned long long)data_size);
     if ((uint64_t)(en - b) != nbytes)
-        return st_err(err, errlen, path,
+        return le_err(err, errlen, path,
                       "tensor '%s': shape and dtype %s need %llu bytes but data_offsets span %llu",
                       tn, k_dtype_name(t->dtype), (unsigned long long)nbytes,
                       (unsigned long long)(en - b));
@@ -381,45 +240,45 @@ static int st_load_header(struct st_model *m, size_t si, char *err, size_t errle
 {
     struct st_shard *sh = &m->shards[si];
     const char *path = sh->path;
-    const uint8_t *base = sh->map;
+    const uint8_t *base = sh->fm.data;
     struct json *hdr = NULL;
     struct st_range *ranges = NULL;
     size_t first = m->n_tensors;
-    char jerr[200], nb[SHOWN], nb2[SHOWN];
+    char jerr[200], nb[LE_SHOWN], nb2[LE_SHOWN];
 
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--)
         n = n << 8 | base[i];
     if (n < 2) {
-        st_err(err, errlen, path, "header length %llu is too small", (unsigned long long)n);
+        le_err(err, errlen, path, "header length %llu is too small", (unsigned long long)n);
         goto fail;
     }
     if (n > ST_MAX_HEADER) {
-        st_err(err, errlen, path, "header length %llu exceeds the %llu MiB limit",
+        le_err(err, errlen, path, "header length %llu exceeds the %llu MiB limit",
                (unsigned long long)n, ST_MAX_HEADER >> 20);
         goto fail;
     }
-    if (n > sh->size - 8) {
-        st_err(err, errlen, path, "header length %llu runs past the end of the file (%zu bytes)",
-               (unsigned long long)n, sh->size);
+    if (n > sh->fm.size - 8) {
+        le_err(err, errlen, path, "header length %llu runs past the end of the file (%zu bytes)",
+               (unsigned long long)n, sh->fm.size);
         goto fail;
     }
     hdr = json_parse((const char *)base + 8, (size_t)n, jerr, sizeof(jerr));
     if (!hdr) {
-        st_err(err, errlen, path, "header JSON: %s", jerr);
+        le_err(err, errlen, path, "header JSON: %s", jerr);
         goto fail;
     }
     if (json_type(hdr) != JSON_OBJECT) {
-        st_err(err, errlen, path, "header is not a JSON object");
+        le_err(err, errlen, path, "header is not a JSON object");
         goto fail;
     }
     const uint8_t *data = base + 8 + n;
-    uint64_t data_size = sh->size - 8 - n;
+    uint64_t data_size = sh->fm.size - 8 - n;
 
     size_t n_members = json_len(hdr);
     ranges = malloc((n_members ? n_members : 1) * sizeof(*ranges));
     if (!ranges) {
-        st_err(err, errlen, path, "out of memory");
+        le_err(err, errlen, path, "out of memory");
         goto fail;
     }
     size_t n_ranges = 0;
@@ -429,25 +288,25 @@ static int st_load_header(struct st_model *m, size_t si, char *err, size_t errle
         const struct json *e = json_at(hdr, i);
         if (kl == 12 && memcmp(key, "__metadata__", 12) == 0) {
             if (json_type(e) != JSON_OBJECT) {
-                st_err(err, errlen, path, "__metadata__ is not an object");
+                le_err(err, errlen, path, "__metadata__ is not an object");
                 goto fail;
             }
             for (size_t j = 0; j < json_len(e); j++) {
                 if (json_type(json_at(e, j)) != JSON_STRING) {
-                    st_err(err, errlen, path, "__metadata__ value '%s' is not a string",
-                           st_show(json_key_at(e, j), json_key_len(e, j), nb, sizeof(nb)));
+                    le_err(err, errlen, path, "__metadata__ value '%s' is not a string",
+                           le_show(json_key_at(e, j), json_key_len(e, j), nb, sizeof(nb)));
                     goto fail;
                 }
             }
             continue;
         }
         if (kl == 0) {
-            st_err(err, errlen, path, "empty tensor name");
+            le_err(err, errlen, path, "empty tensor name");
             goto fail;
         }
         if (memchr(key, '\0', kl)) {
-            st_err(err, errlen, path, "tensor name '%s' contains a NUL byte",
-                   st_show(key, kl, nb, sizeof(nb)));
+            le_err(err, errlen, path, "tensor name '%s' contains a NUL byte",
+                   le_show(key, kl, nb, sizeof(nb)));
             goto fail;
         }
         struct tensor t = {0};
@@ -456,13 +315,13 @@ static int st_load_header(struct st_model *m, size_t si, char *err, size_t errle
             goto fail;
         char *name = strdup(key);
         if (!name) {
-            st_err(err, errlen, path, "out of memory");
+            le_err(err, errlen, path, "out of memory");
             goto fail;
         }
         t.name = name;
         if (st_add_tensor(m, si, &t)) {
             free(name);
-            st_err(err, errlen, path, "out of memory");
+            le_err(err, errlen, path, "out of memory");
             goto fail;
         }
         ranges[n_ranges++] = (struct st_range){b, en, m->n_tensors - 1};
@@ -476,23 +335,23 @@ static int st_load_header(struct st_model *m, size_t si, char *err, size_t errle
         const struct st_range *r = &ranges[i];
         const char *tn = m->tensors[r->idx].name;
         if (r->begin > at) {
-            st_err(err, errlen, path, "gap in the data region: bytes [%llu, %llu) belong to no tensor (next is '%s')",
+            le_err(err, errlen, path, "gap in the data region: bytes [%llu, %llu) belong to no tensor (next is '%s')",
                    (unsigned long long)at, (unsigned long long)r->begin,
-                   st_show(tn, strlen(tn), nb, sizeof(nb)));
+                   le_show(tn, strlen(tn), nb, sizeof(nb)));
             goto fail;
         }
         if (r->begin < at) {
             const char *pn = m->tensors[ranges[i - 1].idx].name;
-            st_err(err, errlen, path, "tensor '%s' [%llu, %llu) overlaps tensor '%s' (ends at %llu)",
-                   st_show(tn, strlen(tn), nb, sizeof(nb)), (unsigned long long)r->begin,
-                   (unsigned long long)r->end, st_show(pn, strlen(pn), nb2, sizeof(nb2)),
+            le_err(err, errlen, path, "tensor '%s' [%llu, %llu) overlaps tensor '%s' (ends at %llu)",
+                   le_show(tn, strlen(tn), nb, sizeof(nb)), (unsigned long long)r->begin,
+                   (unsigned long long)r->end, le_show(pn, strlen(pn), nb2, sizeof(nb2)),
                    (unsigned long long)at);
             goto fail;
         }
         at = r->end;
     }
     if (at != data_size) {
-        st_err(err, errlen, path, "tensors cover %llu bytes but the data region has %llu (trailing bytes)",
+        le_err(err, errlen, path, "tensors cover %llu bytes but the data region has %llu (trailing bytes)",
                (unsigned long long)at, (unsigned long long)data_size);
         goto fail;
     }
@@ -514,38 +373,37 @@ static int st_add_shard(struct st_model *m, const char *dir, const char *file, c
 {
     struct st_shard *ns = realloc(m->shards, (m->n_shards + 1) * sizeof(*ns));
     if (!ns)
-        return st_err(err, errlen, dir, "out of memory");
+        return le_err(err, errlen, dir, "out of memory");
     m->shards = ns;
     struct st_shard *sh = &m->shards[m->n_shards];
     memset(sh, 0, sizeof(*sh));
     sh->path = st_join(dir, file);
     if (!sh->path)
-        return st_err(err, errlen, dir, "out of memory");
+        return le_err(err, errlen, dir, "out of memory");
     m->n_shards++; /* from here st_close owns path and map */
-    if (st_map_file(sh->path, &sh->map, &sh->size, err, errlen))
+    if (fm_open(sh->path, &sh->fm, err, errlen))
         return -1;
-    m->bytes += sh->size;
+    if (sh->fm.size < 8)
+        return le_err(err, errlen, sh->path,
+                      "file is %zu bytes, too small for the 8-byte header length", sh->fm.size);
+    m->bytes += sh->fm.size;
     return st_load_header(m, m->n_shards - 1, err, errlen);
 }
 
 /* ---------------------------------------------------------------- index */
 
-/* by_name: every tensor by name, for st_find and the cross-shard checks. */
-static int st_build_by_name(struct st_model *m)
+/* by_name: every tensor by name, for st_find and the cross-shard checks.
+ * Returns ni_sort's answer (the index of a duplicate name, or 0), or -1
+ * when out of memory. */
+static int64_t st_build_by_name(struct st_model *m)
 {
     free(m->by_name);
     m->by_name = malloc((m->n_tensors ? m->n_tensors : 1) * sizeof(*m->by_name));
     if (!m->by_name)
         return -1;
     for (size_t i = 0; i < m->n_tensors; i++)
-        m->by_name[i] = (struct st_name){m->tensors[i].name, i};
-    return 0;
-}
-
-
-static int st_name_cmp(const void *a, const void *b)
-{
-    return strcmp(((const struct st_name *)a)->name, ((const struct st_name *)b)->name);
+        m->by_name[i] = (struct ni_entry){m->tensors[i].name, i};
+    return (int64_t)ni_sort(m->by_name, m->n_tensors);
 }
 
 static int st_str_cmp(const void *a, const void *b)
@@ -558,20 +416,20 @@ static int st_str_cmp(const void *a, const void *b)
 static int st_check_shard_name(const char *ipath, const char *tname, const char *s, size_t len,
                                char *err, size_t errlen)
 {
-    char nb[SHOWN], sb[SHOWN];
-    const char *shown = st_show(s, len, sb, sizeof(sb));
+    char nb[LE_SHOWN], sb[LE_SHOWN];
+    const char *shown = le_show(s, len, sb, sizeof(sb));
     if (len == 0)
-        return st_err(err, errlen, ipath, "weight_map: tensor '%s' has an empty file name",
-                      st_show(tname, strlen(tname), nb, sizeof(nb)));
+        return le_err(err, errlen, ipath, "weight_map: tensor '%s' has an empty file name",
+                      le_show(tname, strlen(tname), nb, sizeof(nb)));
     if (memchr(s, '/', len) || memchr(s, '\\', len) || memchr(s, '\0', len) ||
         memmem(s, len, "..", 2))
-        return st_err(err, errlen, ipath,
+        return le_err(err, errlen, ipath,
                       "weight_map: file name '%s' for tensor '%s' is not a plain file name in the model directory",
-                      shown, st_show(tname, strlen(tname), nb, sizeof(nb)));
+                      shown, le_show(tname, strlen(tname), nb, sizeof(nb)));
     if (!st_has_suffix(s, len, ".safetensors"))
-        return st_err(err, errlen, ipath,
+        return le_err(err, errlen, ipath,
                       "weight_map: file '%s' for tensor '%s' is not a .safetensors file (pickled weights are not loaded; convert to safetensors)",
-                      shown, st_show(tname, strlen(tname), nb, sizeof(nb)));
+                      shown, le_show(tname, strlen(tname), nb, sizeof(nb)));
     return 0;
 }
 
@@ -581,54 +439,54 @@ static int st_open_index(struct st_model *m, const char *dir, const char *ipath,
     int rc = -1;
     char *text = NULL;
     struct json *idx = NULL;
-    struct st_name *wm = NULL; /* weight_map by tensor name; idx = shard slot */
+    struct ni_entry *wm = NULL; /* weight_map by tensor name; idx = member of map */
     const char **files = NULL;
     size_t n_files = 0;
-    char jerr[200], nb[SHOWN], sb[SHOWN], sb2[SHOWN];
+    char jerr[200], nb[LE_SHOWN], sb[LE_SHOWN], sb2[LE_SHOWN];
 
     size_t len;
-    text = st_read_file(ipath, &len, err, errlen);
+    text = fm_read(ipath, ST_MAX_INDEX, &len, err, errlen);
     if (!text)
         goto done;
     idx = json_parse(text, len, jerr, sizeof(jerr));
     if (!idx) {
-        st_err(err, errlen, ipath, "JSON: %s", jerr);
+        le_err(err, errlen, ipath, "JSON: %s", jerr);
         goto done;
     }
     const struct json *map = json_get(idx, "weight_map");
     if (json_type(idx) != JSON_OBJECT || json_type(map) != JSON_OBJECT) {
-        st_err(err, errlen, ipath, "no \"weight_map\" object");
+        le_err(err, errlen, ipath, "no \"weight_map\" object");
         goto done;
     }
     size_t n = json_len(map);
     if (n == 0) {
-        st_err(err, errlen, ipath, "weight_map is empty");
+        le_err(err, errlen, ipath, "weight_map is empty");
         goto done;
     }
     wm = malloc(n * sizeof(*wm));
     files = malloc(n * sizeof(*files));
     if (!wm || !files) {
-        st_err(err, errlen, ipath, "out of memory");
+        le_err(err, errlen, ipath, "out of memory");
         goto done;
     }
     for (size_t i = 0; i < n; i++) {
         const char *tname = json_key_at(map, i);
         size_t tl = json_key_len(map, i);
         if (tl == 0 || memchr(tname, '\0', tl)) {
-            st_err(err, errlen, ipath, "weight_map: bad tensor name '%s'",
-                   st_show(tname, tl, nb, sizeof(nb)));
+            le_err(err, errlen, ipath, "weight_map: bad tensor name '%s'",
+                   le_show(tname, tl, nb, sizeof(nb)));
             goto done;
         }
         size_t fl;
         const char *f = json_string(json_at(map, i), &fl);
         if (!f) {
-            st_err(err, errlen, ipath, "weight_map: value for tensor '%s' is not a string",
-                   st_show(tname, tl, nb, sizeof(nb)));
+            le_err(err, errlen, ipath, "weight_map: value for tensor '%s' is not a string",
+                   le_show(tname, tl, nb, sizeof(nb)));
             goto done;
         }
         if (st_check_shard_name(ipath, tname, f, fl, err, errlen))
             goto done;
-        wm[i] = (struct st_name){tname, i};
+        wm[i] = (struct ni_entry){tname, i};
         files[n_files++] = f;
     }
     /* unique shard names, opened in name order (the -0000k-of- order) */
@@ -643,46 +501,45 @@ static int st_open_index(struct st_model *m, const char *dir, const char *ipath,
             goto done;
 
     /* Tensors sorted by name: a name twice across shards is ambiguous. */
-    if (st_build_by_name(m)) {
-        st_err(err, errlen, ipath, "out of memory");
+    int64_t dup = st_build_by_name(m);
+    if (dup < 0) {
+        le_err(err, errlen, ipath, "out of memory");
         goto done;
     }
-    qsort(m->by_name, m->n_tensors, sizeof(*m->by_name), st_name_cmp);
-    for (size_t i = 1; i < m->n_tensors; i++) {
-        if (strcmp(m->by_name[i - 1].name, m->by_name[i].name) == 0) {
-            const char *tn = m->by_name[i].name;
-            st_err(err, errlen, ipath, "tensor '%s' is in both %s and %s",
-                   st_show(tn, strlen(tn), nb, sizeof(nb)),
-                   m->shards[m->tensor_shard[m->by_name[i - 1].idx]].path,
-                   m->shards[m->tensor_shard[m->by_name[i].idx]].path);
-            goto done;
-        }
+    if (dup > 0) {
+        const char *tn = m->by_name[dup].name;
+        le_err(err, errlen, ipath, "tensor '%s' is in both %s and %s",
+               le_show(tn, strlen(tn), nb, sizeof(nb)),
+               m->shards[m->tensor_shard[m->by_name[dup - 1].idx]].path,
+               m->shards[m->tensor_shard[m->by_name[dup].idx]].path);
+        goto done;
     }
-    /* Walk the index and the shards' contents together, both by name. */
-    qsort(wm, n, sizeof(*wm), st_name_cmp);
+    /* Walk the index and the shards' contents together, both by name
+     * (json_parse refused duplicate keys, so wm has none). */
+    ni_sort(wm, n);
     size_t a = 0, b = 0;
     while (a < n || b < m->n_tensors) {
         int c = a == n ? 1 : b == m->n_tensors ? -1 : strcmp(wm[a].name, m->by_name[b].name);
         if (c < 0) {
             const char *f = json_string(json_at(map, wm[a].idx), &len);
-            st_err(err, errlen, ipath, "weight_map lists tensor '%s' in %s, which does not contain it",
-                   st_show(wm[a].name, strlen(wm[a].name), nb, sizeof(nb)),
-                   st_show(f, len, sb, sizeof(sb)));
+            le_err(err, errlen, ipath, "weight_map lists tensor '%s' in %s, which does not contain it",
+                   le_show(wm[a].name, strlen(wm[a].name), nb, sizeof(nb)),
+                   le_show(f, len, sb, sizeof(sb)));
             goto done;
         }
         const struct st_shard *sh = &m->shards[m->tensor_shard[m->by_name[b].idx]];
         const char *tn = m->by_name[b].name;
         if (c > 0) {
-            st_err(err, errlen, ipath, "tensor '%s' in %s is not listed in weight_map",
-                   st_show(tn, strlen(tn), nb, sizeof(nb)), sh->path);
+            le_err(err, errlen, ipath, "tensor '%s' in %s is not listed in weight_map",
+                   le_show(tn, strlen(tn), nb, sizeof(nb)), sh->path);
             goto done;
         }
         const char *f = json_string(json_at(map, wm[a].idx), &len);
         const char *base = strrchr(sh->path, '/') + 1;
         if (strlen(base) != len || memcmp(base, f, len) != 0) {
-            st_err(err, errlen, ipath, "weight_map says tensor '%s' is in %s but it is in %s",
-                   st_show(tn, strlen(tn), nb, sizeof(nb)), st_show(f, len, sb, sizeof(sb)),
-                   st_show(base, strlen(base), sb2, sizeof(sb2)));
+            le_err(err, errlen, ipath, "weight_map says tensor '%s' is in %s but it is in %s",
+                   le_show(tn, strlen(tn), nb, sizeof(nb)), le_show(f, len, sb, sizeof(sb)),
+                   le_show(base, strlen(base), sb2, sizeof(sb2)));
             goto done;
         }
         a++;
@@ -704,36 +561,36 @@ int st_open(const char *dir, struct st_model **out, char *err, size_t errlen)
 {
     char *single = NULL, *index = NULL;
     struct st_model *m = NULL;
-    char found[SHOWN];
+    char found[LE_SHOWN];
     if (err && errlen)
         err[0] = '\0';
     *out = NULL;
 
     struct stat sb;
     if (stat(dir, &sb) != 0) {
-        st_err(err, errlen, dir, "%s", strerror(errno));
+        le_err(err, errlen, dir, "%s", strerror(errno));
         goto fail;
     }
     if (!S_ISDIR(sb.st_mode)) {
-        st_err(err, errlen, dir, "not a directory");
+        le_err(err, errlen, dir, "not a directory");
         goto fail;
     }
     m = calloc(1, sizeof(*m));
     single = st_join(dir, "model.safetensors");
     index = st_join(dir, "model.safetensors.index.json");
     if (!m || !single || !index) {
-        st_err(err, errlen, dir, "out of memory");
+        le_err(err, errlen, dir, "out of memory");
         goto fail;
     }
     /* As transformers does: the single file first, then the index. */
     if (st_is_file(single)) {
         if (st_add_shard(m, dir, "model.safetensors", err, errlen))
             goto fail;
-        if (st_build_by_name(m)) {
-            st_err(err, errlen, dir, "out of memory");
+        /* one header: json_parse refused duplicate names */
+        if (st_build_by_name(m) < 0) {
+            le_err(err, errlen, dir, "out of memory");
             goto fail;
         }
-        qsort(m->by_name, m->n_tensors, sizeof(*m->by_name), st_name_cmp);
     } else if (st_is_file(index)) {
         if (st_open_index(m, dir, index, err, errlen))
             goto fail;
@@ -741,15 +598,17 @@ int st_open(const char *dir, struct st_model **out, char *err, size_t errlen)
         static const char *const pickles[] = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", NULL};
         static const char *const others[] = {".safetensors", NULL};
         if (st_scan_dir(dir, pickles, found, sizeof(found)))
-            st_err(err, errlen, dir,
-                   "no model.safetensors or model.safetensors.index.json, only %s: pickled weights are not loaded; convert to safetensors",
+            le_err(err, errlen, dir,
+                   "no model.safetensors or model.safetensors.index.json, only %s: pickled weights "
+                   "are not loaded; convert to safetensors",
                    found);
         else if (st_scan_dir(dir, others, found, sizeof(found)))
-            st_err(err, errlen, dir,
-                   "no model.safetensors or model.safetensors.index.json (found %s, but no index names it)",
+            le_err(err, errlen, dir,
+                   "no model.safetensors or model.safetensors.index.json (found %s, but no index "
+                   "names it)",
                    found);
         else
-            st_err(err, errlen, dir, "no model.safetensors or model.safetensors.index.json");
+            le_err(err, errlen, dir, "no model.safetensors or model.safetensors.index.json");
         goto fail;
     }
     free(single);
@@ -769,8 +628,7 @@ void st_close(struct st_model *m)
     if (!m)
         return;
     for (size_t i = 0; i < m->n_shards; i++) {
-        if (m->shards[i].map)
-            munmap(m->shards[i].map, m->shards[i].size);
+        fm_close(&m->shards[i].fm);
         free(m->shards[i].path);
     }
     for (size_t i = 0; i < m->n_tensors; i++)
@@ -796,18 +654,8 @@ const struct tensor *st_find(const struct st_model *m, const char *name)
 {
     if (!m || !name)
         return NULL;
-    size_t lo = 0, hi = m->n_tensors;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        int c = strcmp(m->by_name[mid].name, name);
-        if (c == 0)
-            return &m->tensors[m->by_name[mid].idx];
-        if (c < 0)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return NULL;
+    const struct ni_entry *e = ni_find(m->by_name, m->n_tensors, name);
+    return e ? &m->tensors[e->idx] : NULL;
 }
 
 unsigned long long st_file_bytes(const struct st_model *m)

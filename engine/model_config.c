@@ -10,28 +10,13 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "engine/load_error.h"
+
 #define CFG_ERR(...) do { snprintf(err, errlen, __VA_ARGS__); return -1; } while (0)
 
-/* A string from a file, made safe to print in a message: printable ASCII
- * kept, everything else as \xNN, cut at 48 bytes. out: at least 200 bytes. */
-static const char *printable(const char *s, char *out, size_t outlen)
-{
-    size_t o = 0;
-    for (size_t i = 0; s[i] && o + 5 < outlen; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        if (i == 48) {
-            memcpy(out + o, "...", 3);
-            o += 3;
-            break;
-        }
-        if (ch >= 0x20 && ch < 0x7f && ch != '"' && ch != '\\')
-            out[o++] = (char)ch;
-        else
-            o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", ch);
-    }
-    out[o] = 0;
-    return out;
-}
+/* le_show buffer for strings from a file quoted in a message: a plain
+ * string is cut after 48 bytes, with "...". */
+#define CFG_SHOWN 56
 
 /* ------------------------------------------------------------ RoPE tables */
 
@@ -236,9 +221,9 @@ static int hf_rope(const struct json *cfg, struct model_config *c, const char *p
                 : (float)sqrt(1.0 + log(c->rope_factor) / log((double)orig));
         }
     } else {
-        char safe[200];
+        char safe[CFG_SHOWN];
         CFG_ERR("%s: rope scaling type \"%s\" is not supported (supported: default, linear, llama3, longrope)",
-                path, printable(type, safe, sizeof(safe)));
+                path, le_show(type, strlen(type), safe, sizeof(safe)));
     }
     for (int64_t i = 0; i < pairs; i++) {
         double inv = rope_base_inv(c, i);
@@ -268,9 +253,9 @@ int mc_from_hf(const struct json *cfg, const char *path, struct model_config *c,
     else if (!strcmp(mt, "phi3"))
         c->arch = ARCH_PHI3;
     else {
-        char safe[200];
+        char safe[CFG_SHOWN];
         CFG_ERR("%s: model_type \"%s\" is not supported (supported: llama, mistral, qwen2, phi3)",
-                path, printable(mt, safe, sizeof(safe)));
+                path, le_show(mt, strlen(mt), safe, sizeof(safe)));
     }
     snprintf(c->arch_name, sizeof(c->arch_name), "%s", mt);
 
@@ -396,9 +381,9 @@ int mc_from_gguf(const struct gguf_file *f, const char *path, struct model_confi
     else if (!strcmp(arch, "phi3"))
         c->arch = ARCH_PHI3;
     else {
-        char safe[200];
+        char safe[CFG_SHOWN];
         CFG_ERR("%s: general.architecture \"%s\" is not supported (supported: llama, qwen2, phi3)",
-                path, printable(arch, safe, sizeof(safe)));
+                path, le_show(arch, strlen(arch), safe, sizeof(safe)));
     }
     snprintf(c->arch_name, sizeof(c->arch_name), "%s", arch);
 
@@ -503,9 +488,9 @@ int mc_from_gguf(const struct gguf_file *f, const char *path, struct model_confi
         for (int64_t i = 0; i < pairs; i++)
             fs[i] = fl[i] = c->rope_factor;
     } else if (stype && strcmp(stype, "none") != 0) {
-        char safe[200];
+        char safe[CFG_SHOWN];
         CFG_ERR("%s: %s \"%s\" is not supported (supported: none, linear, llama3 rope_freqs, longrope)",
-                path, key, printable(stype, safe, sizeof(safe)));
+                path, key, le_show(stype, strlen(stype), safe, sizeof(safe)));
     }
     for (int64_t i = 0; i < pairs; i++) {
         double inv = rope_base_inv(c, i);
