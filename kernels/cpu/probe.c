@@ -134,7 +134,9 @@ static int vnni_avx512(int64_t iters)
     __m512i s = acc[0];
     for (int i = 1; i < PEAK_ACC; i++)
         s = _mm512_add_epi32(s, acc[i]);
-    return _mm512_reduce_add_epi32(s);
+    /* The accumulators wrap by design; keep the low bits so the final
+     * (signed, C-level) reduction cannot overflow. */
+    return _mm512_reduce_add_epi32(_mm512_and_si512(s, _mm512_set1_epi32(0xffff)));
 }
 
 static void fma_worker(void *ctx, int ith, int nth)
