@@ -332,6 +332,9 @@ static AI void mm_float_blocked(const struct kc_mm *m, int64_t o0, int64_t o1,
 
 /* ------------------------------------------- int8, one activation row */
 
+/* Activation rows the one-row kernels take at once. */
+#define RX_GEMV 4
+
 /* Software prefetch distance of the one-row kernels, in bytes of each
  * weight row: with 8-16 rows in flight per core the hardware prefetcher
  * alone leaves DRAM bandwidth unused (measured on 2 threads: +15-25%;
@@ -358,62 +361,79 @@ static AI struct xrow xrow_at(const struct kc_mm *m, int64_t r)
     return x;
 }
 
-/* Q8_0, up to 16 weight rows, lane j = row o0 + j. Per block, 8 zmm hold
- * two rows' 32 products each as 16 int32 partials; a transpose tree turns
- * them into one zmm of 16 block sums, then the f32 chain runs per lane. */
-static void q8_0_gemv16(const struct kc_mm *m, int64_t o0, int n,
-                        struct xrow x, float *y)
+/* Row pointers and gather offsets for a group of n <= G rows from o0; the
+ * missing rows repeat the last one and are masked off at the store. */
+static AI void group_rows(const struct kc_mm *m, int64_t o0, int n, int G,
+                          const uint8_t **row, int32_t *off)
 {
-    const uint8_t *row[16];
-    int32_t off[16];
-    for (int j = 0; j < 16; j++) {
+    for (int j = 0; j < G; j++) {
         int jj = j < n ? j : n - 1;
         row[j] = m->w + (o0 + jj) * m->w_stride;
         off[j] = (int32_t)(jj * m->w_stride);
     }
+}
+
+/* Q8_0, up to 16 weight rows, lane j = row o0 + j. Per block, 8 zmm hold
+ * two rows' 32 products each as 16 int32 partials; a transpose tree turns
+ * them into one zmm of 16 block sums, then the f32 chain runs per lane. */
+static AI void q8_0_gemv16(const int RX, const struct kc_mm *m, int64_t o0,
+                           int n, int64_t r0)
+{
+    const uint8_t *row[16];
+    int32_t off[16];
+    group_rows(m, o0, n, 16, row, off);
     const __m512i vidx = _mm512_loadu_si512(off);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     /* after the tree, lane i holds row perm[i]; this puts row j in lane j */
     const __m512i unperm = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9,
                                              13, 10, 14, 11, 15);
-    const int32_t *sx = x.s;
     const uint8_t *base = m->w + o0 * m->w_stride;
-    __m512 acc = _mm512_setzero_ps();
+    struct xrow x[RX_GEMV];
+    __m512 acc[RX_GEMV];
+    for (int j = 0; j < RX; j++) {
+        x[j] = xrow_at(m, r0 + j);
+        acc[j] = _mm512_setzero_ps();
+    }
     for (int64_t b = 0; b < m->xl.nb; b++) {
 #if PF_DIST
         if ((b & 1) == 0)
             for (int j = 0; j < 16; j++)
                 _mm_prefetch((const char *)(row[j] + 34 * b + PF_DIST), PF_HINT);
 #endif
-        __m512i xb = _mm512_broadcast_i64x4(
-            _mm256_loadu_si256((const __m256i *)(x.qs + 32 * b)));
-        __m512i s[8];
+        __m512i w[8];
         for (int p = 0; p < 8; p++) {
             __m256i lo = _mm256_loadu_si256((const __m256i *)(row[2 * p] + 34 * b + 2));
             __m256i hi = _mm256_loadu_si256((const __m256i *)(row[2 * p + 1] + 34 * b + 2));
-            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
             /* w + 128 is unsigned; sum (w+128) x = sum w x + 128 sum x */
-            s[p] = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                       _mm512_xor_si512(v, flip), xb);
+            w[p] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                                    flip);
         }
-        /* tree: within each 128-bit lane, then across the lanes */
-        __m512i t[4], u[2];
-        for (int p = 0; p < 4; p++)
-            t[p] = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2 * p], s[2 * p + 1]),
-                                    _mm512_unpackhi_epi32(s[2 * p], s[2 * p + 1]));
-        for (int p = 0; p < 2; p++)
-            u[p] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * p], t[2 * p + 1]),
-                                    _mm512_unpackhi_epi64(t[2 * p], t[2 * p + 1]));
-        __m512i v = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
-                                     _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
-        v = _mm512_permutexvar_epi32(unperm, v);
-        v = _mm512_sub_epi32(v, _mm512_set1_epi32(128 * sx[b]));
         __m512i h = _mm512_i32gather_epi32(vidx, base + 34 * b, 1);
         __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
-        __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[b]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), dd, acc);
+        for (int j = 0; j < RX; j++) {
+            __m512i xb = _mm512_broadcast_i64x4(
+                _mm256_loadu_si256((const __m256i *)(x[j].qs + 32 * b)));
+            __m512i s[8];
+            for (int p = 0; p < 8; p++)
+                s[p] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[p], xb);
+            /* tree: within each 128-bit lane, then across the lanes */
+            __m512i t[4], u[2];
+            for (int p = 0; p < 4; p++)
+                t[p] = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2 * p], s[2 * p + 1]),
+                                        _mm512_unpackhi_epi32(s[2 * p], s[2 * p + 1]));
+            for (int p = 0; p < 2; p++)
+                u[p] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * p], t[2 * p + 1]),
+                                        _mm512_unpackhi_epi64(t[2 * p], t[2 * p + 1]));
+            __m512i v = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
+                                         _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
+            v = _mm512_permutexvar_epi32(unperm, v);
+            v = _mm512_sub_epi32(v, _mm512_set1_epi32(128 * ((const int32_t *)x[j].s)[b]));
+            __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(x[j].d[b]));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), dd, acc[j]);
+        }
     }
-    _mm512_mask_storeu_ps(y + o0, mask_n(n), acc);
+    for (int j = 0; j < RX; j++)
+        _mm512_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + o0, mask_n(n), acc[j]);
 }
 
 /* 8 zmm of int32 partials -> their 8 sums, lane r = sum of a[r]. */
@@ -449,22 +469,11 @@ static AI __m256i tree8x4(const __m128i *a)
                             _mm256_unpackhi_epi64(t0, t1));
 }
 
-/* Row pointers and gather offsets for a group of n <= G rows from o0; the
- * missing rows repeat the last one and are masked off at the store. */
-static AI void group_rows(const struct kc_mm *m, int64_t o0, int n, int G,
-                          const uint8_t **row, int32_t *off)
-{
-    for (int j = 0; j < G; j++) {
-        int jj = j < n ? j : n - 1;
-        row[j] = m->w + (o0 + jj) * m->w_stride;
-        off[j] = (int32_t)(jj * m->w_stride);
-    }
-}
 
 /* Q4_K, up to 8 weight rows, lane r = row o0 + r: A and B of each row's
  * block (kcpu.h) by maddubs + vpdpwssd, then the f32 chain per lane. */
-static void q4_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
-                       struct xrow x, float *y)
+static AI void q4_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
+                          int n, int64_t r0)
 {
     const uint8_t *row[8];
     int32_t off[8];
@@ -478,15 +487,18 @@ static void q4_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
         sidx[c] = _mm512_mask_blend_epi16(
             0xffff0000u, _mm512_set1_epi16((short)kc_q4k_sub(c, 0)),
             _mm512_set1_epi16((short)kc_q4k_sub(c, 1)));
-    const int16_t *xs = x.s;
-    __m256 acc = _mm256_setzero_ps();
+    struct xrow x[RX_GEMV];
+    __m256 acc[RX_GEMV];
+    for (int j = 0; j < RX; j++) {
+        x[j] = xrow_at(m, r0 + j);
+        acc[j] = _mm256_setzero_ps();
+    }
     for (int64_t b = 0; b < m->xl.nb; b++) {
-        __m512i X[4];
-        for (int c = 0; c < 4; c++)
-            X[c] = _mm512_loadu_si512(x.qs + 256 * b + 64 * c);
-        __m128i bs = _mm_loadu_si128((const __m128i *)(xs + 16 * b));
-        __m512i a[8];
-        __m128i bp[8];
+        __m128i bs[RX_GEMV];
+        for (int j = 0; j < RX; j++)
+            bs[j] = _mm_loadu_si128((const __m128i *)((const int16_t *)x[j].s + 16 * b));
+        __m512i a[RX_GEMV][8];
+        __m128i bp[RX_GEMV][8];
 #pragma GCC unroll 8
         for (int r = 0; r < 8; r++) {
             const uint8_t *blk = row[r] + 144 * b;
@@ -498,34 +510,45 @@ static void q4_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
             uint64_t mn, sc = kc_q4k_scales64(blk + 4, &mn);
             __m512i scv = _mm512_castsi256_si512(
                 _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc))));
+            __m128i mv = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn));
             __m512i q0 = _mm512_loadu_si512(blk + 16), q1 = _mm512_loadu_si512(blk + 80);
             __m512i nib[4] = {_mm512_and_si512(q0, lo4),
                               _mm512_and_si512(_mm512_srli_epi16(q0, 4), lo4),
                               _mm512_and_si512(q1, lo4),
                               _mm512_and_si512(_mm512_srli_epi16(q1, 4), lo4)};
-            __m512i s = _mm512_setzero_si512();
+            __m512i S[4];
             for (int c = 0; c < 4; c++)
-                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(nib[c], X[c]),
-                                        _mm512_permutexvar_epi16(sidx[c], scv));
-            a[r] = s;
-            bp[r] = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn)), bs);
+                S[c] = _mm512_permutexvar_epi16(sidx[c], scv);
+            for (int j = 0; j < RX; j++) {
+                const int8_t *xq = x[j].qs + 256 * b;
+                __m512i v = _mm512_setzero_si512();
+                for (int c = 0; c < 4; c++)
+                    v = _mm512_dpwssd_epi32(
+                        v, _mm512_maddubs_epi16(nib[c], _mm512_loadu_si512(xq + 64 * c)), S[c]);
+                a[j][r] = v;
+                bp[j][r] = _mm_madd_epi16(mv, bs[j]);
+            }
         }
-        __m256 A = _mm256_cvtepi32_ps(tree8x16(a));
-        __m256 B = _mm256_cvtepi32_ps(tree8x4(bp));
         __m256i h = _mm256_i32gather_epi32((const int *)(base + 144 * b), vidx, 1);
         __m256 d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(h));
         __m256 dm = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(h, 16)));
-        __m256 dx = _mm256_set1_ps(x.d[b]);
-        acc = _mm256_fmadd_ps(A, _mm256_mul_ps(d, dx), acc);
-        acc = _mm256_fnmadd_ps(B, _mm256_mul_ps(dm, dx), acc);
+        for (int j = 0; j < RX; j++) {
+            __m256 A = _mm256_cvtepi32_ps(tree8x16(a[j]));
+            __m256 B = _mm256_cvtepi32_ps(tree8x4(bp[j]));
+            __m256 dx = _mm256_set1_ps(x[j].d[b]);
+            acc[j] = _mm256_fmadd_ps(A, _mm256_mul_ps(d, dx), acc[j]);
+            acc[j] = _mm256_fnmadd_ps(B, _mm256_mul_ps(dm, dx), acc[j]);
+        }
     }
-    _mm256_mask_storeu_ps(y + o0, (__mmask8)((1u << n) - 1), acc);
+    for (int j = 0; j < RX; j++)
+        _mm256_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + o0,
+                              (__mmask8)((1u << n) - 1), acc[j]);
 }
 
 /* Q6_K, up to 8 weight rows: A of each row's block (kcpu.h), the -32
  * offset folded in before the sum, then the f32 chain per lane. */
-static void q6_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
-                       struct xrow x, float *y)
+static AI void q6_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
+                          int n, int64_t r0)
 {
     const uint8_t *row[8];
     int32_t off[8];
@@ -539,8 +562,8 @@ static void q6_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
                                              _mm256_set1_epi16(2), 1);
     const __m512i sh_hi = _mm512_inserti64x4(_mm512_setzero_si512(),
                                              _mm256_set1_epi16(2), 1);
-    /* 8 int16 lanes (16 elements) per scale: quarter q of half n takes
-     * scales 8n + 4q' + 0..3 */
+    /* 8 int16 lanes (16 elements) per scale: 64-element chunk k takes
+     * scales 4k .. 4k+3 */
     __m512i sidx[4];
     for (int k = 0; k < 4; k++) {
         short e[32];
@@ -548,14 +571,17 @@ static void q6_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
             e[l] = (short)(4 * k + l / 8);
         sidx[k] = _mm512_loadu_si512(e);
     }
-    const int16_t *xs = x.s;
-    __m256 acc = _mm256_setzero_ps();
+    struct xrow x[RX_GEMV];
+    __m256 acc[RX_GEMV];
+    for (int j = 0; j < RX; j++) {
+        x[j] = xrow_at(m, r0 + j);
+        acc[j] = _mm256_setzero_ps();
+    }
     for (int64_t b = 0; b < m->xl.nb; b++) {
-        __m512i X[4];
-        for (int k = 0; k < 4; k++)
-            X[k] = _mm512_loadu_si512(x.qs + 256 * b + 64 * k);
-        __m256i bs = _mm256_loadu_si256((const __m256i *)(xs + 16 * b));
-        __m512i a[8];
+        __m256i bs[RX_GEMV];
+        for (int j = 0; j < RX; j++)
+            bs[j] = _mm256_loadu_si256((const __m256i *)((const int16_t *)x[j].s + 16 * b));
+        __m512i a[RX_GEMV][8];
 #pragma GCC unroll 8
         for (int r = 0; r < 8; r++) {
             const uint8_t *blk = row[r] + 210 * b;
@@ -567,52 +593,91 @@ static void q6_k_gemv8(const struct kc_mm *m, int64_t o0, int n,
 #endif
             __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
             __m512i scz = _mm512_castsi256_si512(sc16);
-            /* -32 * sum_k sc_k * bsum_k, as 8 partials in the low half */
-            __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
-            __m512i s = _mm512_inserti64x4(_mm512_setzero_si512(),
-                                           _mm256_sub_epi32(_mm256_setzero_si256(), corr), 0);
+            __m512i u[4], S[4];
             for (int nh = 0; nh < 2; nh++) {
                 __m512i L = _mm512_loadu_si512(blk + 64 * nh);
                 __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * nh));
                 __m512i Hz = _mm512_inserti64x4(_mm512_castsi256_si512(H), H, 1);
-                __m512i u0 = _mm512_or_si512(_mm512_and_si512(L, lo4),
-                                             _mm512_and_si512(_mm512_sllv_epi16(Hz, sh_lo), hi2));
-                __m512i u1 = _mm512_or_si512(
+                u[2 * nh] = _mm512_or_si512(_mm512_and_si512(L, lo4),
+                                            _mm512_and_si512(_mm512_sllv_epi16(Hz, sh_lo), hi2));
+                u[2 * nh + 1] = _mm512_or_si512(
                     _mm512_and_si512(_mm512_srli_epi16(L, 4), lo4),
                     _mm512_and_si512(_mm512_srlv_epi16(Hz, sh_hi), hi2));
-                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u0, X[2 * nh]),
-                                        _mm512_permutexvar_epi16(sidx[2 * nh], scz));
-                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u1, X[2 * nh + 1]),
-                                        _mm512_permutexvar_epi16(sidx[2 * nh + 1], scz));
             }
-            a[r] = s;
+            for (int k = 0; k < 4; k++)
+                S[k] = _mm512_permutexvar_epi16(sidx[k], scz);
+            for (int j = 0; j < RX; j++) {
+                const int8_t *xq = x[j].qs + 256 * b;
+                /* -32 * sum_k sc_k * bsum_k, as 8 partials in the low half */
+                __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs[j]), 5);
+                __m512i v = _mm512_inserti64x4(_mm512_setzero_si512(),
+                                               _mm256_sub_epi32(_mm256_setzero_si256(), corr), 0);
+                for (int k = 0; k < 4; k++)
+                    v = _mm512_dpwssd_epi32(
+                        v, _mm512_maddubs_epi16(u[k], _mm512_loadu_si512(xq + 64 * k)), S[k]);
+                a[j][r] = v;
+            }
         }
-        __m256 A = _mm256_cvtepi32_ps(tree8x16(a));
         /* d is the block's last 2 bytes: read 206..209, not past the row */
         __m256i h = _mm256_i32gather_epi32((const int *)(base + 210 * b + 206), vidx, 1);
         __m256 d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(h, 16)));
-        acc = _mm256_fmadd_ps(A, _mm256_mul_ps(d, _mm256_set1_ps(x.d[b])), acc);
+        for (int j = 0; j < RX; j++) {
+            __m256 A = _mm256_cvtepi32_ps(tree8x16(a[j]));
+            acc[j] = _mm256_fmadd_ps(A, _mm256_mul_ps(d, _mm256_set1_ps(x[j].d[b])), acc[j]);
+        }
     }
-    _mm256_mask_storeu_ps(y + o0, (__mmask8)((1u << n) - 1), acc);
+    for (int j = 0; j < RX; j++)
+        _mm256_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + o0,
+                              (__mmask8)((1u << n) - 1), acc[j]);
 }
 
-static void mm_q_gemv(const struct kc_mm *m, int64_t o0, int64_t o1)
+/* Rows [o0, o1) against activation rows [r0, r0 + RX). */
+static AI void gemv_rx(const int RX, const struct kc_mm *m, int64_t o0,
+                       int64_t o1, int64_t r0)
 {
-    struct xrow x = xrow_at(m, 0);
-    float *y = m->y;
     switch (m->dt) {
     case K_Q8_0:
         for (int64_t o = o0; o < o1; o += 16)
-            q8_0_gemv16(m, o, o1 - o >= 16 ? 16 : (int)(o1 - o), x, y);
+            q8_0_gemv16(RX, m, o, o1 - o >= 16 ? 16 : (int)(o1 - o), r0);
         break;
     case K_Q4_K:
         for (int64_t o = o0; o < o1; o += 8)
-            q4_k_gemv8(m, o, o1 - o >= 8 ? 8 : (int)(o1 - o), x, y);
+            q4_k_gemv8(RX, m, o, o1 - o >= 8 ? 8 : (int)(o1 - o), r0);
         break;
     default:
         for (int64_t o = o0; o < o1; o += 8)
-            q6_k_gemv8(m, o, o1 - o >= 8 ? 8 : (int)(o1 - o), x, y);
+            q6_k_gemv8(RX, m, o, o1 - o >= 8 ? 8 : (int)(o1 - o), r0);
         break;
+    }
+}
+
+/* Small batches (decode of a few sequences): each weight block is unpacked
+ * once and used for up to RX_GEMV activation rows, no repacking. */
+#ifndef RX_CAP
+#define RX_CAP 4
+#endif
+static void mm_q_gemv(const struct kc_mm *m, int64_t o0, int64_t o1)
+{
+    for (int64_t r = 0; r < m->n_x;) {
+        int64_t left = m->n_x - r;
+        switch (left < RX_CAP ? left : RX_CAP) {
+        case 1:
+            gemv_rx(1, m, o0, o1, r);
+            r += 1;
+            break;
+        case 2:
+            gemv_rx(2, m, o0, o1, r);
+            r += 2;
+            break;
+        case 3:
+            gemv_rx(3, m, o0, o1, r);
+            r += 3;
+            break;
+        default:
+            gemv_rx(4, m, o0, o1, r);
+            r += 4;
+            break;
+        }
     }
 }
 
@@ -648,6 +713,12 @@ static struct panel panel_at(const struct kc_mm *m, void *work)
     return pn;
 }
 
+/* Int8 batches up to this many rows take the one-row kernels (each weight
+ * block unpacked once per 4 rows), larger ones the repacked panels. */
+#ifndef GEMV_MAX_NX
+#define GEMV_MAX_NX 4
+#endif
+
 /* Float batches from this many rows take the K-blocked tiles. */
 #ifndef FB_MIN_NX
 #define FB_MIN_NX 4
@@ -673,7 +744,7 @@ size_t kc_mm_work_avx512(const struct kc_mm *m)
         return m->n_x >= FB_MIN_NX
                    ? (size_t)((m->n_x < XB ? m->n_x : XB) * 16 * 16 * 4)
                    : 0;
-    if (m->n_x < 2)
+    if (m->n_x <= GEMV_MAX_NX)
         return 0;
     return panel_bytes(m) * (size_t)panels_per_group(m);
 }
@@ -802,8 +873,13 @@ static void repack(const struct kc_mm *m, int64_t o0, int n, struct panel pn)
     }
     const __m512i vidx = _mm512_loadu_si512(off);
     const uint8_t *base = m->w + o0 * m->w_stride;
-    int64_t nb = m->xl.nb;
+    int64_t nb = m->xl.nb, bb = k_dtype_block_bytes(m->dt);
     for (int64_t b = 0; b < nb; b++) {
+#if PF_DIST
+        for (int j = 0; j < 16; j++)
+            for (int64_t l = 0; l < bb; l += 64)
+                _mm_prefetch((const char *)(row[j] + bb * b + l + PF_DIST), PF_HINT);
+#endif
         if (m->dt == K_Q8_0) {
             if ((b & 1) == 0)
                 repack_q8_0(row, b, b + 1 < nb, pn);
@@ -1008,7 +1084,7 @@ void kc_mm_rows_avx512(const struct kc_mm *m, int64_t o0, int64_t o1,
             mm_float(m, o0, o1, K_BF16);
         break;
     default:
-        if (m->n_x == 1)
+        if (m->n_x <= GEMV_MAX_NX)
             mm_q_gemv(m, o0, o1);
         else
             mm_q_panels(m, o0, o1, work);
