@@ -97,7 +97,12 @@ struct k_matrix {
  * Quantized weights are multiplied against x quantized per row to int8
  * (the same way for every batch size). scratch: at least
  * k_matmul_scratch(W, n_x) bytes, 64-byte aligned, owned by the caller.
- * Batch invariant: y[r] depends only on x[r] and W. */
+ * Batch invariant: y[r] depends only on x[r] and W.
+ * The scratch size is 0 for the float types (scratch may then be NULL).
+ * pool may be NULL: the calling thread does all the work. The pool keeps
+ * per-thread work buffers that grow on first use (out of memory aborts).
+ * Any batch can be split into k_matmul calls of any sizes with the same
+ * bits as the result. */
 size_t k_matmul_scratch(const struct k_matrix *W, int64_t n_x);
 void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
               int64_t x_stride, int64_t n_x, float *y, int64_t y_stride,
