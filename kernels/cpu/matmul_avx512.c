@@ -1,14 +1,16 @@
 /* matmul_avx512.c: k_matmul on AVX-512 with VNNI, in the canonical orders
  * of kcpu.h.
- *   float weights: a tile of up to 4 weight rows x 4 activation rows, one
- *     zmm accumulator per pair (its 16 lanes are the canonical lanes).
- *   int8, one activation row (decode): Q8_0 takes 16 weight rows at once,
- *     one per lane, reducing the vpdpbusd partials by a transpose tree;
- *     the K-quants go row by row with a scalar f32 chain per row.
- *   int8, several activation rows (prefill, batched decode): a panel of 16
- *     weight rows is repacked once so that lane j of a vpdpbusd is row j;
- *     each 4 activation bytes are then broadcast, every block sum comes out
- *     whole in its lane, and the panel serves every activation row.
+ *   float weights: tiles of 4 weight rows x up to 4 activation rows, one
+ *     zmm accumulator per pair (its 16 lanes are the canonical lanes);
+ *     batches of 4+ rows use 4 x 6 tiles blocked over K.
+ *   int8, up to 4 activation rows (decode): 16 (Q8_0) or 8 (K-quants)
+ *     weight rows at once, one per lane after a transpose tree of the
+ *     per-row partial sums; each weight block is unpacked once for all the
+ *     activation rows, and the f32 chain runs per lane.
+ *   int8, more activation rows (prefill): a panel of 16 weight rows is
+ *     repacked once so that lane j of a vpdpbusd is row j; each 4
+ *     activation bytes are then broadcast, every block sum comes out whole
+ *     in its lane, and the panel serves every activation row.
  * Compiled with -mavx512f/bw/vl/vnni; called only after detection.
  */
 #include <immintrin.h>
