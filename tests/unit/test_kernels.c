@@ -503,6 +503,16 @@ static int is_quant(enum k_dtype t)
     return t == K_Q8_0 || t == K_Q4_K || t == K_Q6_K;
 }
 
+/* All rows of the case's weights as f32 (rows, cols); caller frees. */
+static float *dequant_all(const struct mm_case *c)
+{
+    struct k_matrix W = {c->t, c->rows, c->cols, c->w};
+    float *w = xalloc((size_t)(c->rows * c->cols) * 4);
+    for (int64_t o = 0; o < c->rows; o++)
+        k_dequant_row(&W, o, w + o * c->cols);
+    return w;
+}
+
 /* Accuracy against double precision on the dequantized weights.
  * Float weights: |err| <= 1e-5 * sum|w x| + 1e-30 (f32 fma chains of a few
  * hundred terms stay well inside it). Int8: x is rounded to 127 levels
@@ -511,8 +521,7 @@ static int is_quant(enum k_dtype t)
 static void check_accuracy(const struct mm_case *c, const float *y,
                            int64_t n_x, const char *what)
 {
-    struct k_matrix W = {c->t, c->rows, c->cols, c->w};
-    float *wr = xalloc((size_t)c->cols * 4);
+    float *wall = dequant_all(c);
     int64_t blk = c->t == K_Q8_0 ? 32 : 256;
     int bad = 0;
     double worst = 0;
@@ -520,7 +529,7 @@ static void check_accuracy(const struct mm_case *c, const float *y,
         const float *x = c->x + r * c->cols;
         double e2 = 0, r2 = 0;
         for (int64_t o = 0; o < c->rows; o++) {
-            k_dequant_row(&W, o, wr);
+            const float *wr = wall + o * c->cols;
             double ref = 0, mag = 0, qbound = 0;
             for (int64_t i = 0; i < c->cols; i++) {
                 ref += (double)wr[i] * x[i];
@@ -561,7 +570,7 @@ static void check_accuracy(const struct mm_case *c, const float *y,
           k_dtype_name(c->t), (long long)c->rows, (long long)c->cols, bad);
     CHECK(worst < lim, "%s %s: relative error %.3g >= %.3g", what,
           k_dtype_name(c->t), worst, lim);
-    free(wr);
+    free(wall);
 }
 
 /* The activations as the int8 paths see them: x rounded to 127 levels of
@@ -584,14 +593,13 @@ static void quantize_ref(const float *x, int64_t n, int64_t blk, float *xq)
 static void check_exact_int8(const struct mm_case *c, const float *y,
                              int64_t n_x, const char *what)
 {
-    struct k_matrix W = {c->t, c->rows, c->cols, c->w};
-    float *wr = xalloc((size_t)c->cols * 4), *xq = xalloc((size_t)c->cols * 4);
+    float *wall = dequant_all(c), *xq = xalloc((size_t)c->cols * 4);
     int64_t blk = c->t == K_Q8_0 ? 32 : 256;
     int bad = 0;
     for (int64_t r = 0; r < n_x; r++) {
         quantize_ref(c->x + r * c->cols, c->cols, blk, xq);
         for (int64_t o = 0; o < c->rows; o++) {
-            k_dequant_row(&W, o, wr);
+            const float *wr = wall + o * c->cols;
             double ref = 0, mag = 0;
             for (int64_t i = 0; i < c->cols; i++) {
                 ref += (double)wr[i] * xq[i];
@@ -610,7 +618,7 @@ static void check_exact_int8(const struct mm_case *c, const float *y,
     CHECK(bad == 0, "%s %s %lldx%lld: %d outputs differ from the exact "
           "int8 result", what, k_dtype_name(c->t), (long long)c->rows,
           (long long)c->cols, bad);
-    free(wr);
+    free(wall);
     free(xq);
 }
 
@@ -659,8 +667,15 @@ static void test_matmul(void)
                 for (size_t ni = 0; ni < sizeof(nxs) / sizeof(nxs[0]); ni++) {
                     int64_t nx = nxs[ni];
                     for (int pi = 0; pi < 4; pi++) {
-                        /* keep the scalar path's run time small */
-                        if (isa == K_ISA_SCALAR && pi != 2 && nx != 64)
+                        /* every thread count (and no pool) for a few batch
+                         * sizes, one rotating choice for the others; the
+                         * scalar path, slow, only a few */
+                        int all = nx == 1 || nx == 3 || nx == 7 || nx == 64;
+                        if (!all && pi != (int)(nx % 4))
+                            continue;
+                        if (isa == K_ISA_SCALAR &&
+                            !((nx == 1 && pi == 2) || (nx == 7 && pi == 3) ||
+                              (nx == 64 && pi == 2)))
                             continue;
                         /* start at row 64 - nx: a batch is any slice */
                         int64_t r0 = 64 - nx;
@@ -856,15 +871,21 @@ int main(void)
     for (int i = 0; i < n_isas; i++)
         printf(" %s", k_isa_name(isas[i]));
     printf(" (detected: %s)\n", k_isa_name(k_isa_detect()));
-    test_f16();
-    test_bf16();
-    test_row_bytes();
-    test_pool();
-    test_dequant();
-    test_expf();
-    test_vec();
-    test_matmul();
-    test_matmul_large();
+    struct {
+        const char *name;
+        void (*fn)(void);
+    } tests[] = {
+        {"f16", test_f16},         {"bf16", test_bf16},
+        {"row_bytes", test_row_bytes}, {"pool", test_pool},
+        {"dequant", test_dequant}, {"expf", test_expf},
+        {"vec", test_vec},         {"matmul", test_matmul},
+        {"matmul_large", test_matmul_large},
+    };
+    for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
+        double t0 = now_s();
+        tests[i].fn();
+        printf("%-13s %.2f s\n", tests[i].name, now_s() - t0);
+    }
     if (failures) {
         fprintf(stderr, "test_kernels: %d failures\n", failures);
         return 1;
