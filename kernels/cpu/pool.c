@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
@@ -59,6 +60,17 @@ static inline void cpu_relax(void)
 #endif
 }
 
+/* One step of a spin: pause, and past the first quarter yield the core
+ * now and then, so that a pool larger than the machine (or a busy one)
+ * lets the thread that has work run instead of the ones waiting for it. */
+static inline void spin_step(int i)
+{
+    if (i >= POOL_SPIN / 4 && (i & 63) == 0)
+        sched_yield();
+    else
+        cpu_relax();
+}
+
 /* Waits until *addr != old. The sleeper count and the value are both
  * seq_cst, so either the waker sees us counted or we see its new value. */
 static void wait_change(_Atomic uint32_t *addr, uint32_t old,
@@ -67,7 +79,7 @@ static void wait_change(_Atomic uint32_t *addr, uint32_t old,
     for (int i = 0; i < POOL_SPIN; i++) {
         if (atomic_load_explicit(addr, memory_order_acquire) != old)
             return;
-        cpu_relax();
+        spin_step(i);
     }
     atomic_fetch_add(sleepers, 1);
     while (atomic_load(addr) == old)
@@ -168,7 +180,7 @@ void k_pool_run(struct k_pool *p, k_pool_fn fn, void *ctx)
     for (int i = 0; i < POOL_SPIN; i++) {
         if (atomic_load_explicit(&p->pending, memory_order_acquire) == 0)
             return;
-        cpu_relax();
+        spin_step(i);
     }
     atomic_store(&p->waiting, 1);
     while ((v = atomic_load(&p->pending)) != 0)
