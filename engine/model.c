@@ -447,21 +447,12 @@ static int ensure_rows(struct model *m, int64_t rows)
 /* ---------------------------------------------------------- forward pass */
 
 /* RMSNorm over each row, as Hugging Face computes it: x / sqrt(mean(x^2) +
- * eps) * w. The sum of squares is taken in double, in index order, so the
- * result never depends on the batch. */
+ * eps) * w, in the kernels' canonical order (batch invariant). */
 static void rmsnorm_rows(float *out, const float *x, const float *w, int64_t rows,
                          int64_t n, double eps)
 {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * n;
-        float *yr = out + r * n;
-        double ss = 0;
-        for (int64_t i = 0; i < n; i++)
-            ss += (double)xr[i] * xr[i];
-        float scale = (float)(1.0 / sqrt(ss / (double)n + eps));
-        for (int64_t i = 0; i < n; i++)
-            yr[i] = w[i] * (xr[i] * scale);
-    }
+    for (int64_t r = 0; r < rows; r++)
+        k_rmsnorm(out + r * n, x + r * n, w, n, (float)eps);
 }
 
 static void rope_apply(float *v, const float *cs, int64_t pairs, int interleaved)
@@ -510,27 +501,17 @@ static void attn_worker(void *ctx, int ith, int nth)
         int64_t start = 0;
         if (c->sliding_window > 0 && row->pos + 1 > c->sliding_window)
             start = row->pos + 1 - c->sliding_window;
-        float mx = -INFINITY;
         for (int64_t p = start; p <= row->pos; p++) {
             const float *k = kv_block_k(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
                              ((p % KV_BLOCK_TOKENS) * nkv + kvh) * hd;
-            float s = k_dot_f32(q, k, hd) * scale;
-            scores[p - start] = s;
-            if (s > mx)
-                mx = s;
+            scores[p - start] = k_dot_f32(q, k, hd) * scale;
         }
-        double sum = 0;
-        for (int64_t p = start; p <= row->pos; p++) {
-            float e = expf(scores[p - start] - mx);
-            scores[p - start] = e;
-            sum += e;
-        }
-        float inv = (float)(1.0 / sum);
+        k_softmax_f32(scores, row->pos - start + 1);
         memset(out, 0, (size_t)hd * sizeof(float));
         for (int64_t p = start; p <= row->pos; p++) {
             const float *v = kv_block_v(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
                              ((p % KV_BLOCK_TOKENS) * nkv + kvh) * hd;
-            k_axpy_f32(out, scores[p - start] * inv, v, hd);
+            k_axpy_f32(out, scores[p - start], v, hd);
         }
     }
 }
@@ -641,17 +622,13 @@ static void st_attn_residual_ffn_norm(struct rows_job *j, int64_t r0, int64_t r1
                  m->cfg.rms_eps);
 }
 
-/* act = silu(gate) * up, as SiLU is x * sigmoid(x). */
+/* act = silu(gate) * up. */
 static void st_silu_mul(struct rows_job *j, int64_t r0, int64_t r1)
 {
     struct model *m = j->m;
     int64_t ff = m->cfg.n_ff;
-    for (int64_t r = r0; r < r1; r++) {
-        const float *g = m->gu + r * 2 * ff, *u = g + ff;
-        float *a = m->act + r * ff;
-        for (int64_t i = 0; i < ff; i++)
-            a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
+    for (int64_t r = r0; r < r1; r++)
+        k_silu_mul(m->act + r * ff, m->gu + r * 2 * ff, m->gu + r * 2 * ff + ff, ff);
 }
 
 /* x += h (MLP output). */
