@@ -12,8 +12,6 @@
  * in the same run: on a shared VM they move from run to run, and so do
  * the ratios.
  */
-#include <immintrin.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,132 +49,6 @@ static uint64_t rnd(void)
 static float rnd_f(void)
 {
     return ((float)(rnd() >> 40) / 16777216.0f - 0.5f) * 2.0f;
-}
-
-/* ------------------------------------------------------------ ceilings */
-
-struct stream_ctx {
-    const uint8_t *buf;
-    size_t bytes;
-    int streams; /* concurrent sequential streams per thread */
-    _Atomic uint64_t sink;
-};
-
-/* Reads this thread's share of the buffer as `streams` sequential streams
- * advancing together: a matmul reads 4-16 weight rows at once, and one
- * stream alone leaves part of the bandwidth to the prefetcher's mercy. */
-__attribute__((target("avx2"))) static void stream_fn(void *ctx, int ith, int nth)
-{
-    struct stream_ctx *c = ctx;
-    size_t per = (c->bytes / (size_t)nth) & ~(size_t)4095;
-    size_t part = (per / (size_t)c->streams) & ~(size_t)127;
-    const uint8_t *p = c->buf + per * (size_t)ith;
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0;
-    for (size_t i = 0; i < part; i += 128)
-        for (int s = 0; s < c->streams; s++) {
-            const uint8_t *q = p + (size_t)s * part + i;
-            a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)q));
-            a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(q + 32)));
-            a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(q + 64)));
-            a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(q + 96)));
-        }
-    a0 = _mm256_add_epi64(a0, a1);
-    atomic_fetch_add(&c->sink, (uint64_t)_mm256_extract_epi64(a0, 0));
-}
-
-/* Best of 1, 4 and 8 streams per thread. */
-static double bench_bandwidth(struct k_pool *pool, const uint8_t *buf,
-                              size_t bytes)
-{
-    int counts[] = {1, 4, 8};
-    double best = 0;
-    for (int k = 0; k < 3; k++) {
-        struct stream_ctx c = {buf, bytes, counts[k], 0};
-        double bk = 0;
-        for (int rep = 0; rep < 4; rep++) {
-            double t = now_s();
-            k_pool_run(pool, stream_fn, &c);
-            double gbs = (double)bytes / (now_s() - t) / 1e9;
-            bk = gbs > bk ? gbs : bk;
-        }
-        printf("  read bandwidth, %d stream(s) per thread: %.1f GB/s\n",
-               counts[k], bk);
-        best = bk > best ? bk : best;
-    }
-    return best;
-}
-
-#define PEAK_ITERS 20000000L
-
-/* 12 independent chains in named registers (an array would go through
- * memory): enough to cover latency x throughput of FMA and vpdpbusd. */
-#define R12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-
-__attribute__((target("avx512f"))) static void fma512_fn(void *ctx, int ith, int nth)
-{
-    (void)ith;
-    (void)nth;
-    __m512 m = _mm512_set1_ps(0.999999f), s = _mm512_set1_ps(1e-7f);
-#define F_DECL(i) __m512 a##i = _mm512_set1_ps((float)i);
-#define F_STEP(i) a##i = _mm512_fmadd_ps(a##i, m, s);
-#define F_SUM(i) t = _mm512_add_ps(t, a##i);
-    R12(F_DECL)
-    for (long it = 0; it < PEAK_ITERS / 10; it++) {
-        R12(F_STEP)
-    }
-    __m512 t = _mm512_setzero_ps();
-    R12(F_SUM)
-    *(volatile float *)ctx += _mm512_reduce_add_ps(t);
-}
-
-__attribute__((target("avx2,fma"))) static void fma256_fn(void *ctx, int ith, int nth)
-{
-    (void)ith;
-    (void)nth;
-    __m256 m = _mm256_set1_ps(0.999999f), s = _mm256_set1_ps(1e-7f);
-#define G_DECL(i) __m256 a##i = _mm256_set1_ps((float)i);
-#define G_STEP(i) a##i = _mm256_fmadd_ps(a##i, m, s);
-#define G_SUM(i) t = _mm256_add_ps(t, a##i);
-    R12(G_DECL)
-    for (long it = 0; it < PEAK_ITERS / 10; it++) {
-        R12(G_STEP)
-    }
-    __m256 t = _mm256_setzero_ps();
-    R12(G_SUM)
-    float v[8];
-    _mm256_storeu_ps(v, t);
-    *(volatile float *)ctx += v[0];
-}
-
-__attribute__((target("avx512f,avx512vnni"))) static void vnni_fn(void *ctx, int ith, int nth)
-{
-    (void)ith;
-    (void)nth;
-    __m512i u = _mm512_set1_epi8(3), s = _mm512_set1_epi8(-2);
-#define V_DECL(i) __m512i a##i = _mm512_set1_epi32(i);
-#define V_STEP(i) a##i = _mm512_dpbusd_epi32(a##i, u, s);
-#define V_SUM(i) t = _mm512_add_epi32(t, a##i);
-    R12(V_DECL)
-    for (long it = 0; it < PEAK_ITERS / 10; it++) {
-        R12(V_STEP)
-    }
-    __m512i t = _mm512_setzero_si512();
-    R12(V_SUM)
-    *(volatile float *)ctx += (float)_mm512_reduce_add_epi32(t);
-}
-
-/* Best-of-3 rate of fn on every thread; ops_per_iter per chain step. */
-static double bench_peak(struct k_pool *pool, k_pool_fn fn, double ops_per_thread)
-{
-    volatile float sink = 0;
-    double best = 0;
-    for (int rep = 0; rep < 3; rep++) {
-        double t = now_s();
-        k_pool_run(pool, fn, (void *)&sink);
-        double r = ops_per_thread * k_pool_size(pool) / (now_s() - t) / 1e9;
-        best = r > best ? r : best;
-    }
-    return best;
 }
 
 /* -------------------------------------------------------------- matmul */
@@ -325,18 +197,13 @@ int main(int argc, char **argv)
     }
     for (size_t i = 0; i < big_bytes; i += 8)
         *(uint64_t *)(big + i) = i;
-    double bw = bench_bandwidth(pool, big, big_bytes);
-    printf("memory read bandwidth (1 GiB, best of the above): %.1f GB/s\n", bw);
-    double peak = 0, peak8 = 0;
-    if (__builtin_cpu_supports("avx512f"))
-        peak = bench_peak(pool, fma512_fn, PEAK_ITERS / 10.0 * 12 * 32);
-    else if (__builtin_cpu_supports("fma"))
-        peak = bench_peak(pool, fma256_fn, PEAK_ITERS / 10.0 * 12 * 16);
+    /* The same probes `inferd bench engine` prints its ratios against. */
+    double bw = k_probe_bandwidth(pool, big_bytes) / 1e9;
+    printf("memory read bandwidth (1 GiB, best of 1, 4 and 8 streams per thread): %.1f GB/s\n", bw);
+    double peak = k_probe_f32_flops(pool) / 1e9, peak8 = k_probe_int8_ops(pool) / 1e9;
     printf("peak f32 FMA: %.1f GFLOP/s\n", peak);
-    if (__builtin_cpu_supports("avx512vnni")) {
-        peak8 = bench_peak(pool, vnni_fn, PEAK_ITERS / 10.0 * 12 * 128);
+    if (peak8 > 0)
         printf("peak int8 vpdpbusd: %.1f GOP/s (2 ops per multiply-add)\n", peak8);
-    }
     double t0 = now_s();
     for (int i = 0; i < 20000; i++)
         k_pool_run(pool, nop_fn, NULL);
