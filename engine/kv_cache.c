@@ -11,6 +11,7 @@
 struct kv_seq {
     int open;
     int rope_long;
+    int64_t len;     /* positions stored */
     int32_t *blocks; /* block table, n_blocks entries used */
     int64_t n_blocks, cap_blocks;
 };
@@ -97,6 +98,7 @@ int kv_seq_open(struct kv_cache *kv, int rope_long)
             kv->seqs[i].open = 1;
             kv->seqs[i].rope_long = rope_long;
             kv->seqs[i].n_blocks = 0;
+            kv->seqs[i].len = 0;
             return i;
         }
     }
@@ -115,6 +117,7 @@ void kv_seq_close(struct kv_cache *kv, int seq)
     for (int64_t i = 0; i < s->n_blocks; i++)
         block_unref(kv, s->blocks[i]);
     s->n_blocks = 0;
+    s->len = 0;
     s->open = 0;
 }
 
@@ -147,6 +150,26 @@ int kv_seq_reserve(struct kv_cache *kv, int seq, int64_t n_tokens)
         s->blocks[s->n_blocks++] = b;
     }
     return 0;
+}
+
+int64_t kv_seq_len(const struct kv_cache *kv, int seq)
+{
+    return kv->seqs[seq].len;
+}
+
+void kv_seq_set_len(struct kv_cache *kv, int seq, int64_t len)
+{
+    kv->seqs[seq].len = len;
+}
+
+int kv_seq_valid(const struct kv_cache *kv, int seq)
+{
+    return seq >= 0 && seq < kv->max_seqs && kv->seqs[seq].open;
+}
+
+int kv_max_seqs(const struct kv_cache *kv)
+{
+    return kv->max_seqs;
 }
 
 int64_t kv_seq_capacity(const struct kv_cache *kv, int seq)

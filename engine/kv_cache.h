@@ -45,6 +45,13 @@ int kv_seq_rope_long(const struct kv_cache *kv, int seq);
 /* Ensures blocks exist for positions [0, n_tokens). All or nothing: returns
  * 0, or -1 (and allocates nothing) when too few blocks are free. */
 int kv_seq_reserve(struct kv_cache *kv, int seq, int64_t n_tokens);
+/* Tokens whose keys and values are stored: positions [0, len). */
+int64_t kv_seq_len(const struct kv_cache *kv, int seq);
+/* Records that positions [0, len) are stored (len <= capacity). */
+void kv_seq_set_len(struct kv_cache *kv, int seq, int64_t len);
+/* Whether seq is an open sequence id. */
+int kv_seq_valid(const struct kv_cache *kv, int seq);
+int kv_max_seqs(const struct kv_cache *kv);
 /* Positions the sequence has blocks for (a multiple of KV_BLOCK_TOKENS). */
 int64_t kv_seq_capacity(const struct kv_cache *kv, int seq);
 

@@ -639,11 +639,22 @@ static void st_mlp_residual(struct rows_job *j, int64_t r0, int64_t r1)
     add_rows(m->x + r0 * E, m->h + r0 * E, (r1 - r0) * E);
 }
 
+/* Validates a batch before anything is written. next: (kv_max_seqs)
+ * scratch for each sequence's next expected position. */
 static int check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
-                       int64_t n, char *err, size_t errlen)
+                       int64_t n, int64_t *next, char *err, size_t errlen)
 {
     for (int64_t r = 0; r < n; r++) {
+        int s = rows[r].seq;
+        if (kv_seq_valid(kv, s))
+            next[s] = kv_seq_len(kv, s);
+    }
+    for (int64_t r = 0; r < n; r++) {
         const struct model_row *row = &rows[r];
+        if (!kv_seq_valid(kv, row->seq)) {
+            snprintf(err, errlen, "row %lld: sequence %d is not open", (long long)r, row->seq);
+            return -1;
+        }
         if (row->token < 0 || row->token >= m->cfg.n_vocab) {
             snprintf(err, errlen, "row %lld: token id %d is outside the vocabulary (0..%lld)",
                      (long long)r, row->token, (long long)m->cfg.n_vocab - 1);
@@ -654,11 +665,17 @@ static int check_batch(struct model *m, struct kv_cache *kv, const struct model_
                      (long long)r, (long long)row->pos, (long long)m->cfg.n_ctx - 1);
             return -1;
         }
+        if (row->pos != next[row->seq]) {
+            snprintf(err, errlen, "row %lld: sequence %d continues at position %lld, not %lld",
+                     (long long)r, row->seq, (long long)next[row->seq], (long long)row->pos);
+            return -1;
+        }
         if (row->pos >= kv_seq_capacity(kv, row->seq)) {
             snprintf(err, errlen, "row %lld: position %lld of sequence %d has no KV block reserved",
                      (long long)r, (long long)row->pos, row->seq);
             return -1;
         }
+        next[row->seq]++;
     }
     return 0;
 }
@@ -669,9 +686,17 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
     const struct model_config *c = &m->cfg;
     if (n <= 0)
         return 0;
-    if (check_batch(m, kv, rows, n, err, errlen))
+    int64_t *next = malloc((size_t)kv_max_seqs(kv) * sizeof(int64_t));
+    if (!next) {
+        snprintf(err, errlen, "out of memory");
         return -1;
+    }
+    if (check_batch(m, kv, rows, n, next, err, errlen)) {
+        free(next);
+        return -1;
+    }
     if (ensure_rows(m, n)) {
+        free(next);
         snprintf(err, errlen, "out of memory for a batch of %lld rows", (long long)n);
         return -1;
     }
@@ -718,5 +743,8 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
     }
     if (nw)
         k_matmul(m->pool, &m->output, m->h, E, nw, logits, c->n_vocab, sc);
+    for (int64_t r = 0; r < n; r++)
+        kv_seq_set_len(kv, rows[r].seq, next[rows[r].seq]);
+    free(next);
     return 0;
 }

@@ -107,12 +107,14 @@ struct model_row {
     int want_logits;
 };
 
-/* Runs the forward pass over n rows. For every sequence in the batch,
- * positions [0, pos] must be either already in the cache or in this batch
- * at an earlier row, and the kv blocks for every row's pos must be
- * reserved. Writes n_vocab logits for each row with want_logits, in row
- * order, to logits ((rows wanted) x n_vocab). Returns 0, or -1 with err
- * set for an invalid batch (token out of range, unreserved position). */
+/* Runs the forward pass over n rows. The rows of each sequence continue
+ * it: in batch order their positions are kv_seq_len, kv_seq_len + 1, ...,
+ * and blocks are reserved for them. Writes n_vocab logits for each row
+ * with want_logits, in row order, to logits ((rows wanted) x n_vocab), and
+ * advances each sequence's kv_seq_len. Returns 0, or -1 with err set (and
+ * the cache unchanged) for an invalid batch: a token outside the
+ * vocabulary, a closed sequence, a position out of order or past the
+ * context, a position without a reserved block. */
 int model_forward(struct model *m, struct kv_cache *kv,
                   const struct model_row *rows, int64_t n, float *logits,
                   char *err, size_t errlen);

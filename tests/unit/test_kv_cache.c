@@ -59,12 +59,19 @@ int main(void)
             CHECK(kv_block_v(kv, l, blk)[0] == (float)(l * 1000 + blk * 10 + 2));
         }
 
+    /* Stored length: set by the forward pass, reset by close. */
+    CHECK(kv_seq_len(kv, a) == 0);
+    kv_seq_set_len(kv, a, 17);
+    CHECK(kv_seq_len(kv, a) == 17);
+    CHECK(kv_seq_valid(kv, a) && !kv_seq_valid(kv, 3) && !kv_seq_valid(kv, -1) && !kv_seq_valid(kv, 4));
+    CHECK(kv_max_seqs(kv) == 4);
+
     /* Close frees every block; ids are reused. */
     kv_seq_close(kv, b);
     CHECK(kv_free_blocks(kv) == 8);
     int c = kv_seq_open(kv, 0);
     CHECK(c == b);
-    CHECK(kv_seq_capacity(kv, c) == 0);
+    CHECK(kv_seq_capacity(kv, c) == 0 && kv_seq_len(kv, c) == 0);
     CHECK(kv_seq_open(kv, 0) >= 0 && kv_seq_open(kv, 0) >= 0);
     CHECK(kv_seq_open(kv, 0) == -1); /* max_seqs = 4 */
     kv_seq_close(kv, a);
