@@ -19,7 +19,7 @@ os.environ.setdefault("UBSAN_OPTIONS", "halt_on_error=1:exitcode=87:print_stackt
 
 @pytest.fixture(scope="session")
 def inferd():
-    exe = BUILD / "server" / "inferd"
+    exe = BUILD / "inferd"
     if not exe.exists():
         pytest.fail(f"{exe} not built: run deploy/setup.sh first")
     return str(exe)
@@ -28,7 +28,7 @@ def inferd():
 def builds():
     """The build directories to run tests against: release, then ASan."""
     out = [BUILD]
-    if (ASAN_BUILD / "server" / "inferd").exists():
+    if (ASAN_BUILD / "inferd").exists():
         out.append(ASAN_BUILD)
     return out
 
@@ -36,4 +36,4 @@ def builds():
 @pytest.fixture(scope="session", params=builds(), ids=lambda b: b.name)
 def inferd_any(request):
     """inferd from each build (release and, when built, ASan+UBSan)."""
-    return str(request.param / "server" / "inferd")
+    return str(request.param / "inferd")

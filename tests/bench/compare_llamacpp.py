@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=2, help="alternating runs of each engine; the best is kept")
-    ap.add_argument("--inferd", default=os.path.join(os.environ.get("INFERD_BUILD_DIR", "build"), "server", "inferd"))
+    ap.add_argument("--inferd", default=os.path.join(os.environ.get("INFERD_BUILD_DIR", "build"), "inferd"))
     ap.add_argument("--llamacpp-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     batches = [int(b) for b in a.batch.split(",")]
