@@ -88,6 +88,22 @@ static inline int kc_q4k_perm(int p)
     return 64 * (2 * (c >> 1) + (t >> 5)) + 32 * (c & 1) + (t & 31);
 }
 
+/* The int16 sums of one K-quant block from its 16 per-16 sums part[k]:
+ * Q4_K per-32 sums then zeros, Q6_K the per-16 sums as they are. */
+static inline void kc_xq_ksums(enum k_dtype t, const int32_t part[16],
+                               int16_t sb[16])
+{
+    if (t == K_Q4_K) {
+        for (int k = 0; k < 8; k++)
+            sb[k] = (int16_t)(part[2 * k] + part[2 * k + 1]);
+        for (int k = 8; k < 16; k++)
+            sb[k] = 0;
+    } else {
+        for (int k = 0; k < 16; k++)
+            sb[k] = (int16_t)part[k];
+    }
+}
+
 /* Sub-block (scale index) of the first and second 32 bytes of chunk c. */
 static inline int kc_q4k_sub(int c, int half)
 {
@@ -191,6 +207,34 @@ struct kc_mm {
     float *y;
     int64_t y_stride;
 };
+
+/* The quantized activation row r of m. */
+struct kc_xrow {
+    const int8_t *qs;
+    const float *d;
+    const void *s; /* int32 (Q8_0) or int16 (K-quants) sums */
+};
+
+static inline struct kc_xrow kc_xrow_at(const struct kc_mm *m, int64_t r)
+{
+    const uint8_t *p = m->xq + r * m->xl.stride;
+    struct kc_xrow x = {(const int8_t *)(p + m->xl.qs_off),
+                        (const float *)(p + m->xl.d_off), p + m->xl.s_off};
+    return x;
+}
+
+/* Row pointers and gather offsets (bytes from row o0) for a group of
+ * n <= G weight rows from o0; the missing rows repeat the last one, so
+ * their loads stay inside the matrix (the SIMD paths mask them off). */
+static inline void kc_group_rows(const struct kc_mm *m, int64_t o0, int n,
+                                 int G, const uint8_t **row, int32_t *off)
+{
+    for (int j = 0; j < G; j++) {
+        int jj = j < n ? j : n - 1;
+        row[j] = m->w + (o0 + jj) * m->w_stride;
+        off[j] = (int32_t)(jj * m->w_stride);
+    }
+}
 
 struct kc_ops {
     enum k_isa isa;

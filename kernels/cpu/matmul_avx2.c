@@ -9,28 +9,9 @@
  *     rows is reused from cache for every activation row of a batch.
  * Compiled with -mavx2 -mfma -mf16c; called only after detection.
  */
-#include <immintrin.h>
+#include "kernels/cpu/simd_avx2.h"
 
-#include "kernels/cpu/kcpu.h"
-
-#define AI __attribute__((always_inline)) inline
-
-/* Lanes i < left of 8 as an all-ones mask. */
-static AI __m256i mask8(int64_t left)
-{
-    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    int l = left > 8 ? 8 : (left < 0 ? 0 : (int)left);
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(l), idx);
-}
-
-static AI float tree16(__m256 lo, __m256 hi)
-{
-    __m256 a = _mm256_add_ps(lo, hi);
-    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-    __m128 d = _mm_add_ss(c, _mm_movehdup_ps(c));
-    return _mm_cvtss_f32(d);
-}
+#define AI KC_AI
 
 static AI int32_t hsum8(__m256i v)
 {
@@ -103,20 +84,13 @@ void kc_quantize_avx2(const struct kc_mm *m, int64_t r0, int64_t r1)
                 ((int32_t *)(row + l->s_off))[b] = part[0] + part[1];
                 continue;
             }
-            int16_t *sb = (int16_t *)(row + l->s_off) + 16 * b;
             int8_t *qb = qs + 256 * b;
-            if (m->dt == K_Q4_K) {
+            if (m->dt == K_Q4_K)
                 for (int p = 0; p < 8; p++) /* 32-byte chunk p of the order */
                     memcpy(qb + 32 * p, q + 32 * kc_q4k_sub(p >> 1, p & 1), 32);
-                for (int k = 0; k < 8; k++)
-                    sb[k] = (int16_t)(part[2 * k] + part[2 * k + 1]);
-                for (int k = 8; k < 16; k++)
-                    sb[k] = 0;
-            } else {
+            else
                 memcpy(qb, q, 256);
-                for (int k = 0; k < 16; k++)
-                    sb[k] = (int16_t)part[k];
-            }
+            kc_xq_ksums(m->dt, part, (int16_t *)(row + l->s_off) + 16 * b);
         }
     }
 }
@@ -173,7 +147,7 @@ static AI void ftile(const int NW, const int NX, enum k_dtype dt,
         }
     }
     if (i < K) {
-        __m256i k0 = mask8(K - i), k1 = mask8(K - i - 8);
+        __m256i k0 = kc_mask8(K - i), k1 = kc_mask8(K - i - 8);
         __m256 m0 = _mm256_castsi256_ps(k0), m1 = _mm256_castsi256_ps(k1);
         __m256 wv[2][2];
         for (int a = 0; a < NW; a++)
@@ -191,7 +165,7 @@ static AI void ftile(const int NW, const int NX, enum k_dtype dt,
     }
     for (int a = 0; a < NW; a++)
         for (int c = 0; c < NX; c++)
-            y[c][a] = tree16(acc[a][c][0], acc[a][c][1]);
+            y[c][a] = kc_tree16_ymm(acc[a][c][0], acc[a][c][1]);
 }
 
 static AI void mm_float(const struct kc_mm *m, int64_t o0, int64_t o1,
@@ -225,20 +199,6 @@ static AI void mm_float(const struct kc_mm *m, int64_t o0, int64_t o1,
 
 /* ------------------------------------------------------------ int8 */
 
-struct xrow {
-    const int8_t *qs;
-    const float *d;
-    const void *s;
-};
-
-static AI struct xrow xrow_at(const struct kc_mm *m, int64_t r)
-{
-    const uint8_t *p = m->xq + r * m->xl.stride;
-    struct xrow x = {(const int8_t *)(p + m->xl.qs_off),
-                     (const float *)(p + m->xl.d_off), p + m->xl.s_off};
-    return x;
-}
-
 /* 8 ymm of int32 partials -> their 8 sums, lane r = sum of a[r]. */
 static AI __m256i tree8(const __m256i *a)
 {
@@ -252,20 +212,6 @@ static AI __m256i tree8(const __m256i *a)
                                   _mm256_unpackhi_epi64(t[2], t[3]));
     return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
                             _mm256_permute2x128_si256(u0, u1, 0x31));
-}
-
-/* 8 xmm of int32 partials -> their 8 sums. */
-static AI __m256i tree8x4(const __m128i *a)
-{
-    __m256i q[4];
-    for (int k = 0; k < 4; k++)
-        q[k] = _mm256_inserti128_si256(_mm256_castsi128_si256(a[k]), a[k + 4], 1);
-    __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(q[0], q[1]),
-                                  _mm256_unpackhi_epi32(q[0], q[1]));
-    __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(q[2], q[3]),
-                                  _mm256_unpackhi_epi32(q[2], q[3]));
-    return _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1),
-                            _mm256_unpackhi_epi64(t0, t1));
 }
 
 /* The f16 at byte offset `at` of 8 rows (offsets off) as 8 floats; hi
@@ -290,17 +236,13 @@ static AI void group_q(const int NX, enum k_dtype dt, const struct kc_mm *m,
 {
     const uint8_t *row[8];
     int32_t off[8];
-    for (int j = 0; j < 8; j++) {
-        int jj = j < n ? j : n - 1;
-        row[j] = m->w + (o0 + jj) * m->w_stride;
-        off[j] = (int32_t)(jj * m->w_stride);
-    }
+    kc_group_rows(m, o0, n, 8, row, off);
     const __m256i vidx = _mm256_loadu_si256((const __m256i *)off);
     const uint8_t *base = m->w + o0 * m->w_stride;
-    struct xrow x[RX];
+    struct kc_xrow x[RX];
     __m256 acc[RX];
     for (int j = 0; j < NX; j++) {
-        x[j] = xrow_at(m, r0 + j);
+        x[j] = kc_xrow_at(m, r0 + j);
         acc[j] = _mm256_setzero_ps();
     }
     const __m256i ones = _mm256_set1_epi16(1);
@@ -402,7 +344,7 @@ static AI void group_q(const int NX, enum k_dtype dt, const struct kc_mm *m,
             __m256 dm = f16x8(base, vidx, 144 * b, 1);
             for (int j = 0; j < NX; j++) {
                 __m256 A = _mm256_cvtepi32_ps(tree8(part[j]));
-                __m256 B = _mm256_cvtepi32_ps(tree8x4(bpart[j]));
+                __m256 B = _mm256_cvtepi32_ps(kc_tree8x4(bpart[j]));
                 __m256 dx = _mm256_set1_ps(x[j].d[b]);
                 acc[j] = _mm256_fmadd_ps(A, _mm256_mul_ps(d, dx), acc[j]);
                 acc[j] = _mm256_fnmadd_ps(B, _mm256_mul_ps(dm, dx), acc[j]);
@@ -416,7 +358,7 @@ static AI void group_q(const int NX, enum k_dtype dt, const struct kc_mm *m,
             }
         }
     }
-    __m256i k = mask8(n);
+    __m256i k = kc_mask8(n);
     for (int j = 0; j < NX; j++)
         _mm256_maskstore_ps(m->y + (r0 + j) * m->y_stride + o0, k, acc[j]);
 }

@@ -13,27 +13,9 @@
  *     in its lane, and the panel serves every activation row.
  * Compiled with -mavx512f/bw/vl/vnni; called only after detection.
  */
-#include <immintrin.h>
+#include "kernels/cpu/simd_avx512.h"
 
-#include "kernels/cpu/kcpu.h"
-
-#define AI __attribute__((always_inline)) inline
-
-static AI __mmask16 mask_n(int64_t n)
-{
-    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
-}
-
-static AI float tree16(__m512 v)
-{
-    __m256 lo = _mm512_castps512_ps256(v);
-    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    __m256 a = _mm256_add_ps(lo, hi);
-    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-    __m128 d = _mm_add_ss(c, _mm_movehdup_ps(c));
-    return _mm_cvtss_f32(d);
-}
+#define AI KC_AI
 
 static AI int32_t load_i32(const void *p)
 {
@@ -91,7 +73,7 @@ void kc_quantize_avx512(const struct kc_mm *m, int64_t r0, int64_t r1)
             int8_t *qb = qs + 256 * b;
             int16_t *sb = s + 16 * b;
             d[b] = quant_block(x + 256 * b, 16, qb, part);
-            if (m->dt == K_Q4_K) {
+            if (m->dt == K_Q4_K)
                 /* permuted order: swap the 32-byte chunks 1<->2, 5<->6 */
                 for (int h = 0; h < 256; h += 128) {
                     __m256i c1 = _mm256_loadu_si256((const __m256i *)(qb + h + 32));
@@ -99,14 +81,7 @@ void kc_quantize_avx512(const struct kc_mm *m, int64_t r0, int64_t r1)
                     _mm256_storeu_si256((__m256i *)(qb + h + 32), c2);
                     _mm256_storeu_si256((__m256i *)(qb + h + 64), c1);
                 }
-                for (int k = 0; k < 8; k++)
-                    sb[k] = (int16_t)(part[2 * k] + part[2 * k + 1]);
-                for (int k = 8; k < 16; k++)
-                    sb[k] = 0;
-            } else {
-                for (int k = 0; k < 16; k++)
-                    sb[k] = (int16_t)part[k];
-            }
+            kc_xq_ksums(m->dt, part, sb);
         }
     }
 }
@@ -134,17 +109,28 @@ static AI __m512 load_w_tail(enum k_dtype dt, const uint8_t *row, int64_t i,
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* y[c][a] for NW weight rows w[a] and NX activation rows x[c]. */
-static AI void ftile(const int NW, const int NX, enum k_dtype dt,
-                     const uint8_t *const *w, const float *const *x,
-                     int64_t K, float *const *y)
+/* y[c][a] for NW weight rows w[a] and NX activation rows x[c], over
+ * columns [k0, k1). Batches block K so that a chunk of a 16-row weight
+ * panel and of 6 activation rows stay in L1 while 4 x 6 tiles sweep them.
+ * A lane's partial sum waits in st between chunks, which cannot change it:
+ * each lane still adds its elements in increasing order. first: start
+ * from zero, else from st; last: fold into y, else save to st. A whole row
+ * (k0 = 0, k1 = K, first and last) needs no st.
+ * st: (n_x, 16 weight rows, 16 lanes) f32. */
+#define FB_NX 6
+
+static AI void fbtile(const int NW, const int NX, enum k_dtype dt,
+                      const uint8_t *const *w, const float *const *x,
+                      int64_t k0, int64_t k1, float *st, int first, int last,
+                      float *const *y)
 {
-    __m512 acc[4][4];
+    __m512 acc[4][FB_NX];
     for (int a = 0; a < NW; a++)
         for (int c = 0; c < NX; c++)
-            acc[a][c] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= K; i += 16) {
+            acc[a][c] = first ? _mm512_setzero_ps()
+                              : _mm512_load_ps(st + (c * 16 + a) * 16);
+    int64_t i = k0;
+    for (; i + 16 <= k1; i += 16) {
         __m512 wv[4];
         for (int a = 0; a < NW; a++)
             wv[a] = load_w(dt, w[a], i);
@@ -154,8 +140,8 @@ static AI void ftile(const int NW, const int NX, enum k_dtype dt,
                 acc[a][c] = _mm512_fmadd_ps(wv[a], xv, acc[a][c]);
         }
     }
-    if (i < K) {
-        __mmask16 k = mask_n(K - i);
+    if (i < k1) { /* the row's last, partial group of 16 */
+        __mmask16 k = kc_mask16(k1 - i);
         __m512 wv[4];
         for (int a = 0; a < NW; a++)
             wv[a] = load_w_tail(dt, w[a], i, k);
@@ -166,8 +152,12 @@ static AI void ftile(const int NW, const int NX, enum k_dtype dt,
         }
     }
     for (int a = 0; a < NW; a++)
-        for (int c = 0; c < NX; c++)
-            y[c][a] = tree16(acc[a][c]);
+        for (int c = 0; c < NX; c++) {
+            if (last)
+                y[c][a] = kc_tree16_zmm(acc[a][c]);
+            else
+                _mm512_store_ps(st + (c * 16 + a) * 16, acc[a][c]);
+        }
 }
 
 static AI void ftile_nx(const int NW, int nx, enum k_dtype dt,
@@ -176,16 +166,16 @@ static AI void ftile_nx(const int NW, int nx, enum k_dtype dt,
 {
     switch (nx) {
     case 4:
-        ftile(NW, 4, dt, w, x, K, y);
+        fbtile(NW, 4, dt, w, x, 0, K, NULL, 1, 1, y);
         break;
     case 3:
-        ftile(NW, 3, dt, w, x, K, y);
+        fbtile(NW, 3, dt, w, x, 0, K, NULL, 1, 1, y);
         break;
     case 2:
-        ftile(NW, 2, dt, w, x, K, y);
+        fbtile(NW, 2, dt, w, x, 0, K, NULL, 1, 1, y);
         break;
     default:
-        ftile(NW, 1, dt, w, x, K, y);
+        fbtile(NW, 1, dt, w, x, 0, K, NULL, 1, 1, y);
         break;
     }
 }
@@ -213,54 +203,6 @@ static AI void mm_float(const struct kc_mm *m, int64_t o0, int64_t o1,
         }
         o += nw;
     }
-}
-
-/* Batches: the same canonical lanes, blocked over K so that a chunk of a
- * 16-row weight panel and of 6 activation rows stay in L1 while 4 x 6
- * tiles sweep them. A lane's partial sum waits in st between chunks, which
- * cannot change it: each lane still adds its elements in increasing order.
- * st: (n_x, 16 weight rows, 16 lanes) f32. */
-#define FB_NX 6
-
-static AI void fbtile(const int NW, const int NX, enum k_dtype dt,
-                      const uint8_t *const *w, const float *const *x,
-                      int64_t k0, int64_t k1, float *st, int first, int last,
-                      float *const *y)
-{
-    __m512 acc[4][FB_NX];
-    for (int a = 0; a < NW; a++)
-        for (int c = 0; c < NX; c++)
-            acc[a][c] = first ? _mm512_setzero_ps()
-                              : _mm512_load_ps(st + (c * 16 + a) * 16);
-    int64_t i = k0;
-    for (; i + 16 <= k1; i += 16) {
-        __m512 wv[4];
-        for (int a = 0; a < NW; a++)
-            wv[a] = load_w(dt, w[a], i);
-        for (int c = 0; c < NX; c++) {
-            __m512 xv = _mm512_loadu_ps(x[c] + i);
-            for (int a = 0; a < NW; a++)
-                acc[a][c] = _mm512_fmadd_ps(wv[a], xv, acc[a][c]);
-        }
-    }
-    if (i < k1) { /* the row's last, partial group of 16 */
-        __mmask16 k = mask_n(k1 - i);
-        __m512 wv[4];
-        for (int a = 0; a < NW; a++)
-            wv[a] = load_w_tail(dt, w[a], i, k);
-        for (int c = 0; c < NX; c++) {
-            __m512 xv = _mm512_maskz_loadu_ps(k, x[c] + i);
-            for (int a = 0; a < NW; a++)
-                acc[a][c] = _mm512_mask3_fmadd_ps(wv[a], xv, acc[a][c], k);
-        }
-    }
-    for (int a = 0; a < NW; a++)
-        for (int c = 0; c < NX; c++) {
-            if (last)
-                y[c][a] = tree16(acc[a][c]);
-            else
-                _mm512_store_ps(st + (c * 16 + a) * 16, acc[a][c]);
-        }
 }
 
 static AI void fbtile_nx(const int NW, int nx, enum k_dtype dt,
@@ -348,30 +290,50 @@ static AI void mm_float_blocked(const struct kc_mm *m, int64_t o0, int64_t o1,
 #define PF_HINT _MM_HINT_T0
 #endif
 
-/* The quantized activation row r. */
-struct xrow {
-    const int8_t *qs;
-    const float *d;
-    const void *s;
-};
-
-static AI struct xrow xrow_at(const struct kc_mm *m, int64_t r)
+/* The 256 nibbles of a Q4_K block in x's permuted order: nib[c] is
+ * chunk c, the low (c even) or high (c odd) nibbles of quant bytes
+ * 64 * (c / 2) .. +63. */
+static AI void q4k_nibbles(const uint8_t *blk, __m512i lo4, __m512i nib[4])
 {
-    const uint8_t *p = m->xq + r * m->xl.stride;
-    struct xrow x = {(const int8_t *)(p + m->xl.qs_off),
-                     (const float *)(p + m->xl.d_off), p + m->xl.s_off};
-    return x;
+    __m512i q0 = _mm512_loadu_si512(blk + 16), q1 = _mm512_loadu_si512(blk + 80);
+    nib[0] = _mm512_and_si512(q0, lo4);
+    nib[1] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), lo4);
+    nib[2] = _mm512_and_si512(q1, lo4);
+    nib[3] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), lo4);
 }
 
-/* Row pointers and gather offsets for a group of n <= G rows from o0; the
- * missing rows repeat the last one and are masked off at the store. */
-static AI void group_rows(const struct kc_mm *m, int64_t o0, int n, int G,
-                          const uint8_t **row, int32_t *off)
+/* The constants of q6k_values, made once by its callers (outside their
+ * loops, where they stay in registers). */
+struct q6k_consts {
+    __m512i lo4, hi2, sh_lo, sh_hi;
+};
+
+static AI struct q6k_consts q6k_consts(void)
 {
-    for (int j = 0; j < G; j++) {
-        int jj = j < n ? j : n - 1;
-        row[j] = m->w + (o0 + jj) * m->w_stride;
-        off[j] = (int32_t)(jj * m->w_stride);
+    struct q6k_consts k;
+    k.lo4 = _mm512_set1_epi8(0x0f);
+    k.hi2 = _mm512_set1_epi8(0x30);
+    /* per 256-bit half: bits 0-1 / 2-3 of qh to bits 4-5 for the low
+     * nibbles, bits 4-5 / 6-7 for the high nibbles */
+    k.sh_lo = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    k.sh_hi = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    return k;
+}
+
+/* The 256 unsigned 6-bit values of a Q6_K block in natural order, 64 per
+ * zmm. */
+static AI void q6k_values(const uint8_t *blk, struct q6k_consts k, __m512i u[4])
+{
+    const __m512i lo4 = k.lo4, hi2 = k.hi2, sh_lo = k.sh_lo, sh_hi = k.sh_hi;
+    for (int nh = 0; nh < 2; nh++) {
+        __m512i L = _mm512_loadu_si512(blk + 64 * nh);
+        __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * nh));
+        __m512i Hz = _mm512_inserti64x4(_mm512_castsi256_si512(H), H, 1);
+        u[2 * nh] = _mm512_or_si512(_mm512_and_si512(L, lo4),
+                                    _mm512_and_si512(_mm512_sllv_epi16(Hz, sh_lo), hi2));
+        u[2 * nh + 1] = _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi16(L, 4), lo4),
+            _mm512_and_si512(_mm512_srlv_epi16(Hz, sh_hi), hi2));
     }
 }
 
@@ -383,17 +345,17 @@ static AI void q8_0_gemv16(const int RX, const struct kc_mm *m, int64_t o0,
 {
     const uint8_t *row[16];
     int32_t off[16];
-    group_rows(m, o0, n, 16, row, off);
+    kc_group_rows(m, o0, n, 16, row, off);
     const __m512i vidx = _mm512_loadu_si512(off);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     /* after the tree, lane i holds row perm[i]; this puts row j in lane j */
     const __m512i unperm = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9,
                                              13, 10, 14, 11, 15);
     const uint8_t *base = m->w + o0 * m->w_stride;
-    struct xrow x[RX_GEMV];
+    struct kc_xrow x[RX_GEMV];
     __m512 acc[RX_GEMV];
     for (int j = 0; j < RX; j++) {
-        x[j] = xrow_at(m, r0 + j);
+        x[j] = kc_xrow_at(m, r0 + j);
         acc[j] = _mm512_setzero_ps();
     }
     for (int64_t b = 0; b < m->xl.nb; b++) {
@@ -435,7 +397,7 @@ static AI void q8_0_gemv16(const int RX, const struct kc_mm *m, int64_t o0,
         }
     }
     for (int j = 0; j < RX; j++)
-        _mm512_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + o0, mask_n(n), acc[j]);
+        _mm512_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + o0, kc_mask16(n), acc[j]);
 }
 
 /* 8 zmm of int32 partials -> their 8 sums, lane r = sum of a[r]. */
@@ -457,20 +419,6 @@ static AI __m256i tree8x16(const __m512i *a)
     return _mm512_castsi512_si256(_mm512_shuffle_i32x4(w, w, 0x08));
 }
 
-/* 8 xmm of int32 partials -> their 8 sums. */
-static AI __m256i tree8x4(const __m128i *a)
-{
-    __m256i q[4];
-    for (int k = 0; k < 4; k++)
-        q[k] = _mm256_inserti128_si256(_mm256_castsi128_si256(a[k]), a[k + 4], 1);
-    __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(q[0], q[1]),
-                                  _mm256_unpackhi_epi32(q[0], q[1]));
-    __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(q[2], q[3]),
-                                  _mm256_unpackhi_epi32(q[2], q[3]));
-    return _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1),
-                            _mm256_unpackhi_epi64(t0, t1));
-}
-
 
 /* Q4_K, up to 8 weight rows, lane r = row o0 + r: A and B of each row's
  * block (kcpu.h) by maddubs + vpdpwssd, then the f32 chain per lane. */
@@ -479,7 +427,7 @@ static AI void q4_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
 {
     const uint8_t *row[8];
     int32_t off[8];
-    group_rows(m, o0, n, 8, row, off);
+    kc_group_rows(m, o0, n, 8, row, off);
     const __m256i vidx = _mm256_loadu_si256((const __m256i *)off);
     const uint8_t *base = m->w + o0 * m->w_stride;
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
@@ -489,10 +437,10 @@ static AI void q4_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
         sidx[c] = _mm512_mask_blend_epi16(
             0xffff0000u, _mm512_set1_epi16((short)kc_q4k_sub(c, 0)),
             _mm512_set1_epi16((short)kc_q4k_sub(c, 1)));
-    struct xrow x[RX_GEMV];
+    struct kc_xrow x[RX_GEMV];
     __m256 acc[RX_GEMV];
     for (int j = 0; j < RX; j++) {
-        x[j] = xrow_at(m, r0 + j);
+        x[j] = kc_xrow_at(m, r0 + j);
         acc[j] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < m->xl.nb; b++) {
@@ -513,11 +461,8 @@ static AI void q4_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
             __m512i scv = _mm512_castsi256_si512(
                 _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc))));
             __m128i mv = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn));
-            __m512i q0 = _mm512_loadu_si512(blk + 16), q1 = _mm512_loadu_si512(blk + 80);
-            __m512i nib[4] = {_mm512_and_si512(q0, lo4),
-                              _mm512_and_si512(_mm512_srli_epi16(q0, 4), lo4),
-                              _mm512_and_si512(q1, lo4),
-                              _mm512_and_si512(_mm512_srli_epi16(q1, 4), lo4)};
+            __m512i nib[4];
+            q4k_nibbles(blk, lo4, nib);
             __m512i S[4];
             for (int c = 0; c < 4; c++)
                 S[c] = _mm512_permutexvar_epi16(sidx[c], scv);
@@ -536,7 +481,7 @@ static AI void q4_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
         __m256 dm = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(h, 16)));
         for (int j = 0; j < RX; j++) {
             __m256 A = _mm256_cvtepi32_ps(tree8x16(a[j]));
-            __m256 B = _mm256_cvtepi32_ps(tree8x4(bp[j]));
+            __m256 B = _mm256_cvtepi32_ps(kc_tree8x4(bp[j]));
             __m256 dx = _mm256_set1_ps(x[j].d[b]);
             acc[j] = _mm256_fmadd_ps(A, _mm256_mul_ps(d, dx), acc[j]);
             acc[j] = _mm256_fnmadd_ps(B, _mm256_mul_ps(dm, dx), acc[j]);
@@ -554,16 +499,10 @@ static AI void q6_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
 {
     const uint8_t *row[8];
     int32_t off[8];
-    group_rows(m, o0, n, 8, row, off);
+    kc_group_rows(m, o0, n, 8, row, off);
     const __m256i vidx = _mm256_loadu_si256((const __m256i *)off);
     const uint8_t *base = m->w + o0 * m->w_stride;
-    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi2 = _mm512_set1_epi8(0x30);
-    /* per 256-bit half: bits 0-1 / 2-3 of qh to bits 4-5 for the low
-     * nibbles, bits 4-5 / 6-7 for the high nibbles */
-    const __m512i sh_lo = _mm512_inserti64x4(_mm512_set1_epi16(4),
-                                             _mm256_set1_epi16(2), 1);
-    const __m512i sh_hi = _mm512_inserti64x4(_mm512_setzero_si512(),
-                                             _mm256_set1_epi16(2), 1);
+    const struct q6k_consts k6 = q6k_consts();
     /* 8 int16 lanes (16 elements) per scale: 64-element chunk k takes
      * scales 4k .. 4k+3 */
     __m512i sidx[4];
@@ -573,10 +512,10 @@ static AI void q6_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
             e[l] = (short)(4 * k + l / 8);
         sidx[k] = _mm512_loadu_si512(e);
     }
-    struct xrow x[RX_GEMV];
+    struct kc_xrow x[RX_GEMV];
     __m256 acc[RX_GEMV];
     for (int j = 0; j < RX; j++) {
-        x[j] = xrow_at(m, r0 + j);
+        x[j] = kc_xrow_at(m, r0 + j);
         acc[j] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < m->xl.nb; b++) {
@@ -596,16 +535,7 @@ static AI void q6_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
             __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
             __m512i scz = _mm512_castsi256_si512(sc16);
             __m512i u[4], S[4];
-            for (int nh = 0; nh < 2; nh++) {
-                __m512i L = _mm512_loadu_si512(blk + 64 * nh);
-                __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * nh));
-                __m512i Hz = _mm512_inserti64x4(_mm512_castsi256_si512(H), H, 1);
-                u[2 * nh] = _mm512_or_si512(_mm512_and_si512(L, lo4),
-                                            _mm512_and_si512(_mm512_sllv_epi16(Hz, sh_lo), hi2));
-                u[2 * nh + 1] = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16(L, 4), lo4),
-                    _mm512_and_si512(_mm512_srlv_epi16(Hz, sh_hi), hi2));
-            }
+            q6k_values(blk, k6, u);
             for (int k = 0; k < 4; k++)
                 S[k] = _mm512_permutexvar_epi16(sidx[k], scz);
             for (int j = 0; j < RX; j++) {
@@ -806,11 +736,10 @@ static AI void repack_q4_k(const uint8_t *const *row, int64_t b, struct panel pn
     __m512i sm[16];
     for (int j = 0; j < 16; j++) {
         const uint8_t *blk = row[j] + 144 * b;
-        __m512i q0 = _mm512_loadu_si512(blk + 16), q1 = _mm512_loadu_si512(blk + 80);
-        ch[0][j] = _mm512_and_si512(q0, lo4);
-        ch[1][j] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), lo4);
-        ch[2][j] = _mm512_and_si512(q1, lo4);
-        ch[3][j] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), lo4);
+        __m512i nib[4];
+        q4k_nibbles(blk, lo4, nib);
+        for (int c = 0; c < 4; c++)
+            ch[c][j] = nib[c];
         uint64_t mn, sc = kc_q4k_scales64(blk + 4, &mn);
         /* lanes 0-7 the scales, 8-15 the mins */
         sm[j] = _mm512_cvtepu8_epi32(_mm_set_epi64x((long long)mn, (long long)sc));
@@ -833,25 +762,15 @@ static AI void repack_q4_k(const uint8_t *const *row, int64_t b, struct panel pn
  * sign-extended to int32 lanes. */
 static AI void repack_q6_k(const uint8_t *const *row, int64_t b, struct panel pn)
 {
-    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi2 = _mm512_set1_epi8(0x30);
-    const __m512i sh_lo = _mm512_inserti64x4(_mm512_set1_epi16(4),
-                                             _mm256_set1_epi16(2), 1);
-    const __m512i sh_hi = _mm512_inserti64x4(_mm512_setzero_si512(),
-                                             _mm256_set1_epi16(2), 1);
+    const struct q6k_consts k6 = q6k_consts();
     __m512i ch[4][16];
     __m512i sc[16];
     for (int j = 0; j < 16; j++) {
         const uint8_t *blk = row[j] + 210 * b;
-        for (int nh = 0; nh < 2; nh++) {
-            __m512i L = _mm512_loadu_si512(blk + 64 * nh);
-            __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * nh));
-            __m512i Hz = _mm512_inserti64x4(_mm512_castsi256_si512(H), H, 1);
-            ch[2 * nh][j] = _mm512_or_si512(_mm512_and_si512(L, lo4),
-                                            _mm512_and_si512(_mm512_sllv_epi16(Hz, sh_lo), hi2));
-            ch[2 * nh + 1][j] = _mm512_or_si512(
-                _mm512_and_si512(_mm512_srli_epi16(L, 4), lo4),
-                _mm512_and_si512(_mm512_srlv_epi16(Hz, sh_hi), hi2));
-        }
+        __m512i u[4];
+        q6k_values(blk, k6, u);
+        for (int c = 0; c < 4; c++)
+            ch[c][j] = u[c];
         sc[j] = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)));
     }
     for (int c = 0; c < 4; c++) {
@@ -868,11 +787,7 @@ static void repack(const struct kc_mm *m, int64_t o0, int n, struct panel pn)
 {
     const uint8_t *row[16];
     int32_t off[16];
-    for (int j = 0; j < 16; j++) {
-        int jj = j < n ? j : n - 1;
-        row[j] = m->w + (o0 + jj) * m->w_stride;
-        off[j] = (int32_t)(jj * m->w_stride);
-    }
+    kc_group_rows(m, o0, n, 16, row, off);
     const __m512i vidx = _mm512_loadu_si512(off);
     const uint8_t *base = m->w + o0 * m->w_stride;
     int64_t nb = m->xl.nb, bb = k_dtype_block_bytes(m->dt);
@@ -909,9 +824,9 @@ static void repack(const struct kc_mm *m, int64_t o0, int n, struct panel pn)
 static AI void panel_rows(const int RX, enum k_dtype dt, const struct kc_mm *m,
                           struct panel pn, int64_t r0, int64_t o0, int n)
 {
-    struct xrow x[RX_MAX];
+    struct kc_xrow x[RX_MAX];
     for (int j = 0; j < RX; j++)
-        x[j] = xrow_at(m, r0 + j);
+        x[j] = kc_xrow_at(m, r0 + j);
     __m512 f[RX_MAX];
     for (int j = 0; j < RX; j++)
         f[j] = _mm512_setzero_ps();
@@ -1002,7 +917,7 @@ static AI void panel_rows(const int RX, enum k_dtype dt, const struct kc_mm *m,
         }
     }
     for (int j = 0; j < RX; j++)
-        _mm512_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + o0, mask_n(n), f[j]);
+        _mm512_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + o0, kc_mask16(n), f[j]);
 }
 
 static AI void panel_all(enum k_dtype dt, const struct kc_mm *m,

@@ -36,13 +36,12 @@ static float dot_float(enum k_dtype dt, const uint8_t *w, const float *x,
 
 /* ----------------------------------------------------- int8 weights */
 
-static float dot_q8_0(const uint8_t *w, const uint8_t *xq,
-                      const struct kc_xq *l)
+static float dot_q8_0(const uint8_t *w, struct kc_xrow x, int64_t nb)
 {
-    const int8_t *qx = (const int8_t *)(xq + l->qs_off);
-    const float *dx = (const float *)(xq + l->d_off);
+    const int8_t *qx = x.qs;
+    const float *dx = x.d;
     float acc = 0.0f;
-    for (int64_t b = 0; b < l->nb; b++) {
+    for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + 34 * b;
         int32_t s = 0;
         for (int i = 0; i < 32; i++)
@@ -52,14 +51,13 @@ static float dot_q8_0(const uint8_t *w, const uint8_t *xq,
     return acc;
 }
 
-static float dot_q4_k(const uint8_t *w, const uint8_t *xq,
-                      const struct kc_xq *l)
+static float dot_q4_k(const uint8_t *w, struct kc_xrow x, int64_t nb)
 {
-    const int8_t *qx = (const int8_t *)(xq + l->qs_off);
-    const float *dx = (const float *)(xq + l->d_off);
-    const int16_t *sx = (const int16_t *)(xq + l->s_off);
+    const int8_t *qx = x.qs;
+    const float *dx = x.d;
+    const int16_t *sx = x.s;
     float acc = 0.0f;
-    for (int64_t b = 0; b < l->nb; b++) {
+    for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + 144 * b, *qs = blk + 16;
         const int8_t *xb = qx + 256 * b;
         uint8_t sc[8], m[8];
@@ -84,14 +82,13 @@ static float dot_q4_k(const uint8_t *w, const uint8_t *xq,
     return acc;
 }
 
-static float dot_q6_k(const uint8_t *w, const uint8_t *xq,
-                      const struct kc_xq *l)
+static float dot_q6_k(const uint8_t *w, struct kc_xrow x, int64_t nb)
 {
-    const int8_t *qx = (const int8_t *)(xq + l->qs_off);
-    const float *dx = (const float *)(xq + l->d_off);
-    const int16_t *sx = (const int16_t *)(xq + l->s_off);
+    const int8_t *qx = x.qs;
+    const float *dx = x.d;
+    const int16_t *sx = x.s;
     float acc = 0.0f;
-    for (int64_t b = 0; b < l->nb; b++) {
+    for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + 210 * b, *ql = blk, *qh = blk + 128;
         const int8_t *sc = (const int8_t *)(blk + 192);
         const int8_t *xb = qx + 256 * b;
@@ -123,20 +120,22 @@ void kc_mm_rows_scalar(const struct kc_mm *m, int64_t o0, int64_t o1,
 {
     (void)work;
     for (int64_t r = 0; r < m->n_x; r++) {
-        const uint8_t *xq = m->xq ? m->xq + r * m->xl.stride : NULL;
+        struct kc_xrow xq = {0};
+        if (m->xq)
+            xq = kc_xrow_at(m, r);
         const float *x = m->x + r * m->x_stride;
         float *y = m->y + r * m->y_stride;
         for (int64_t o = o0; o < o1; o++) {
             const uint8_t *w = m->w + o * m->w_stride;
             switch (m->dt) {
             case K_Q8_0:
-                y[o] = dot_q8_0(w, xq, &m->xl);
+                y[o] = dot_q8_0(w, xq, m->xl.nb);
                 break;
             case K_Q4_K:
-                y[o] = dot_q4_k(w, xq, &m->xl);
+                y[o] = dot_q4_k(w, xq, m->xl.nb);
                 break;
             case K_Q6_K:
-                y[o] = dot_q6_k(w, xq, &m->xl);
+                y[o] = dot_q6_k(w, xq, m->xl.nb);
                 break;
             default:
                 y[o] = dot_float(m->dt, w, x, m->cols);

@@ -57,20 +57,13 @@ void kc_quantize_scalar(const struct kc_mm *m, int64_t r0, int64_t r1)
                 for (int i = 0; i < 16; i++)
                     part[k] += q[16 * k + i];
             }
-            int16_t *sb = s + 16 * b;
             int8_t *qb = qs + 256 * b;
-            if (m->dt == K_Q4_K) {
-                for (int k = 0; k < 8; k++)
-                    sb[k] = (int16_t)(part[2 * k] + part[2 * k + 1]);
-                for (int k = 8; k < 16; k++)
-                    sb[k] = 0;
+            kc_xq_ksums(m->dt, part, s + 16 * b);
+            if (m->dt == K_Q4_K)
                 for (int p = 0; p < 256; p++)
                     qb[p] = q[kc_q4k_perm(p)];
-            } else {
-                for (int k = 0; k < 16; k++)
-                    sb[k] = (int16_t)part[k];
+            else
                 memcpy(qb, q, 256);
-            }
         }
     }
 }

@@ -5,26 +5,7 @@
  * zero-filled fma (that would turn a -0 lane into +0).
  * Compiled with -mavx2 -mfma -mf16c; called only after detection.
  */
-#include <immintrin.h>
-
-#include "kernels/cpu/kcpu.h"
-
-/* Lanes i < left of 8 as an all-ones mask. */
-static inline __m256i mask8(int64_t left)
-{
-    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    int l = left > 8 ? 8 : (left < 0 ? 0 : (int)left);
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(l), idx);
-}
-
-static inline float tree16(__m256 lo, __m256 hi)
-{
-    __m256 a = _mm256_add_ps(lo, hi);
-    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-    __m128 d = _mm_add_ss(c, _mm_movehdup_ps(c));
-    return _mm_cvtss_f32(d);
-}
+#include "kernels/cpu/simd_avx2.h"
 
 float kc_dot_avx2(const float *a, const float *b, int64_t n)
 {
@@ -35,7 +16,7 @@ float kc_dot_avx2(const float *a, const float *b, int64_t n)
         hi = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi);
     }
     if (i < n) {
-        __m256i k0 = mask8(n - i), k1 = mask8(n - i - 8);
+        __m256i k0 = kc_mask8(n - i), k1 = kc_mask8(n - i - 8);
         __m256 f0 = _mm256_fmadd_ps(_mm256_maskload_ps(a + i, k0),
                                     _mm256_maskload_ps(b + i, k0), lo);
         __m256 f1 = _mm256_fmadd_ps(_mm256_maskload_ps(a + i + 8, k1),
@@ -43,7 +24,7 @@ float kc_dot_avx2(const float *a, const float *b, int64_t n)
         lo = _mm256_blendv_ps(lo, f0, _mm256_castsi256_ps(k0));
         hi = _mm256_blendv_ps(hi, f1, _mm256_castsi256_ps(k1));
     }
-    return tree16(lo, hi);
+    return kc_tree16_ymm(lo, hi);
 }
 
 void kc_axpy_avx2(float *y, float a, const float *x, int64_t n)
@@ -54,7 +35,7 @@ void kc_axpy_avx2(float *y, float a, const float *x, int64_t n)
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i),
                                                 _mm256_loadu_ps(y + i)));
     if (i < n) {
-        __m256i k = mask8(n - i);
+        __m256i k = kc_mask8(n - i);
         __m256 v = _mm256_fmadd_ps(va, _mm256_maskload_ps(x + i, k),
                                    _mm256_maskload_ps(y + i, k));
         _mm256_maskstore_ps(y + i, k, v);
@@ -68,7 +49,7 @@ void kc_rmsnorm_avx2(float *out, const float *x, const float *w, int64_t n,
     float r = 1.0f / sqrtf(ss / (float)n + eps);
     __m256 vr = _mm256_set1_ps(r);
     for (int64_t i = 0; i < n; i += 8) {
-        __m256i k = mask8(n - i);
+        __m256i k = kc_mask8(n - i);
         __m256 v = _mm256_mul_ps(_mm256_maskload_ps(x + i, k), vr);
         v = _mm256_mul_ps(v, _mm256_maskload_ps(w + i, k));
         _mm256_maskstore_ps(out + i, k, v);
@@ -105,7 +86,7 @@ void kc_silu_mul_avx2(float *out, const float *g, const float *u, int64_t n)
 {
     const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
     for (int64_t i = 0; i < n; i += 8) {
-        __m256i k = mask8(n - i);
+        __m256i k = kc_mask8(n - i);
         __m256 vg = _mm256_maskload_ps(g + i, k);
         __m256 vu = _mm256_maskload_ps(u + i, k);
         __m256 s = _mm256_div_ps(vg, _mm256_add_ps(one, exp8(_mm256_xor_ps(vg, sign))));
@@ -117,7 +98,7 @@ void kc_softmax_avx2(float *x, int64_t n)
 {
     __m256 vm = _mm256_set1_ps(x[0]);
     for (int64_t i = 0; i < n; i += 8) {
-        __m256i k = mask8(n - i);
+        __m256i k = kc_mask8(n - i);
         __m256 v = _mm256_maskload_ps(x + i, k);
         /* (v > m) ? v : m, as the scalar loop; masked lanes keep m */
         __m256 gt = _mm256_and_ps(_mm256_cmp_ps(v, vm, _CMP_GT_OQ),
@@ -132,7 +113,7 @@ void kc_softmax_avx2(float *x, int64_t n)
     __m256 vmx = _mm256_set1_ps(mx);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t i = 0; i < n; i += 8) {
-        __m256i k = mask8(n - i);
+        __m256i k = kc_mask8(n - i);
         __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), vmx));
         /* lane of element i is i mod 16: alternate the two halves */
         int h = (int)((i >> 3) & 1);
@@ -140,9 +121,9 @@ void kc_softmax_avx2(float *x, int64_t n)
                                   _mm256_castsi256_ps(k));
         _mm256_maskstore_ps(x + i, k, e);
     }
-    __m256 vs = _mm256_set1_ps(tree16(acc[0], acc[1]));
+    __m256 vs = _mm256_set1_ps(kc_tree16_ymm(acc[0], acc[1]));
     for (int64_t i = 0; i < n; i += 8) {
-        __m256i k = mask8(n - i);
+        __m256i k = kc_mask8(n - i);
         _mm256_maskstore_ps(x + i, k, _mm256_div_ps(_mm256_maskload_ps(x + i, k), vs));
     }
 }

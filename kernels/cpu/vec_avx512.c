@@ -4,26 +4,7 @@
  * the exp is kc_expf's sequence of operations, lane by lane.
  * Compiled with -mavx512f/bw/vl/vnni; called only after detection.
  */
-#include <immintrin.h>
-
-#include "kernels/cpu/kcpu.h"
-
-static inline __mmask16 tail_mask(int64_t left)
-{
-    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-}
-
-/* kc_tree16 on the lanes of v: j += j+8, j += j+4, j += j+2, 0 += 1. */
-static inline float tree16(__m512 v)
-{
-    __m256 lo = _mm512_castps512_ps256(v);
-    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    __m256 a = _mm256_add_ps(lo, hi);
-    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-    __m128 d = _mm_add_ss(c, _mm_movehdup_ps(c));
-    return _mm_cvtss_f32(d);
-}
+#include "kernels/cpu/simd_avx512.h"
 
 float kc_dot_avx512(const float *a, const float *b, int64_t n)
 {
@@ -32,18 +13,18 @@ float kc_dot_avx512(const float *a, const float *b, int64_t n)
     for (; i + 16 <= n; i += 16)
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     if (i < n) {
-        __mmask16 k = tail_mask(n - i);
+        __mmask16 k = kc_mask16(n - i);
         acc = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i),
                                     _mm512_maskz_loadu_ps(k, b + i), acc, k);
     }
-    return tree16(acc);
+    return kc_tree16_zmm(acc);
 }
 
 void kc_axpy_avx512(float *y, float a, const float *x, int64_t n)
 {
     __m512 va = _mm512_set1_ps(a);
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 k = tail_mask(n - i);
+        __mmask16 k = kc_mask16(n - i);
         __m512 v = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, x + i),
                                    _mm512_maskz_loadu_ps(k, y + i));
         _mm512_mask_storeu_ps(y + i, k, v);
@@ -57,7 +38,7 @@ void kc_rmsnorm_avx512(float *out, const float *x, const float *w, int64_t n,
     float r = 1.0f / sqrtf(ss / (float)n + eps);
     __m512 vr = _mm512_set1_ps(r);
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 k = tail_mask(n - i);
+        __mmask16 k = kc_mask16(n - i);
         __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), vr);
         v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, w + i));
         _mm512_mask_storeu_ps(out + i, k, v);
@@ -94,7 +75,7 @@ void kc_silu_mul_avx512(float *out, const float *g, const float *u, int64_t n)
 {
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 k = tail_mask(n - i);
+        __mmask16 k = kc_mask16(n - i);
         __m512 vg = _mm512_maskz_loadu_ps(k, g + i);
         __m512 vu = _mm512_maskz_loadu_ps(k, u + i);
         __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(
@@ -110,20 +91,20 @@ void kc_softmax_avx512(float *x, int64_t n)
      * a zero max cannot change exp(x - max) */
     __m512 vm = _mm512_set1_ps(x[0]);
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 k = tail_mask(n - i);
+        __mmask16 k = kc_mask16(n - i);
         vm = _mm512_mask_max_ps(vm, k, _mm512_maskz_loadu_ps(k, x + i), vm);
     }
     float mx = _mm512_reduce_max_ps(vm);
     __m512 vmx = _mm512_set1_ps(mx), acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 k = tail_mask(n - i);
+        __mmask16 k = kc_mask16(n - i);
         __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vmx));
         acc = _mm512_mask_add_ps(acc, k, acc, e);
         _mm512_mask_storeu_ps(x + i, k, e);
     }
-    __m512 vs = _mm512_set1_ps(tree16(acc));
+    __m512 vs = _mm512_set1_ps(kc_tree16_zmm(acc));
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 k = tail_mask(n - i);
+        __mmask16 k = kc_mask16(n - i);
         _mm512_mask_storeu_ps(x + i, k,
                               _mm512_div_ps(_mm512_maskz_loadu_ps(k, x + i), vs));
     }
