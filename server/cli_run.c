@@ -159,21 +159,18 @@ static int run(int argc, char **argv, int is_generate)
         goto done;
     }
     const struct model_config *cf = model_get_config(m);
-    int64_t total_rows = 0, max_len = 0;
+    int64_t gen = is_generate ? a.max_tokens : 0; /* tokens each sequence grows by */
+    int64_t total_rows = 0, blocks = 0;
     for (int i = 0; i < s.n; i++) {
-        int64_t len = s.len[i] + (is_generate ? a.max_tokens : 0);
+        int64_t len = s.len[i] + gen;
         if (len > cf->n_ctx) {
             cli_error("sequence %d: %lld tokens exceed the context length %lld", i,
                       (long long)len, (long long)cf->n_ctx);
             goto done;
         }
         total_rows += s.len[i];
-        if (len > max_len)
-            max_len = len;
+        blocks += (len + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS;
     }
-    int64_t blocks = 0;
-    for (int i = 0; i < s.n; i++)
-        blocks += (s.len[i] + (is_generate ? a.max_tokens : 0) + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS;
     struct kv_geom g = model_kv_geom(m);
     kv = kv_create(&g, blocks, s.n, err, sizeof(err));
     if (!kv) {
@@ -196,9 +193,9 @@ static int run(int argc, char **argv, int is_generate)
         goto done;
     }
     for (int i = 0; i < s.n; i++) {
-        int64_t planned = a.rope_total ? a.rope_total : s.len[i] + (is_generate ? a.max_tokens : 0);
+        int64_t planned = a.rope_total ? a.rope_total : s.len[i] + gen;
         seq_id[i] = kv_seq_open(kv, model_rope_long_for(m, planned));
-        if (kv_seq_reserve(kv, seq_id[i], s.len[i] + (is_generate ? a.max_tokens : 0))) {
+        if (kv_seq_reserve(kv, seq_id[i], s.len[i] + gen)) {
             cli_error("KV cache too small");
             goto done;
         }
