@@ -421,34 +421,71 @@ static AI __m256i tree8x16(const __m512i *a)
 
 
 /* Q4_K, up to 8 weight rows, lane r = row o0 + r: A and B of each row's
- * block (kcpu.h) by maddubs + vpdpwssd, then the f32 chain per lane. */
+ * block (kcpu.h) by maddubs + vpdpwssd, then the f32 chain per lane.
+ * The 12 scale bytes of the 8 rows are loaded and unpacked at once
+ * (kc_q4k_scales64 on 64-bit lanes), so B of all 8 rows is one madd, and
+ * each row's scales are a register vpermw picks from. */
 static AI void q4_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
                           int n, int64_t r0)
 {
     const uint8_t *row[8];
     int32_t off[8];
     kc_group_rows(m, o0, n, 8, row, off);
-    const __m256i vidx = _mm256_loadu_si256((const __m256i *)off);
-    const uint8_t *base = m->w + o0 * m->w_stride;
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
-    /* int16 lanes 0-15 take scale kc_q4k_sub(c, 0), 16-31 (c, 1) */
-    __m512i sidx[4];
-    for (int c = 0; c < 4; c++)
-        sidx[c] = _mm512_mask_blend_epi16(
-            0xffff0000u, _mm512_set1_epi16((short)kc_q4k_sub(c, 0)),
-            _mm512_set1_epi16((short)kc_q4k_sub(c, 1)));
+    /* vpermw indices: int16 lanes 0-15 take scale kc_q4k_sub(c, 0), 16-31
+     * kc_q4k_sub(c, 1), of row q of a table of 4 rows' 8 int16 scales */
+    static const _Alignas(64) int16_t sidx_tab[4][4][32] = {
+#define Q4_R16(v) v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v
+#define Q4_SI(q, c)                                                           \
+    {Q4_R16(8 * (q) + 4 * ((c) >> 1) + ((c) & 1)),                            \
+     Q4_R16(8 * (q) + 4 * ((c) >> 1) + ((c) & 1) + 2)}
+#define Q4_SQ(q) {Q4_SI(q, 0), Q4_SI(q, 1), Q4_SI(q, 2), Q4_SI(q, 3)}
+        Q4_SQ(0), Q4_SQ(1), Q4_SQ(2), Q4_SQ(3)
+#undef Q4_SQ
+#undef Q4_SI
+#undef Q4_R16
+    };
+    const __m512i c3f_lo = _mm512_set1_epi64(0x000000003f3f3f3fll);
+    const __m512i c0f_hi = _mm512_set1_epi64(0x0f0f0f0f00000000ll);
+    const __m512i c30_hi = _mm512_set1_epi64(0x3030303000000000ll);
+    /* after the B fold, row q (q < 4) is in dword 4q and row 4 + q in 4q + 2 */
+    const __m512i bperm = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0,
+                                            0, 0, 0, 0);
     struct kc_xrow x[RX_GEMV];
     __m256 acc[RX_GEMV];
     for (int j = 0; j < RX; j++) {
         x[j] = kc_xrow_at(m, r0 + j);
         acc[j] = _mm256_setzero_ps();
     }
+    const __m512i qlo = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i qhi = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
     for (int64_t b = 0; b < m->xl.nb; b++) {
-        __m128i bs[RX_GEMV];
-        for (int j = 0; j < RX; j++)
-            bs[j] = _mm_loadu_si128((const __m128i *)((const int16_t *)x[j].s + 16 * b));
+        /* the first 16 bytes of each row's block, rows 0-3 and 4-7; then
+         * per row G0 = d | dmin << 16 | u0 << 32, G1 = u1 | u2 << 32 */
+        __m512i Z[2];
+        for (int i = 0; i < 2; i++) {
+            __m512i z = _mm512_castsi128_si512(
+                _mm_loadu_si128((const __m128i *)(row[4 * i] + 144 * b)));
+            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(row[4 * i + 1] + 144 * b)), 1);
+            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(row[4 * i + 2] + 144 * b)), 2);
+            Z[i] = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(row[4 * i + 3] + 144 * b)), 3);
+        }
+        const __m512i G0 = _mm512_permutex2var_epi64(Z[0], qlo, Z[1]);
+        const __m512i G1 = _mm512_permutex2var_epi64(Z[0], qhi, Z[1]);
+        /* kc_q4k_scales64 per 64-bit lane */
+        __m512i sc = _mm512_and_si512(_mm512_srli_epi64(G0, 32), c3f_lo);
+        sc = _mm512_ternarylogic_epi64(G1, c0f_hi, sc, 0xEA);
+        sc = _mm512_ternarylogic_epi64(_mm512_srli_epi64(G0, 2), c30_hi, sc, 0xEA);
+        __m512i mn = _mm512_and_si512(G1, c3f_lo);
+        mn = _mm512_ternarylogic_epi64(_mm512_srli_epi64(G1, 4), c0f_hi, mn, 0xEA);
+        mn = _mm512_ternarylogic_epi64(_mm512_slli_epi64(G1, 30), c30_hi, mn, 0xEA);
+        /* int16 scales: SC[0] rows 0-3, SC[1] rows 4-7, 8 per row */
+        __m512i SC[2], MN[2];
+        SC[0] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(sc));
+        SC[1] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(sc, 1));
+        MN[0] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(mn));
+        MN[1] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(mn, 1));
         __m512i a[RX_GEMV][8];
-        __m128i bp[RX_GEMV][8];
 #pragma GCC unroll 8
         for (int r = 0; r < 8; r++) {
             const uint8_t *blk = row[r] + 144 * b;
@@ -457,31 +494,36 @@ static AI void q4_k_gemv8(const int RX, const struct kc_mm *m, int64_t o0,
             _mm_prefetch((const char *)(blk + PF_DIST + 64), PF_HINT);
             _mm_prefetch((const char *)(blk + PF_DIST + 128), PF_HINT);
 #endif
-            uint64_t mn, sc = kc_q4k_scales64(blk + 4, &mn);
-            __m512i scv = _mm512_castsi256_si512(
-                _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc))));
-            __m128i mv = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn));
             __m512i nib[4];
             q4k_nibbles(blk, lo4, nib);
             __m512i S[4];
             for (int c = 0; c < 4; c++)
-                S[c] = _mm512_permutexvar_epi16(sidx[c], scv);
+                S[c] = _mm512_permutexvar_epi16(_mm512_loadu_si512(sidx_tab[r & 3][c]),
+                                                SC[r >> 2]);
             for (int j = 0; j < RX; j++) {
                 const int8_t *xq = x[j].qs + 256 * b;
-                __m512i v = _mm512_setzero_si512();
-                for (int c = 0; c < 4; c++)
+                __m512i v = _mm512_madd_epi16(
+                    _mm512_maddubs_epi16(nib[0], _mm512_loadu_si512(xq)), S[0]);
+                for (int c = 1; c < 4; c++)
                     v = _mm512_dpwssd_epi32(
                         v, _mm512_maddubs_epi16(nib[c], _mm512_loadu_si512(xq + 64 * c)), S[c]);
                 a[j][r] = v;
-                bp[j][r] = _mm_madd_epi16(mv, bs[j]);
             }
         }
-        __m256i h = _mm256_i32gather_epi32((const int *)(base + 144 * b), vidx, 1);
+        __m256i h = _mm512_cvtepi64_epi32(G0);
         __m256 d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(h));
         __m256 dm = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(h, 16)));
         for (int j = 0; j < RX; j++) {
+            const __m512i bs4 = _mm512_broadcast_i32x4(
+                _mm_loadu_si128((const __m128i *)((const int16_t *)x[j].s + 16 * b)));
+            /* lane q of P[i]: row 4i + q, 4 partials */
+            __m512i P0 = _mm512_madd_epi16(MN[0], bs4), P1 = _mm512_madd_epi16(MN[1], bs4);
+            __m512i w = _mm512_add_epi32(_mm512_unpacklo_epi64(P0, P1),
+                                         _mm512_unpackhi_epi64(P0, P1));
+            w = _mm512_add_epi32(w, _mm512_shuffle_epi32(w, _MM_PERM_CDAB));
+            __m256i Bi = _mm512_castsi512_si256(_mm512_permutexvar_epi32(bperm, w));
             __m256 A = _mm256_cvtepi32_ps(tree8x16(a[j]));
-            __m256 B = _mm256_cvtepi32_ps(kc_tree8x4(bp[j]));
+            __m256 B = _mm256_cvtepi32_ps(Bi);
             __m256 dx = _mm256_set1_ps(x[j].d[b]);
             acc[j] = _mm256_fmadd_ps(A, _mm256_mul_ps(d, dx), acc[j]);
             acc[j] = _mm256_fnmadd_ps(B, _mm256_mul_ps(dm, dx), acc[j]);
