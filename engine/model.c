@@ -159,7 +159,7 @@ static int bind_vector(struct model *m, const char *name, int64_t n, float **out
         snprintf(err, errlen, "%s: out of memory", m->path);
         return -1;
     }
-    struct k_matrix mat = {t->dtype, 1, n, t->data};
+    struct k_matrix mat = {t->dtype, 1, n, t->data, K_LAYOUT_ROWS};
     k_dequant_row(&mat, 0, v);
     count_tensor(m, t);
     *out = v;

@@ -81,15 +81,40 @@ void k_pool_run(struct k_pool *p, k_pool_fn fn, void *ctx);
 
 /* ---------------------------------------------------------------- matmul */
 
-/* A weight matrix: rows rows of cols elements of dtype, row-major, each row
- * k_row_bytes(dtype, cols) bytes. data is borrowed (usually mmapped) and
- * may be unaligned for the float types. */
+/* How a weight matrix's bytes are laid out.
+ *   K_LAYOUT_ROWS: row-major, each row k_row_bytes(dtype, cols) bytes, the
+ *     blocks exactly as in the GGUF file (a mapped file is used in place).
+ *   K_LAYOUT_X16: the kernels' own layout, made by k_matrix_pack: rows
+ *     taken 16 at a time and interleaved so that one vector instruction
+ *     works on 16 rows (kernels/cpu/kcpu.h has the byte layout). Same
+ *     size as the row layout, up to padding of the last 16 rows. */
+enum k_layout { K_LAYOUT_ROWS = 0, K_LAYOUT_X16 };
+
+/* A weight matrix: rows rows of cols elements of dtype. data is borrowed
+ * (usually mmapped, or a k_matrix_pack buffer) and may be unaligned for
+ * the float types in the row layout. A zero layout is K_LAYOUT_ROWS. */
 struct k_matrix {
     enum k_dtype dtype;
     int64_t rows; /* output features */
     int64_t cols; /* input features (row length) */
     const void *data;
+    enum k_layout layout;
 };
+
+/* Bytes k_matrix_pack needs for W (row layout), or 0 when W's dtype has no
+ * packed layout (only Q4_K has one today). */
+size_t k_matrix_packed_bytes(const struct k_matrix *W);
+/* Whether the active kernel path runs W faster packed (k_matrix_pack):
+ * true for Q4_K on AVX-512 VNNI. Every path accepts both layouts and gives
+ * the same bits for both; this only says which is faster. */
+int k_matrix_pack_wanted(const struct k_matrix *W);
+/* Writes W (row layout) into dst in K_LAYOUT_X16 and sets *out to the
+ * packed matrix, which borrows dst. dst: k_matrix_packed_bytes(W) bytes,
+ * 64-byte aligned, owned by the caller and kept while *out is used. pool
+ * may be NULL (the calling thread does it all). Returns 0, or -1 when W
+ * has no packed layout. */
+int k_matrix_pack(struct k_pool *pool, const struct k_matrix *W, void *dst,
+                  struct k_matrix *out);
 
 /* y[r][o] = sum_i W[o][i] * x[r][i] for r < n_x, o < W->rows.
  * x: (n_x, W->cols) f32, row stride x_stride floats.

@@ -106,23 +106,25 @@ enum k_isa k_isa_active(void)
     return (enum k_isa)v;
 }
 
-#define KC_TABLE(name, level, align)                                          \
+#define KC_TABLE(name, level, align, packed)                                  \
     static const struct kc_ops ops_##name = {                                 \
         .isa = level,                                                         \
         .quantize = kc_quantize_##name,                                       \
         .mm_work = kc_mm_work_##name,                                         \
         .mm_rows = kc_mm_rows_##name,                                         \
         .row_align = align,                                                   \
+        .x16 = packed,                                                        \
         .dot = kc_dot_##name,                                                 \
         .axpy = kc_axpy_##name,                                               \
         .rmsnorm = kc_rmsnorm_##name,                                         \
         .silu_mul = kc_silu_mul_##name,                                       \
         .softmax = kc_softmax_##name,                                         \
     };
-/* row_align: the output-row tile of each path's matmul */
-KC_TABLE(scalar, K_ISA_SCALAR, 4)
-KC_TABLE(avx2, K_ISA_AVX2, 8)
-KC_TABLE(avx512, K_ISA_AVX512, 16)
+/* row_align: the output-row tile of each path's matmul; packed: whether
+ * it has kernels for K_LAYOUT_X16 */
+KC_TABLE(scalar, K_ISA_SCALAR, 4, 0)
+KC_TABLE(avx2, K_ISA_AVX2, 8, 0)
+KC_TABLE(avx512, K_ISA_AVX512, 16, 1)
 
 const struct kc_ops *kc_ops(void)
 {

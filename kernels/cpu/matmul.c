@@ -16,6 +16,56 @@ static int is_quant(enum k_dtype t)
     return t == K_Q8_0 || t == K_Q4_K || t == K_Q6_K;
 }
 
+/* A path without a kernel for the packed layout gets 16 rows at a time
+ * unpacked into the row layout, at the front of its work buffer. */
+static size_t unpacked_rows_bytes(const struct kc_mm *m)
+{
+    return (size_t)kc_align64(16 * m->w_stride);
+}
+
+static struct kc_mm unpacked_group(const struct kc_mm *m, int64_t g0, int n,
+                                   uint8_t *rows)
+{
+    for (int64_t b = 0; b < m->xl.nb; b++) {
+        uint8_t blk[16 * 144];
+        kc_x16_q4k_unpack(m->w, m->xl.nb, g0, n, b, blk);
+        for (int j = 0; j < n; j++)
+            memcpy(rows + j * m->w_stride + 144 * b, blk + 144 * j, 144);
+    }
+    struct kc_mm sub = *m;
+    sub.layout = K_LAYOUT_ROWS;
+    sub.w = rows;
+    sub.rows = n;
+    sub.y = m->y + g0;
+    return sub;
+}
+
+static size_t mm_work(const struct kc_ops *ops, const struct kc_mm *m)
+{
+    if (m->layout == K_LAYOUT_ROWS || ops->x16)
+        return ops->mm_work(m);
+    struct kc_mm sub = *m;
+    sub.layout = K_LAYOUT_ROWS;
+    sub.rows = 16;
+    return unpacked_rows_bytes(m) + ops->mm_work(&sub);
+}
+
+static void mm_rows(const struct kc_ops *ops, const struct kc_mm *m,
+                    int64_t o0, int64_t o1, void *work)
+{
+    if (m->layout == K_LAYOUT_ROWS || ops->x16) {
+        ops->mm_rows(m, o0, o1, work);
+        return;
+    }
+    uint8_t *rows = work;
+    void *rest = rows + unpacked_rows_bytes(m);
+    for (int64_t g0 = o0; g0 < o1; g0 += 16) {
+        int n = o1 - g0 < 16 ? (int)(o1 - g0) : 16;
+        struct kc_mm sub = unpacked_group(m, g0, n, rows);
+        ops->mm_rows(&sub, 0, n, rest);
+    }
+}
+
 size_t k_matmul_scratch(const struct k_matrix *W, int64_t n_x)
 {
     if (!is_quant(W->dtype) || n_x <= 0)
@@ -62,7 +112,7 @@ static void mm_task(void *ctx, int ith, int nth)
             break;
         int64_t o0 = c * j->chunk;
         int64_t o1 = o0 + j->chunk < j->m.rows ? o0 + j->chunk : j->m.rows;
-        j->ops->mm_rows(&j->m, o0, o1, work);
+        mm_rows(j->ops, &j->m, o0, o1, work);
     }
 }
 
@@ -84,6 +134,8 @@ void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
     m->cols = W->cols;
     m->w = W->data;
     m->w_stride = k_row_bytes(W->dtype, W->cols);
+    m->layout = W->layout;
+    assert(W->layout == K_LAYOUT_ROWS || W->dtype == K_Q4_K);
     m->x = x;
     m->x_stride = x_stride;
     m->n_x = n_x;
@@ -104,7 +156,10 @@ void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
 
     /* Chunks: whole multiples of the path's row tile; about 8 per thread
      * for balance when the rows are many, the tile when they are few. */
-    int64_t align = j->ops->row_align;
+    /* a packed matrix is cut at its 16-row groups */
+    int64_t align = W->layout == K_LAYOUT_X16 && j->ops->row_align < 16
+                        ? 16
+                        : j->ops->row_align;
     int64_t tiles = (W->rows + align - 1) / align;
     int64_t per = tiles / (8 * (int64_t)nth);
     if (per < 1)
@@ -112,7 +167,7 @@ void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
     j->chunk = per * align;
     j->n_chunks = (W->rows + j->chunk - 1) / j->chunk;
 
-    size_t work = j->ops->mm_work(m);
+    size_t work = mm_work(j->ops, m);
     void *own = NULL;
     if (work && pool) {
         if (kc_pool_reserve(pool, work))
@@ -128,7 +183,7 @@ void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
         for (int64_t c = 0; c < j->n_chunks; c++) {
             int64_t o0 = c * j->chunk;
             int64_t o1 = o0 + j->chunk < m->rows ? o0 + j->chunk : m->rows;
-            j->ops->mm_rows(m, o0, o1, own);
+            mm_rows(j->ops, m, o0, o1, own);
         }
     }
     free(own);

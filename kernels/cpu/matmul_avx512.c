@@ -286,6 +286,10 @@ static AI void mm_float_blocked(const struct kc_mm *m, int64_t o0, int64_t o1,
 #ifndef PF_DIST
 #define PF_DIST 256
 #endif
+/* Prefetch distance of the packed kernels, in bytes of the one stream. */
+#ifndef X16_PF
+#define X16_PF 2048
+#endif
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T0
 #endif
@@ -714,6 +718,8 @@ static int panels_per_group(const struct kc_mm *m)
 
 size_t kc_mm_work_avx512(const struct kc_mm *m)
 {
+    if (m->layout == K_LAYOUT_X16)
+        return 0;
     if (m->dt == K_F32 || m->dt == K_F16 || m->dt == K_BF16)
         return m->n_x >= FB_MIN_NX
                    ? (size_t)((m->n_x < XB ? m->n_x : XB) * 16 * 16 * 4)
@@ -1018,6 +1024,131 @@ static void mm_q_panels(const struct kc_mm *m, int64_t o0, int64_t o1,
     }
 }
 
+/* ------------------------------------- Q4_K in the packed layout (X16) */
+
+/* Rows 16 g .. 16 g + n - 1 of a K_LAYOUT_X16 Q4_K matrix (kcpu.h) against
+ * activation rows [r0, r0 + RX): lane r of every vpdpbusd is weight row
+ * 16 g + r, the x operand 4 broadcast bytes, so each sub-block's sum
+ * comes out whole in its lane and its scale multiplies the lane. The
+ * weights stream in order, 2304 bytes per block of 16 rows. */
+static AI void q4k_x16(const int RX, const struct kc_mm *m, int64_t g, int n,
+                       int64_t r0)
+{
+    const int64_t nb = m->xl.nb;
+    const uint8_t *gp = m->w + g * nb * KC_X16_Q4K;
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    const __m512i c3f = _mm512_set1_epi32(0x3f3f3f3f);
+    const __m512i c0f = _mm512_set1_epi32(0x0f0f0f0f);
+    const __m512i c30 = _mm512_set1_epi32(0x30303030);
+    /* vpshufb controls: byte k of each dword, zero-extended (scales), and
+     * bytes 2k, 2k + 1 as two int16 (pairs of mins) */
+    __m512i bsel[4], msel[2];
+    for (int k = 0; k < 4; k++) {
+        int8_t e[64];
+        for (int i = 0; i < 64; i++)
+            e[i] = (i & 3) == 0 ? (int8_t)((i & 15) + k) : (int8_t)-1;
+        bsel[k] = _mm512_loadu_si512(e);
+    }
+    for (int k = 0; k < 2; k++) {
+        int8_t e[64];
+        for (int i = 0; i < 64; i++)
+            e[i] = (i & 1) == 0 ? (int8_t)((i & 12) + 2 * k + ((i >> 1) & 1)) : (int8_t)-1;
+        msel[k] = _mm512_loadu_si512(e);
+    }
+    struct kc_xrow x[RX_GEMV];
+    __m512 f[RX_GEMV];
+    for (int j = 0; j < RX; j++) {
+        x[j] = kc_xrow_at(m, r0 + j);
+        f[j] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = gp + b * KC_X16_Q4K;
+#if PF_DIST
+        for (int l = 0; l < KC_X16_Q4K; l += 64)
+            _mm_prefetch((const char *)(p + X16_PF + l), PF_HINT);
+#endif
+        const __m512i u0 = _mm512_loadu_si512(p + 64);
+        const __m512i u1 = _mm512_loadu_si512(p + 128);
+        const __m512i u2 = _mm512_loadu_si512(p + 192);
+        /* kc_q4k_scales64 on every dword: bytes sc0..3 | sc4..7, m0..3 | m4..7 */
+        const __m512i sc_lo = _mm512_and_si512(u0, c3f);
+        const __m512i sc_hi = _mm512_ternarylogic_epi32(
+            _mm512_and_si512(u2, c0f), _mm512_srli_epi32(u0, 2), c30, 0xF8);
+        const __m512i m_lo = _mm512_and_si512(u1, c3f);
+        const __m512i m_hi = _mm512_ternarylogic_epi32(
+            _mm512_and_si512(_mm512_srli_epi32(u2, 4), c0f), _mm512_srli_epi32(u1, 2),
+            c30, 0xF8);
+        __m512i A[RX_GEMV];
+        for (int j = 0; j < RX; j++)
+            A[j] = _mm512_setzero_si512();
+        /* unrolled whole: the x offsets become displacements */
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; s++) {
+            const __m512i sc = _mm512_shuffle_epi8(s < 4 ? sc_lo : sc_hi, bsel[s & 3]);
+            __m512i t[RX_GEMV];
+            for (int j = 0; j < RX; j++)
+                t[j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                const __m512i w = _mm512_loadu_si512(p + 256 + 64 * (4 * s + i));
+                const __m512i wl = _mm512_and_si512(w, lo4);
+                const __m512i wh = _mm512_and_si512(_mm512_srli_epi16(w, 4), lo4);
+                for (int j = 0; j < RX; j++) {
+                    const int8_t *xq = x[j].qs + 256 * b;
+                    t[j] = _mm512_dpbusd_epi32(
+                        t[j], wl, _mm512_set1_epi32(load_i32(xq + 4 * kc_x16_grp(s, i))));
+                    t[j] = _mm512_dpbusd_epi32(
+                        t[j], wh, _mm512_set1_epi32(load_i32(xq + 4 * kc_x16_grp(s, i + 4))));
+                }
+            }
+            for (int j = 0; j < RX; j++)
+                A[j] = _mm512_add_epi32(A[j], _mm512_mullo_epi32(t[j], sc));
+        }
+        const __m512i h = _mm512_loadu_si512(p);
+        const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+        const __m512 dm = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+        for (int j = 0; j < RX; j++) {
+            const int16_t *xs = (const int16_t *)x[j].s + 16 * b;
+            __m512i B = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++)
+                B = _mm512_dpwssd_epi32(
+                    B, _mm512_shuffle_epi8(k < 2 ? m_lo : m_hi, msel[k & 1]),
+                    _mm512_set1_epi32(load_i32(xs + 2 * k)));
+            const __m512 dx = _mm512_set1_ps(x[j].d[b]);
+            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(A[j]), _mm512_mul_ps(d, dx), f[j]);
+            f[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(B), _mm512_mul_ps(dm, dx), f[j]);
+        }
+    }
+    for (int j = 0; j < RX; j++)
+        _mm512_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + 16 * g, kc_mask16(n), f[j]);
+}
+
+/* Packed rows [o0, o1) (o0 a multiple of 16): one group of 16 rows at a
+ * time against every activation row, 4 at a time, so that the group's
+ * weights are read from memory once and from cache for the rest. */
+static void mm_q4k_x16(const struct kc_mm *m, int64_t o0, int64_t o1)
+{
+    for (int64_t o = o0; o < o1; o += 16) {
+        int n = o1 - o < 16 ? (int)(o1 - o) : 16;
+        int64_t g = o / 16, r = 0;
+        for (; r + 4 <= m->n_x; r += 4)
+            q4k_x16(4, m, g, n, r);
+        switch (m->n_x - r) {
+        case 3:
+            q4k_x16(3, m, g, n, r);
+            break;
+        case 2:
+            q4k_x16(2, m, g, n, r);
+            break;
+        case 1:
+            q4k_x16(1, m, g, n, r);
+            break;
+        default:
+            break;
+        }
+    }
+}
+
 /* -------------------------------------------------------------- entry */
 
 void kc_mm_rows_avx512(const struct kc_mm *m, int64_t o0, int64_t o1,
@@ -1043,7 +1174,9 @@ void kc_mm_rows_avx512(const struct kc_mm *m, int64_t o0, int64_t o1,
             mm_float(m, o0, o1, K_BF16);
         break;
     default:
-        if (m->n_x <= GEMV_MAX_NX)
+        if (m->layout == K_LAYOUT_X16)
+            mm_q4k_x16(m, o0, o1);
+        else if (m->n_x <= GEMV_MAX_NX)
             mm_q_gemv(m, o0, o1);
         else
             mm_q_panels(m, o0, o1, work);

@@ -121,25 +121,35 @@ static double time_matmul(struct k_pool *pool, const struct k_matrix *W,
 }
 
 static struct result bench_dtype(struct k_pool *pool, enum k_dtype t,
-                                 int64_t rows, int64_t cols, uint8_t *big,
-                                 size_t big_bytes, const float *x, float *y,
-                                 void *scratch)
+                                 enum k_layout layout, int64_t rows,
+                                 int64_t cols, uint8_t *big, size_t big_bytes,
+                                 const float *x, float *y, void *scratch)
 {
     struct result r;
     int64_t rb = k_row_bytes(t, cols);
     size_t mat = (size_t)(rows * rb);
+    if (layout == K_LAYOUT_X16) {
+        /* the row layout made aside, then packed as model_load does */
+        uint8_t *tmp = xalloc(mat);
+        fill_weights(t, tmp, rows, cols);
+        struct k_matrix W0 = {t, rows, cols, tmp, K_LAYOUT_ROWS}, P;
+        mat = k_matrix_packed_bytes(&W0);
+        k_matrix_pack(pool, &W0, big, &P);
+        free(tmp);
+    } else {
+        fill_weights(t, big, rows, cols);
+    }
     size_t mat_pad = (mat + 4095) & ~(size_t)4095;
     int copies = (int)(big_bytes / mat_pad);
     if (copies < 1)
         copies = 1;
-    fill_weights(t, big, rows, cols);
     for (int c = 1; c < copies; c++)
         memcpy(big + (size_t)c * mat_pad, big, mat);
 
     /* From DRAM: each call reads a different copy, as the layers of a
      * model do; n_x = 1 is the GEMV, the others a decode batch */
     int calls = copies * 2 < 64 ? 64 : copies * 2;
-    struct k_matrix W = {t, rows, cols, big};
+    struct k_matrix W = {t, rows, cols, big, layout};
     k_matmul(pool, &W, x, cols, 1, y, rows, scratch); /* warm up */
     for (int d = 0; d < N_DECODE; d++) {
         double best = 1e30;
@@ -216,45 +226,52 @@ int main(int argc, char **argv)
         x[i] = rnd_f();
     size_t sb = 0;
     for (int t = 0; t < K_DTYPE_COUNT; t++) {
-        struct k_matrix W = {(enum k_dtype)t, rows, cols, NULL};
+        struct k_matrix W = {(enum k_dtype)t, rows, cols, NULL, K_LAYOUT_ROWS};
         size_t s = k_matmul_scratch(&W, 64);
         sb = s > sb ? s : sb;
     }
     void *scratch = xalloc(sb + 64);
 
-    printf("\n%-6s %12s %8s %12s %14s %8s %8s\n", "dtype", "GEMV GB/s",
+    printf("\n%-9s %9s %8s %12s %14s %8s %8s\n", "dtype", "GEMV GB/s",
            "of BW", "(cached)", "GEMM GFLOP/s", "of FMA", "of int8");
-    struct result res[K_DTYPE_COUNT];
-    for (int t = 0; t < K_DTYPE_COUNT; t++) {
-        res[t].decode_us[0] = 0;
-        if (k_row_bytes((enum k_dtype)t, cols) < 0)
+    /* every dtype in the row layout, then those with a packed layout
+     * packed (what model_load uses when k_matrix_pack_wanted) */
+    struct result res[2 * K_DTYPE_COUNT];
+    char names[2 * K_DTYPE_COUNT][16];
+    int n_res = 0;
+    for (int v = 0; v < 2 * K_DTYPE_COUNT; v++) {
+        enum k_dtype t = (enum k_dtype)(v % K_DTYPE_COUNT);
+        enum k_layout lay = v < K_DTYPE_COUNT ? K_LAYOUT_ROWS : K_LAYOUT_X16;
+        struct k_matrix W0 = {t, rows, cols, NULL, K_LAYOUT_ROWS};
+        if (k_row_bytes(t, cols) < 0 ||
+            (lay == K_LAYOUT_X16 && !k_matrix_packed_bytes(&W0)))
             continue;
-        struct result r = bench_dtype(pool, (enum k_dtype)t, rows, cols, big,
-                                      big_bytes, x, y, scratch);
-        res[t] = r;
+        struct result r = bench_dtype(pool, t, lay, rows, cols, big, big_bytes,
+                                      x, y, scratch);
+        snprintf(names[n_res], sizeof(names[0]), "%s%s", k_dtype_name(t),
+                 lay == K_LAYOUT_X16 ? "/x16" : "");
+        res[n_res] = r;
         int q = t == K_Q8_0 || t == K_Q4_K || t == K_Q6_K;
         char i8[16] = "";
         if (q && peak8 > 0)
             snprintf(i8, sizeof(i8), "%.2f", r.gemm / peak8);
-        printf("%-6s %12.1f %8.2f %12.1f %14.1f %8.2f %8s\n",
-               k_dtype_name((enum k_dtype)t), r.gemv_cold, r.gemv_cold / bw,
-               r.gemv_hot, r.gemm, r.gemm / peak, i8);
+        printf("%-9s %9.1f %8.2f %12.1f %14.1f %8.2f %8s\n", names[n_res],
+               r.gemv_cold, r.gemv_cold / bw, r.gemv_hot, r.gemm, r.gemm / peak, i8);
         fflush(stdout);
+        n_res++;
     }
     /* the weights are read once per step whatever the batch: the ideal
      * batch time is the GEMV's */
-    printf("\nbatched decode from DRAM, us per k_matmul (x the n_x=1 time):\n%-6s",
+    printf("\nbatched decode from DRAM, us per k_matmul (x the n_x=1 time):\n%-9s",
            "dtype");
     for (int d = 0; d < N_DECODE; d++)
         printf("   n_x=%-8lld", (long long)decode_nx[d]);
     printf("\n");
-    for (int t = 0; t < K_DTYPE_COUNT; t++) {
-        if (res[t].decode_us[0] <= 0)
-            continue;
-        printf("%-6s", k_dtype_name((enum k_dtype)t));
+    for (int i = 0; i < n_res; i++) {
+        printf("%-9s", names[i]);
         for (int d = 0; d < N_DECODE; d++)
-            printf(" %7.0f (%.2fx)", res[t].decode_us[d],
-                   res[t].decode_us[d] / res[t].decode_us[0]);
+            printf(" %7.0f (%.2fx)", res[i].decode_us[d],
+                   res[i].decode_us[d] / res[i].decode_us[0]);
         printf("\n");
     }
     free(scratch);

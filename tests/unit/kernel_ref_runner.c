@@ -59,7 +59,7 @@ int main(int argc, char **argv)
     float *x = read_file(argv[5], (size_t)(nx * cols) * 4);
     if (!w || !x)
         return 2;
-    struct k_matrix W = {(enum k_dtype)dt, rows, cols, w};
+    struct k_matrix W = {(enum k_dtype)dt, rows, cols, w, K_LAYOUT_ROWS};
     size_t out_n = (size_t)(rows * cols + nx * rows);
     float *out = malloc(out_n * 4);
     size_t sb = k_matmul_scratch(&W, nx);

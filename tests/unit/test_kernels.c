@@ -432,7 +432,7 @@ static void test_dequant(void)
         int64_t cols = k_dtype_block(t) == 1 ? 37 : 3 * k_dtype_block(t);
         int64_t rows = 3;
         uint8_t *w = make_weights(t, rows, cols);
-        struct k_matrix W = {t, rows, cols, w};
+        struct k_matrix W = {t, rows, cols, w, K_LAYOUT_ROWS};
         float *out = xalloc((size_t)cols * 4);
         int bad = 0;
         for (int64_t r = 0; r < rows; r++) {
@@ -486,7 +486,7 @@ static void mm_free(struct mm_case *c)
 static float *mm_run(struct k_pool *pool, const struct mm_case *c,
                      const float *x, int64_t n_x)
 {
-    struct k_matrix W = {c->t, c->rows, c->cols, c->w};
+    struct k_matrix W = {c->t, c->rows, c->cols, c->w, K_LAYOUT_ROWS};
     size_t sb = k_matmul_scratch(&W, n_x);
     void *scratch = sb ? xalloc(sb) : NULL;
     int64_t ys = c->rows + 3;
@@ -506,7 +506,7 @@ static int is_quant(enum k_dtype t)
 /* All rows of the case's weights as f32 (rows, cols); caller frees. */
 static float *dequant_all(const struct mm_case *c)
 {
-    struct k_matrix W = {c->t, c->rows, c->cols, c->w};
+    struct k_matrix W = {c->t, c->rows, c->cols, c->w, K_LAYOUT_ROWS};
     float *w = xalloc((size_t)(c->rows * c->cols) * 4);
     for (int64_t o = 0; o < c->rows; o++)
         k_dequant_row(&W, o, w + o * c->cols);
@@ -706,6 +706,110 @@ static void test_matmul(void)
     k_isa_select(K_ISA_AVX512);
 }
 
+/* The same product with W packed (k_matrix_pack) first. */
+static float *mm_run_packed(struct k_pool *pool, const struct mm_case *c,
+                            const float *x, int64_t n_x)
+{
+    struct k_matrix W = {c->t, c->rows, c->cols, c->w, K_LAYOUT_ROWS}, P;
+    size_t pb = k_matrix_packed_bytes(&W);
+    CHECK(pb > 0, "%s has no packed layout", k_dtype_name(c->t));
+    void *buf = xalloc(pb);
+    CHECK(k_matrix_pack(pool, &W, buf, &P) == 0, "k_matrix_pack failed");
+    CHECK(P.layout == K_LAYOUT_X16 && P.data == buf && P.rows == c->rows,
+          "packed matrix fields");
+    size_t sb = k_matmul_scratch(&P, n_x);
+    void *scratch = sb ? xalloc(sb) : NULL;
+    int64_t ys = c->rows + 3;
+    float *y = xalloc((size_t)(n_x * ys) * 4);
+    for (int64_t i = 0; i < n_x * ys; i++)
+        y[i] = NAN;
+    k_matmul(pool, &P, x, c->cols, n_x, y, ys, scratch);
+    free(scratch);
+    free(buf);
+    return y;
+}
+
+/* K_LAYOUT_X16: which dtypes have it, that it reads back to the same
+ * weights, and that every path gives the row layout's bits from it, on
+ * row counts that do and do not fill the last group of 16. */
+static void test_matmul_packed(void)
+{
+    for (size_t ti = 0; ti < sizeof(all_dtypes) / sizeof(all_dtypes[0]); ti++) {
+        enum k_dtype t = all_dtypes[ti];
+        int64_t cols = k_dtype_block(t) == 1 ? 16 : k_dtype_block(t);
+        struct k_matrix W = {t, 4, cols, NULL, K_LAYOUT_ROWS}, P;
+        char buf[64];
+        int has = t == K_Q4_K;
+        CHECK((k_matrix_packed_bytes(&W) > 0) == has, "%s: packed bytes %zu",
+              k_dtype_name(t), k_matrix_packed_bytes(&W));
+        if (!has)
+            CHECK(k_matrix_pack(NULL, &W, buf, &P) == -1,
+                  "%s: k_matrix_pack accepted a dtype without a packed layout",
+                  k_dtype_name(t));
+    }
+    struct k_matrix Wq = {K_Q4_K, 17, 512, NULL, K_LAYOUT_ROWS};
+    CHECK(k_matrix_packed_bytes(&Wq) == 2 * 2 * 2304, "Q4_K 17x512 packed bytes %zu",
+          k_matrix_packed_bytes(&Wq));
+    enum k_isa best = k_isa_select(K_ISA_AVX512);
+    CHECK(k_matrix_pack_wanted(&Wq) == (best == K_ISA_AVX512),
+          "pack wanted on %s", k_isa_name(best));
+
+    struct k_pool *pools[3] = {NULL, k_pool_create(2), k_pool_create(3)};
+    struct {
+        int64_t rows, cols;
+    } shapes[] = {{1, 256}, {5, 512}, {16, 256}, {19, 768}, {48, 512}, {130, 2304}};
+    for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
+        struct mm_case c = mm_make(K_Q4_K, shapes[si].rows, shapes[si].cols, 64);
+        /* the packed rows read back as the same weights */
+        struct k_matrix W = {K_Q4_K, c.rows, c.cols, c.w, K_LAYOUT_ROWS}, P;
+        void *pbuf = xalloc(k_matrix_packed_bytes(&W));
+        k_matrix_pack(pools[1], &W, pbuf, &P);
+        float *a = xalloc((size_t)c.cols * 4), *b = xalloc((size_t)c.cols * 4);
+        int same = 1;
+        for (int64_t o = 0; o < c.rows; o++) {
+            k_dequant_row(&W, o, a);
+            k_dequant_row(&P, o, b);
+            same &= same_bits(a, b, c.cols);
+        }
+        CHECK(same, "Q4_K %lldx%lld: packed rows dequantize differently",
+              (long long)c.rows, (long long)c.cols);
+        free(a);
+        free(b);
+        free(pbuf);
+
+        k_isa_select(K_ISA_SCALAR);
+        float *ref = mm_run(NULL, &c, c.x, 64);
+        for (int ii = 0; ii < n_isas; ii++) {
+            k_isa_select(isas[ii]);
+            int64_t nxs[] = {1, 2, 3, 4, 5, 9, 64};
+            for (size_t ni = 0; ni < sizeof(nxs) / sizeof(nxs[0]); ni++) {
+                int64_t nx = nxs[ni];
+                if (isas[ii] == K_ISA_SCALAR && nx != 3 && nx != 64)
+                    continue;
+                struct k_pool *pool = pools[nx % 3];
+                int64_t r0 = 64 - nx;
+                float *y = mm_run_packed(pool, &c, c.x + r0 * c.cols, nx);
+                int ok = 1, pad_ok = 1;
+                for (int64_t r = 0; r < nx; r++) {
+                    ok &= rows_equal(&c, y, r, ref, r0 + r);
+                    for (int64_t o = c.rows; o < c.rows + 3; o++)
+                        pad_ok &= y[r * (c.rows + 3) + o] != y[r * (c.rows + 3) + o];
+                }
+                CHECK(ok, "%s packed Q4_K %lldx%lld n_x=%lld: differs from "
+                      "the row layout", k_isa_name(isas[ii]), (long long)c.rows,
+                      (long long)c.cols, (long long)nx);
+                CHECK(pad_ok, "%s packed Q4_K wrote past rows", k_isa_name(isas[ii]));
+                free(y);
+            }
+        }
+        free(ref);
+        mm_free(&c);
+    }
+    for (int i = 0; i < 3; i++)
+        k_pool_destroy(pools[i]);
+    k_isa_select(best);
+}
+
 /* Bigger shapes on the fastest path only: batch invariance across n_x and
  * threads where the tiles and the chunking really differ. */
 static void test_matmul_large(void)
@@ -880,6 +984,7 @@ int main(void)
         {"dequant", test_dequant}, {"expf", test_expf},
         {"vec", test_vec},         {"matmul", test_matmul},
         {"matmul_large", test_matmul_large},
+        {"matmul_packed", test_matmul_packed},
     };
     for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
         double t0 = now_s();

@@ -1,0 +1,140 @@
+/* pack.c: the packed weight layout (K_LAYOUT_X16, kcpu.h). k_matrix_pack
+ * makes it from the row layout once, at model load; kc_x16_q4k_unpack
+ * reads rows back out of it for the paths without a kernel for it and for
+ * embedding lookups. Plain C: packing runs once and is bound by memory.
+ */
+#include <stdatomic.h>
+
+#include "kernels/cpu/kcpu.h"
+
+static uint64_t ld64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+/* One packed block of 16 rows; blk[r] is row r's block, NULL for padding. */
+static void pack_q4k_block(const uint8_t *const blk[16], uint8_t *gb)
+{
+    const uint64_t lo4 = 0x0f0f0f0f0f0f0f0full;
+    memset(gb, 0, KC_X16_Q4K);
+    for (int r = 0; r < 16; r++) {
+        const uint8_t *p = blk[r];
+        if (!p)
+            continue;
+        memcpy(gb + 4 * r, p, 4);
+        for (int k = 0; k < 3; k++)
+            memcpy(gb + 64 + 64 * k + 4 * r, p + 4 + 4 * k, 4);
+        for (int s = 0; s < 8; s++) {
+            /* sub-block s: nibble c % 2 of quant bytes 64 (c / 2) + 32 h
+             * .. +31, in x order (kc_x16_grp) */
+            int c = 2 * (s >> 2) + (s & 1), h = (s >> 1) & 1;
+            const uint8_t *q = p + 16 + 64 * (c >> 1) + 32 * h;
+            int sh = 4 * (c & 1);
+            for (int half = 0; half < 2; half++) {
+                /* groups 2 half, 2 half + 1 (low nibbles) with groups
+                 * 2 half + 4, +5 (high nibbles) */
+                uint64_t lo = (ld64(q + 8 * half) >> sh) & lo4;
+                uint64_t hi = (ld64(q + 16 + 8 * half) >> sh) & lo4;
+                uint64_t v = lo | (hi << 4);
+                for (int ii = 0; ii < 2; ii++) {
+                    int i = 2 * half + ii;
+                    uint32_t d = (uint32_t)(v >> (32 * ii));
+                    memcpy(gb + 256 + 64 * (4 * s + i) + 4 * r, &d, 4);
+                }
+            }
+        }
+    }
+}
+
+void kc_x16_q4k_unpack(const uint8_t *w, int64_t nb, int64_t o0, int n,
+                       int64_t b, uint8_t *dst)
+{
+    for (int j = 0; j < n; j++) {
+        int64_t o = o0 + j;
+        const uint8_t *gb = w + ((o / 16) * nb + b) * KC_X16_Q4K;
+        int r = (int)(o % 16);
+        uint8_t *p = dst + 144 * j;
+        memcpy(p, gb + 4 * r, 4);
+        for (int k = 0; k < 3; k++)
+            memcpy(p + 4 + 4 * k, gb + 64 + 64 * k + 4 * r, 4);
+        uint8_t *qs = p + 16;
+        memset(qs, 0, 128);
+        for (int s = 0; s < 8; s++) {
+            int c = 2 * (s >> 2) + (s & 1), h = (s >> 1) & 1;
+            uint8_t *q = qs + 64 * (c >> 1) + 32 * h;
+            int sh = 4 * (c & 1);
+            for (int i = 0; i < 4; i++)
+                for (int e = 0; e < 4; e++) {
+                    uint8_t v = gb[256 + 64 * (4 * s + i) + 4 * r + e];
+                    q[4 * i + e] |= (uint8_t)((v & 15) << sh);
+                    q[16 + 4 * i + e] |= (uint8_t)((v >> 4) << sh);
+                }
+        }
+    }
+}
+
+size_t k_matrix_packed_bytes(const struct k_matrix *W)
+{
+    if (!W || W->dtype != K_Q4_K || W->layout != K_LAYOUT_ROWS ||
+        W->rows <= 0 || W->cols <= 0 || W->cols % 256)
+        return 0;
+    int64_t groups = (W->rows + 15) / 16, nb = W->cols / 256;
+    if (nb > INT64_MAX / KC_X16_Q4K / groups)
+        return 0;
+    return (size_t)(groups * nb * KC_X16_Q4K);
+}
+
+int k_matrix_pack_wanted(const struct k_matrix *W)
+{
+    return k_matrix_packed_bytes(W) > 0 && kc_ops()->x16;
+}
+
+struct pack_job {
+    const struct k_matrix *W;
+    uint8_t *dst;
+    int64_t groups, nb;
+    _Atomic int64_t next;
+};
+
+static void pack_task(void *ctx, int ith, int nth)
+{
+    struct pack_job *j = ctx;
+    (void)ith;
+    (void)nth;
+    int64_t rb = k_row_bytes(K_Q4_K, j->W->cols);
+    const uint8_t *w = j->W->data;
+    for (;;) {
+        int64_t g = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (g >= j->groups)
+            break;
+        const uint8_t *row[16];
+        for (int r = 0; r < 16; r++)
+            row[r] = 16 * g + r < j->W->rows ? w + (16 * g + r) * rb : NULL;
+        for (int64_t b = 0; b < j->nb; b++) {
+            const uint8_t *blk[16];
+            for (int r = 0; r < 16; r++)
+                blk[r] = row[r] ? row[r] + 144 * b : NULL;
+            pack_q4k_block(blk, j->dst + (g * j->nb + b) * KC_X16_Q4K);
+        }
+    }
+}
+
+int k_matrix_pack(struct k_pool *pool, const struct k_matrix *W, void *dst,
+                  struct k_matrix *out)
+{
+    if (!k_matrix_packed_bytes(W) || !dst || ((uintptr_t)dst & 63))
+        return -1;
+    struct pack_job j = {.W = W, .dst = dst, .nb = W->cols / 256,
+                         .groups = (W->rows + 15) / 16};
+    atomic_init(&j.next, 0);
+    if (pool)
+        k_pool_run(pool, pack_task, &j);
+    else
+        pack_task(&j, 0, 1);
+    *out = *W;
+    out->data = dst;
+    out->layout = K_LAYOUT_X16;
+    return 0;
+}
