@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "engine/gguf.h"
 #include "engine/json.h"
@@ -45,7 +46,8 @@ struct model {
     struct k_matrix tok_embd;  /* (n_vocab, n_embd) */
     struct k_matrix output;    /* (n_vocab, n_embd); tok_embd when tied */
     float *out_norm;           /* (n_embd) */
-    float **owned;             /* f32 copies of small vectors, freed at destroy */
+    void **owned;              /* f32 copies of small vectors and repacked
+                                * weights, freed at destroy */
     size_t n_owned, cap_owned;
     struct model_stats stats;
 
@@ -119,11 +121,11 @@ static int bind_matrix(struct model *m, const char *name, int64_t rows, int64_t 
     return 0;
 }
 
-static int own(struct model *m, float *p)
+static int own(struct model *m, void *p)
 {
     if (m->n_owned == m->cap_owned) {
         size_t cap = m->cap_owned ? 2 * m->cap_owned : 64;
-        float **n = realloc(m->owned, cap * sizeof(*n));
+        void **n = realloc(m->owned, cap * sizeof(*n));
         if (!n)
             return -1;
         m->owned = n;
@@ -254,6 +256,52 @@ static int bind_all(struct model *m, char *err, size_t errlen)
     return 0;
 }
 
+/* Copies w into the kernels' layout when they run it faster that way. */
+static int repack_one(struct model *m, struct k_matrix *w, char *err, size_t errlen)
+{
+    if (!w->data || !k_matrix_pack_wanted(w))
+        return 0;
+    size_t bytes = k_matrix_packed_bytes(w);
+    void *buf = xmalloc_aligned(bytes);
+    if (!buf || own(m, buf) != 0) {
+        free(buf);
+        snprintf(err, errlen, "%s: out of memory repacking %zu bytes of weights "
+                 "(--no-repack keeps the file's layout)", m->path, bytes);
+        return -1;
+    }
+    if (k_matrix_pack(m->pool, w, buf, w) != 0) {
+        snprintf(err, errlen, "%s: cannot repack a %s matrix", m->path, k_dtype_name(w->dtype));
+        return -1;
+    }
+    m->stats.repacked_tensors++;
+    m->stats.repacked_bytes += (int64_t)bytes;
+    return 0;
+}
+
+/* Repacks every matmul weight that gains from it, the LM head included;
+ * the embedding table keeps the file's layout for its row lookups, even
+ * when tied. The mapped file's pages of repacked weights are not touched
+ * again. */
+static int repack_all(struct model *m, char *err, size_t errlen)
+{
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (repack_one(m, &m->output, err, errlen))
+        return -1;
+    for (int64_t il = 0; il < m->cfg.n_layer; il++) {
+        struct layer *L = &m->layers[il];
+        struct k_matrix *all[] = {&L->wqkv, &L->wq, &L->wk, &L->wv, &L->wo,
+                                  &L->wgate_up, &L->wgate, &L->wup, &L->wdown};
+        for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+            if (repack_one(m, all[i], err, errlen))
+                return -1;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    m->stats.repack_seconds =
+        (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- loading */
 
 static int read_file(const char *path, char **out, size_t *len, char *err, size_t errlen)
@@ -344,6 +392,8 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
         snprintf(err, errlen, "cannot start the CPU thread pool");
         goto fail;
     }
+    if (!(opts && opts->no_repack) && repack_all(m, err, errlen))
+        goto fail;
     *out = m;
     return 0;
 fail:

@@ -63,6 +63,12 @@ struct model_config {
 
 struct model_opts {
     int n_threads;          /* <= 0: one per CPU */
+    /* Keep every weight in the file's layout. By default model_load copies
+     * the weights the CPU kernels run faster repacked (Q4_K on AVX-512:
+     * k_matrix_pack_wanted) into the kernels' layout, at the cost of that
+     * much anonymous memory and a moment at load; the results are the
+     * same bits either way. */
+    int no_repack;
 };
 
 struct model;
@@ -89,6 +95,10 @@ struct model_stats {
      * included, the embedding table only when it is the LM head). */
     int64_t matmul_params;
     int64_t matmul_bytes;
+    /* Weights copied into the kernels' layout at load (model_opts). */
+    int64_t repacked_tensors;
+    int64_t repacked_bytes;
+    double repack_seconds;
 };
 void model_get_stats(const struct model *m, struct model_stats *st);
 

@@ -84,11 +84,11 @@ void k_pool_run(struct k_pool *p, k_pool_fn fn, void *ctx);
 /* How a weight matrix's bytes are laid out.
  *   K_LAYOUT_ROWS: row-major, each row k_row_bytes(dtype, cols) bytes, the
  *     blocks exactly as in the GGUF file (a mapped file is used in place).
- *   K_LAYOUT_X16: the kernels' own layout, made by k_matrix_pack: rows
- *     taken 16 at a time and interleaved so that one vector instruction
- *     works on 16 rows (kernels/cpu/kcpu.h has the byte layout). Same
- *     size as the row layout, up to padding of the last 16 rows. */
-enum k_layout { K_LAYOUT_ROWS = 0, K_LAYOUT_X16 };
+ *   K_LAYOUT_X32: the kernels' own layout, made by k_matrix_pack: rows
+ *     taken 32 at a time and interleaved so that one vector instruction
+ *     works on 16 or 32 rows (kernels/cpu/kcpu.h has the byte layout).
+ *     Same size as the row layout, up to padding of the last 32 rows. */
+enum k_layout { K_LAYOUT_ROWS = 0, K_LAYOUT_X32 };
 
 /* A weight matrix: rows rows of cols elements of dtype. data is borrowed
  * (usually mmapped, or a k_matrix_pack buffer) and may be unaligned for
@@ -108,7 +108,7 @@ size_t k_matrix_packed_bytes(const struct k_matrix *W);
  * true for Q4_K on AVX-512 VNNI. Every path accepts both layouts and gives
  * the same bits for both; this only says which is faster. */
 int k_matrix_pack_wanted(const struct k_matrix *W);
-/* Writes W (row layout) into dst in K_LAYOUT_X16 and sets *out to the
+/* Writes W (row layout) into dst in K_LAYOUT_X32 and sets *out to the
  * packed matrix, which borrows dst. dst: k_matrix_packed_bytes(W) bytes,
  * 64-byte aligned, owned by the caller and kept while *out is used. pool
  * may be NULL (the calling thread does it all). Returns 0, or -1 when W

@@ -119,12 +119,13 @@ static int bench_engine(int argc, char **argv)
         {"gen", required_argument, 0, 'g'},
         {"threads", required_argument, 0, 'j'},
         {"json", required_argument, 0, 'o'},
+        {"no-repack", no_argument, 0, 'R'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *batches = "1,8", *json_path = NULL;
     int64_t P = 128, G = 32, threads = 0;
-    int c;
+    int c, no_repack = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -133,12 +134,14 @@ static int bench_engine(int argc, char **argv)
         case 'g': if (cli_parse_int("--gen", optarg, 1, 1 << 20, &G)) return 2; break;
         case 'j': if (cli_parse_int("--threads", optarg, 0, 1024, &threads)) return 2; break;
         case 'o': json_path = optarg; break;
+        case 'R': no_repack = 1; break;
         case 'h':
             puts("usage: inferd bench engine MODEL [options]\n"
                  "  --batch LIST   batch sizes, comma-separated (default 1,8)\n"
                  "  --prompt N     prompt tokens per sequence (default 128)\n"
                  "  --gen N        decode steps (default 32)\n"
                  "  --threads N    CPU threads (default: all)\n"
+                 "  --no-repack    keep every weight in the file's layout\n"
                  "  --json FILE    also write the results as JSON");
             return 0;
         default:
@@ -162,7 +165,7 @@ static int bench_engine(int argc, char **argv)
     const char *path = argv[optind];
     char err[512];
     struct model *m;
-    struct model_opts mo = {.n_threads = (int)threads};
+    struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack};
     double t0 = now_s();
     if (model_load(path, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);
@@ -194,7 +197,9 @@ static int bench_engine(int argc, char **argv)
     printf("machine     %d threads, %s; read bandwidth %.1f GB/s; f32 FMA peak %.0f GFLOP/s;"
            " int8 dot peak %.0f GOP/s\n", k_pool_size(pool), k_isa_name(k_isa_detect()),
            bw / 1e9, f32 / 1e9, i8 / 1e9);
-    printf("load        %.3f s\n", t_load);
+    printf("load        %.3f s (repacked %lld matrices, %.1f MiB, in %.3f s)\n", t_load,
+           (long long)st.repacked_tensors, (double)st.repacked_bytes / 1048576.0,
+           st.repack_seconds);
     printf("prompt %lld tokens, %lld decode steps; ceilings: decode = bandwidth roofline,"
            " prefill = %s peak\n\n", (long long)P, (long long)G, quant && i8 > 0 ? "int8" : "f32 FMA");
     printf("%6s %14s %14s %8s %14s %14s %8s\n", "batch", "prefill tok/s", "ceiling", "ratio",

@@ -21,6 +21,7 @@ struct run_args {
     int64_t rope_total;      /* planned length for the LongRoPE choice; 0 = auto */
     int all;                 /* logits: every position, not just the last */
     int ignore_eos;
+    int no_repack;           /* keep the file's weight layout */
 };
 
 struct seqs {
@@ -78,6 +79,7 @@ static int parse_args(int argc, char **argv, struct run_args *a, int is_generate
         {"rope-total", required_argument, 0, 'r'},
         {"all", no_argument, 0, 'a'},
         {"ignore-eos", no_argument, 0, 'e'},
+        {"no-repack", no_argument, 0, 'R'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -94,12 +96,14 @@ static int parse_args(int argc, char **argv, struct run_args *a, int is_generate
         case 'r': if (cli_parse_int("--rope-total", optarg, 0, (int64_t)1 << 32, &a->rope_total)) return 2; break;
         case 'a': a->all = 1; break;
         case 'e': a->ignore_eos = 1; break;
+        case 'R': a->no_repack = 1; break;
         case 'h':
             printf("usage: inferd %s MODEL --tokens IDS[;IDS...] [options]\n"
                    "  --tokens IDS      comma-separated token ids; ';' separates sequences run as one batch\n"
                    "  --threads N       CPU threads (default: all)\n"
                    "  --chunk N         prefill at most N prompt tokens per sequence per step (default: all)\n"
                    "  --rope-total N    planned sequence length for the LongRoPE factor choice\n"
+                   "  --no-repack       keep every weight in the file's layout (same results)\n"
                    "%s", is_generate ? "generate" : "logits",
                    is_generate ? "  --max-tokens N    tokens to generate (default 16)\n"
                                  "  --ignore-eos      do not stop at the end-of-sequence token\n"
@@ -153,7 +157,7 @@ static int run(int argc, char **argv, int is_generate)
     int *row_seq = NULL;   /* (logit rows) sequence index of each logits row */
     rc = 1;
 
-    struct model_opts mo = {.n_threads = (int)a.threads};
+    struct model_opts mo = {.n_threads = (int)a.threads, .no_repack = a.no_repack};
     if (model_load(a.model, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);
         goto done;

@@ -67,7 +67,8 @@ def logits_text(inferd, path, tokens, *extra, env=None):
 @pytest.mark.parametrize("path", invariance_models())
 def test_batch_invariance_bit_for_bit(inferd, path):
     """A sequence's logits are identical alone, in a batch with others, with
-    chunked prefill, on 1 or 2 threads, and on every SIMD path."""
+    chunked prefill, on 1 or 2 threads, on every SIMD path, and with the
+    weights in the file's layout or repacked."""
     solo = logits_text(inferd, path, A)[0]
     batched = logits_text(inferd, path, f"{B};{A};{C}")
     assert batched[1] == solo
@@ -75,6 +76,7 @@ def test_batch_invariance_bit_for_bit(inferd, path):
     assert logits_text(inferd, path, f"{A};{C}", "--chunk", "3")[0] == solo
     assert logits_text(inferd, path, A, "--threads", "1")[0] == solo
     assert logits_text(inferd, path, A, "--threads", "3")[0] == solo
+    assert logits_text(inferd, path, A, "--no-repack")[0] == solo
     for isa in ("scalar", "avx2", "avx512"):
         assert logits_text(inferd, path, A, env={"INFERD_ISA": isa})[0] == solo, isa
 

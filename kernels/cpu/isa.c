@@ -113,7 +113,7 @@ enum k_isa k_isa_active(void)
         .mm_work = kc_mm_work_##name,                                         \
         .mm_rows = kc_mm_rows_##name,                                         \
         .row_align = align,                                                   \
-        .x16 = packed,                                                        \
+        .x32 = packed,                                                        \
         .dot = kc_dot_##name,                                                 \
         .axpy = kc_axpy_##name,                                               \
         .rmsnorm = kc_rmsnorm_##name,                                         \
@@ -121,7 +121,7 @@ enum k_isa k_isa_active(void)
         .softmax = kc_softmax_##name,                                         \
     };
 /* row_align: the output-row tile of each path's matmul; packed: whether
- * it has kernels for K_LAYOUT_X16 */
+ * it has kernels for K_LAYOUT_X32 */
 KC_TABLE(scalar, K_ISA_SCALAR, 4, 0)
 KC_TABLE(avx2, K_ISA_AVX2, 8, 0)
 KC_TABLE(avx512, K_ISA_AVX512, 16, 1)

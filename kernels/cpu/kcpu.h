@@ -137,37 +137,40 @@ static inline uint64_t kc_q4k_scales64(const uint8_t *s, uint64_t *m)
     return sc_lo | ((uint64_t)sc_hi << 32);
 }
 
-/* ----------------------------------------- packed Q4_K, 16 rows (X16)
+/* ----------------------------------------- packed Q4_K, 32 rows (X32)
  *
- * K_LAYOUT_X16 of a Q4_K matrix: rows are taken 16 at a time, the last
+ * K_LAYOUT_X32 of a Q4_K matrix: rows are taken 32 at a time, the last
  * group padded with zero rows (all-zero blocks: d = dmin = 0). Group g,
- * block b is KC_X16_Q4K bytes at (g * nb + b) * KC_X16_Q4K:
- *   [0, 64)       dword r: bytes 0..3 of row r's block (f16 d, f16 dmin)
- *   [64, 256)     part k = 0..2, 64 bytes each: dword r holds the scale
+ * block b is KC_X32_Q4K bytes at (g * nb + b) * KC_X32_Q4K:
+ *   [0, 128)      dword r (r < 32): bytes 0..3 of row r's block (f16 d,
+ *                 f16 dmin)
+ *   [128, 512)    part k = 0..2, 128 bytes each: dword r holds the scale
  *                 bytes 4k .. 4k+3 of row r (the 12 packed 6-bit scales)
- *   [256, 2304)   32 quant vectors of 64 bytes: vector 4 s + i, byte
- *                 4 r + e holds row r's weight at x position
- *                 4 kc_x16_grp(s, i) + e in its low nibble and at
- *                 4 kc_x16_grp(s, i + 4) + e in its high nibble,
+ *   [512, 4608)   64 quant vectors of 64 bytes: vector 8 s + j, byte
+ *                 4 r + e (r < 16) holds, at x position
+ *                 4 kc_x32_grp(s, j) + e, row r's weight in its low nibble
+ *                 and row 16 + r's in its high nibble,
  * where x positions are those of the permuted activation block (kc_xq)
- * and kc_x16_grp(s, j) is the j-th of the 8 groups of 4 positions that
- * make up sub-block s. So lane r of a vpdpbusd is row r, the x operand is
- * 4 broadcast bytes, and each scale multiplies whole lanes. The integer
- * block sums are the same integers as in the row layout, so both layouts
- * give the same bits. */
-#define KC_X16_Q4K 2304
+ * and kc_x32_grp(s, j) is the j-th of the 8 groups of 4 positions that
+ * make up sub-block s. A vpdpbusd of a vector's low nibbles against 4
+ * broadcast x bytes gives rows 0-15 in its 16 lanes; of the whole bytes,
+ * rows 0-15 plus 16 times rows 16-31. So one AND per 64 bytes unpacks
+ * the weights, and each scale multiplies whole lanes. The integer block
+ * sums are the same integers as in the row layout, so both layouts give
+ * the same bits. */
+#define KC_X32_Q4K 4608
 
 /* The j-th group of 4 x positions (position / 4) of Q4_K sub-block s:
  * sub-block s is chunk c = 2 (s / 4) + s % 2, half h = (s / 2) % 2 (the
  * inverse of kc_q4k_sub). */
-static inline int kc_x16_grp(int s, int j)
+static inline int kc_x32_grp(int s, int j)
 {
     return 16 * (2 * (s >> 2) + (s & 1)) + 8 * ((s >> 1) & 1) + j;
 }
 
 /* pack.c: block b of rows [o0, o0 + n) of a packed matrix in the row
  * layout, into dst (n * 144 bytes, row i at dst + 144 i). */
-void kc_x16_q4k_unpack(const uint8_t *w, int64_t nb, int64_t o0, int n,
+void kc_x32_q4k_unpack(const uint8_t *w, int64_t nb, int64_t o0, int n,
                        int64_t b, uint8_t *dst);
 
 static inline float kc_f16(const uint8_t *p)
@@ -229,7 +232,7 @@ static inline float kc_expf(float x)
  * x (quantized types only). */
 struct kc_mm {
     enum k_dtype dt;
-    enum k_layout layout; /* K_LAYOUT_X16: only with x16 paths or pack.c */
+    enum k_layout layout; /* K_LAYOUT_X32: only with x32 paths or pack.c */
     int64_t rows, cols;
     const uint8_t *w;
     int64_t w_stride; /* bytes per weight row */
@@ -281,9 +284,9 @@ struct kc_ops {
      * calling thread. */
     void (*mm_rows)(const struct kc_mm *m, int64_t o0, int64_t o1, void *work);
     int row_align;
-    /* mm_rows takes K_LAYOUT_X16 matrices itself; otherwise matmul.c
-     * unpacks 16 rows at a time and gives it the row layout. */
-    int x16;
+    /* mm_rows takes K_LAYOUT_X32 matrices itself; otherwise matmul.c
+     * unpacks 32 rows at a time and gives it the row layout. */
+    int x32;
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float *y, float a, const float *x, int64_t n);
     void (*rmsnorm)(float *out, const float *x, const float *w, int64_t n,

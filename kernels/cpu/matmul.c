@@ -16,19 +16,19 @@ static int is_quant(enum k_dtype t)
     return t == K_Q8_0 || t == K_Q4_K || t == K_Q6_K;
 }
 
-/* A path without a kernel for the packed layout gets 16 rows at a time
+/* A path without a kernel for the packed layout gets 32 rows at a time
  * unpacked into the row layout, at the front of its work buffer. */
 static size_t unpacked_rows_bytes(const struct kc_mm *m)
 {
-    return (size_t)kc_align64(16 * m->w_stride);
+    return (size_t)kc_align64(32 * m->w_stride);
 }
 
 static struct kc_mm unpacked_group(const struct kc_mm *m, int64_t g0, int n,
                                    uint8_t *rows)
 {
     for (int64_t b = 0; b < m->xl.nb; b++) {
-        uint8_t blk[16 * 144];
-        kc_x16_q4k_unpack(m->w, m->xl.nb, g0, n, b, blk);
+        uint8_t blk[32 * 144];
+        kc_x32_q4k_unpack(m->w, m->xl.nb, g0, n, b, blk);
         for (int j = 0; j < n; j++)
             memcpy(rows + j * m->w_stride + 144 * b, blk + 144 * j, 144);
     }
@@ -42,25 +42,25 @@ static struct kc_mm unpacked_group(const struct kc_mm *m, int64_t g0, int n,
 
 static size_t mm_work(const struct kc_ops *ops, const struct kc_mm *m)
 {
-    if (m->layout == K_LAYOUT_ROWS || ops->x16)
+    if (m->layout == K_LAYOUT_ROWS || ops->x32)
         return ops->mm_work(m);
     struct kc_mm sub = *m;
     sub.layout = K_LAYOUT_ROWS;
-    sub.rows = 16;
+    sub.rows = 32;
     return unpacked_rows_bytes(m) + ops->mm_work(&sub);
 }
 
 static void mm_rows(const struct kc_ops *ops, const struct kc_mm *m,
                     int64_t o0, int64_t o1, void *work)
 {
-    if (m->layout == K_LAYOUT_ROWS || ops->x16) {
+    if (m->layout == K_LAYOUT_ROWS || ops->x32) {
         ops->mm_rows(m, o0, o1, work);
         return;
     }
     uint8_t *rows = work;
     void *rest = rows + unpacked_rows_bytes(m);
-    for (int64_t g0 = o0; g0 < o1; g0 += 16) {
-        int n = o1 - g0 < 16 ? (int)(o1 - g0) : 16;
+    for (int64_t g0 = o0; g0 < o1; g0 += 32) {
+        int n = o1 - g0 < 32 ? (int)(o1 - g0) : 32;
         struct kc_mm sub = unpacked_group(m, g0, n, rows);
         ops->mm_rows(&sub, 0, n, rest);
     }
@@ -156,10 +156,8 @@ void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
 
     /* Chunks: whole multiples of the path's row tile; about 8 per thread
      * for balance when the rows are many, the tile when they are few. */
-    /* a packed matrix is cut at its 16-row groups */
-    int64_t align = W->layout == K_LAYOUT_X16 && j->ops->row_align < 16
-                        ? 16
-                        : j->ops->row_align;
+    /* a packed matrix is cut at its 32-row groups */
+    int64_t align = W->layout == K_LAYOUT_X32 ? 32 : j->ops->row_align;
     int64_t tiles = (W->rows + align - 1) / align;
     int64_t per = tiles / (8 * (int64_t)nth);
     if (per < 1)

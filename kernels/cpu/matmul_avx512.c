@@ -286,9 +286,13 @@ static AI void mm_float_blocked(const struct kc_mm *m, int64_t o0, int64_t o1,
 #ifndef PF_DIST
 #define PF_DIST 256
 #endif
-/* Prefetch distance of the packed kernels, in bytes of the one stream. */
-#ifndef X16_PF
-#define X16_PF 2048
+/* Software prefetch of the packed kernels: distance in bytes of their one
+ * sequential stream (0: none), and one prefetch per X32_PF_STEP lines. */
+#ifndef X32_PF
+#define X32_PF 2048
+#endif
+#ifndef X32_PF_STEP
+#define X32_PF_STEP 1
 #endif
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T0
@@ -718,7 +722,7 @@ static int panels_per_group(const struct kc_mm *m)
 
 size_t kc_mm_work_avx512(const struct kc_mm *m)
 {
-    if (m->layout == K_LAYOUT_X16)
+    if (m->layout == K_LAYOUT_X32)
         return 0;
     if (m->dt == K_F32 || m->dt == K_F16 || m->dt == K_BF16)
         return m->n_x >= FB_MIN_NX
@@ -1024,22 +1028,41 @@ static void mm_q_panels(const struct kc_mm *m, int64_t o0, int64_t o1,
     }
 }
 
-/* ------------------------------------- Q4_K in the packed layout (X16) */
+/* ------------------------------------- Q4_K in the packed layout (X32) */
 
-/* Rows 16 g .. 16 g + n - 1 of a K_LAYOUT_X16 Q4_K matrix (kcpu.h) against
- * activation rows [r0, r0 + RX): lane r of every vpdpbusd is weight row
- * 16 g + r, the x operand 4 broadcast bytes, so each sub-block's sum
- * comes out whole in its lane and its scale multiplies the lane. The
- * weights stream in order, 2304 bytes per block of 16 rows. */
-static AI void q4k_x16(const int RX, const struct kc_mm *m, int64_t g, int n,
+/* The 8 scales of 16 rows (one 64-byte half of the packed scale parts)
+ * as bytes sc0..3 | sc4..7 of each dword (kc_q4k_scales64 per dword). */
+static AI void x32_scales(const uint8_t *p, __m512i *sc_lo, __m512i *sc_hi)
+{
+    const __m512i u0 = _mm512_loadu_si512(p), u2 = _mm512_loadu_si512(p + 256);
+    *sc_lo = _mm512_and_si512(u0, _mm512_set1_epi32(0x3f3f3f3f));
+    *sc_hi = _mm512_ternarylogic_epi32(_mm512_and_si512(u2, _mm512_set1_epi32(0x0f0f0f0f)),
+                                       _mm512_srli_epi32(u0, 2),
+                                       _mm512_set1_epi32(0x30303030), 0xF8);
+}
+
+/* The same for the 8 mins. */
+static AI void x32_mins(const uint8_t *p, __m512i *m_lo, __m512i *m_hi)
+{
+    const __m512i u1 = _mm512_loadu_si512(p + 128), u2 = _mm512_loadu_si512(p + 256);
+    *m_lo = _mm512_and_si512(u1, _mm512_set1_epi32(0x3f3f3f3f));
+    *m_hi = _mm512_ternarylogic_epi32(
+        _mm512_and_si512(_mm512_srli_epi32(u2, 4), _mm512_set1_epi32(0x0f0f0f0f)),
+        _mm512_srli_epi32(u1, 2), _mm512_set1_epi32(0x30303030), 0xF8);
+}
+
+/* Rows 32 g .. 32 g + n - 1 of a K_LAYOUT_X32 Q4_K matrix (kcpu.h)
+ * against activation rows [r0, r0 + RX). Per sub-block, tl sums the low
+ * nibbles (rows 0-15) and tf the whole bytes (rows 0-15 plus 16 times
+ * rows 16-31), so rows 16-31 are (tf - tl) / 16, exact; the 16 is taken
+ * out of their block sum A1 once per block. The weights stream in order,
+ * 4608 bytes per block of 32 rows. */
+static AI void q4k_x32(const int RX, const struct kc_mm *m, int64_t g, int n,
                        int64_t r0)
 {
     const int64_t nb = m->xl.nb;
-    const uint8_t *gp = m->w + g * nb * KC_X16_Q4K;
+    const uint8_t *gp = m->w + g * nb * KC_X32_Q4K;
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
-    const __m512i c3f = _mm512_set1_epi32(0x3f3f3f3f);
-    const __m512i c0f = _mm512_set1_epi32(0x0f0f0f0f);
-    const __m512i c30 = _mm512_set1_epi32(0x30303030);
     /* vpshufb controls: byte k of each dword, zero-extended (scales), and
      * bytes 2k, 2k + 1 as two int16 (pairs of mins) */
     __m512i bsel[4], msel[2];
@@ -1056,92 +1079,107 @@ static AI void q4k_x16(const int RX, const struct kc_mm *m, int64_t g, int n,
         msel[k] = _mm512_loadu_si512(e);
     }
     struct kc_xrow x[RX_GEMV];
-    __m512 f[RX_GEMV];
+    __m512 f0[RX_GEMV], f1[RX_GEMV];
     for (int j = 0; j < RX; j++) {
         x[j] = kc_xrow_at(m, r0 + j);
-        f[j] = _mm512_setzero_ps();
+        f0[j] = _mm512_setzero_ps();
+        f1[j] = _mm512_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = gp + b * KC_X16_Q4K;
-#if PF_DIST
-        for (int l = 0; l < KC_X16_Q4K; l += 64)
-            _mm_prefetch((const char *)(p + X16_PF + l), PF_HINT);
+        const uint8_t *p = gp + b * KC_X32_Q4K;
+#if X32_PF
+        for (int l = 0; l < KC_X32_Q4K; l += 64 * X32_PF_STEP)
+            _mm_prefetch((const char *)(p + X32_PF + l), PF_HINT);
 #endif
-        const __m512i u0 = _mm512_loadu_si512(p + 64);
-        const __m512i u1 = _mm512_loadu_si512(p + 128);
-        const __m512i u2 = _mm512_loadu_si512(p + 192);
-        /* kc_q4k_scales64 on every dword: bytes sc0..3 | sc4..7, m0..3 | m4..7 */
-        const __m512i sc_lo = _mm512_and_si512(u0, c3f);
-        const __m512i sc_hi = _mm512_ternarylogic_epi32(
-            _mm512_and_si512(u2, c0f), _mm512_srli_epi32(u0, 2), c30, 0xF8);
-        const __m512i m_lo = _mm512_and_si512(u1, c3f);
-        const __m512i m_hi = _mm512_ternarylogic_epi32(
-            _mm512_and_si512(_mm512_srli_epi32(u2, 4), c0f), _mm512_srli_epi32(u1, 2),
-            c30, 0xF8);
-        __m512i A[RX_GEMV];
-        for (int j = 0; j < RX; j++)
-            A[j] = _mm512_setzero_si512();
+        __m512i sc_lo0, sc_hi0, sc_lo1, sc_hi1;
+        x32_scales(p + 128, &sc_lo0, &sc_hi0);
+        x32_scales(p + 192, &sc_lo1, &sc_hi1);
+        __m512i A0[RX_GEMV], A1[RX_GEMV];
+        for (int j = 0; j < RX; j++) {
+            A0[j] = _mm512_setzero_si512();
+            A1[j] = _mm512_setzero_si512();
+        }
         /* unrolled whole: the x offsets become displacements */
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
-            const __m512i sc = _mm512_shuffle_epi8(s < 4 ? sc_lo : sc_hi, bsel[s & 3]);
-            __m512i t[RX_GEMV];
-            for (int j = 0; j < RX; j++)
-                t[j] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++) {
-                const __m512i w = _mm512_loadu_si512(p + 256 + 64 * (4 * s + i));
+            const __m512i sc0 = _mm512_shuffle_epi8(s < 4 ? sc_lo0 : sc_hi0, bsel[s & 3]);
+            const __m512i sc1 = _mm512_shuffle_epi8(s < 4 ? sc_lo1 : sc_hi1, bsel[s & 3]);
+            __m512i tl[RX_GEMV], tf[RX_GEMV];
+            for (int j = 0; j < RX; j++) {
+                tl[j] = _mm512_setzero_si512();
+                tf[j] = _mm512_setzero_si512();
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) {
+                const __m512i w = _mm512_loadu_si512(p + 512 + 64 * (8 * s + i));
                 const __m512i wl = _mm512_and_si512(w, lo4);
-                const __m512i wh = _mm512_and_si512(_mm512_srli_epi16(w, 4), lo4);
                 for (int j = 0; j < RX; j++) {
-                    const int8_t *xq = x[j].qs + 256 * b;
-                    t[j] = _mm512_dpbusd_epi32(
-                        t[j], wl, _mm512_set1_epi32(load_i32(xq + 4 * kc_x16_grp(s, i))));
-                    t[j] = _mm512_dpbusd_epi32(
-                        t[j], wh, _mm512_set1_epi32(load_i32(xq + 4 * kc_x16_grp(s, i + 4))));
+                    const __m512i xb = _mm512_set1_epi32(
+                        load_i32(x[j].qs + 256 * b + 4 * kc_x32_grp(s, i)));
+                    tl[j] = _mm512_dpbusd_epi32(tl[j], wl, xb);
+                    tf[j] = _mm512_dpbusd_epi32(tf[j], w, xb);
                 }
             }
-            for (int j = 0; j < RX; j++)
-                A[j] = _mm512_add_epi32(A[j], _mm512_mullo_epi32(t[j], sc));
+            for (int j = 0; j < RX; j++) {
+                A0[j] = _mm512_add_epi32(A0[j], _mm512_mullo_epi32(tl[j], sc0));
+                A1[j] = _mm512_add_epi32(
+                    A1[j], _mm512_mullo_epi32(_mm512_sub_epi32(tf[j], tl[j]), sc1));
+            }
         }
-        const __m512i h = _mm512_loadu_si512(p);
-        const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
-        const __m512 dm = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+        __m512i m_lo0, m_hi0, m_lo1, m_hi1;
+        x32_mins(p + 128, &m_lo0, &m_hi0);
+        x32_mins(p + 192, &m_lo1, &m_hi1);
+        const __m512i h0 = _mm512_loadu_si512(p), h1 = _mm512_loadu_si512(p + 64);
+        const __m512 d0 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h0));
+        const __m512 d1 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h1));
+        const __m512 dm0 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h0, 16)));
+        const __m512 dm1 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h1, 16)));
         for (int j = 0; j < RX; j++) {
             const int16_t *xs = (const int16_t *)x[j].s + 16 * b;
-            __m512i B = _mm512_setzero_si512();
-            for (int k = 0; k < 4; k++)
-                B = _mm512_dpwssd_epi32(
-                    B, _mm512_shuffle_epi8(k < 2 ? m_lo : m_hi, msel[k & 1]),
-                    _mm512_set1_epi32(load_i32(xs + 2 * k)));
+            __m512i B0 = _mm512_setzero_si512(), B1 = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++) {
+                const __m512i xp = _mm512_set1_epi32(load_i32(xs + 2 * k));
+                B0 = _mm512_dpwssd_epi32(
+                    B0, _mm512_shuffle_epi8(k < 2 ? m_lo0 : m_hi0, msel[k & 1]), xp);
+                B1 = _mm512_dpwssd_epi32(
+                    B1, _mm512_shuffle_epi8(k < 2 ? m_lo1 : m_hi1, msel[k & 1]), xp);
+            }
             const __m512 dx = _mm512_set1_ps(x[j].d[b]);
-            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(A[j]), _mm512_mul_ps(d, dx), f[j]);
-            f[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(B), _mm512_mul_ps(dm, dx), f[j]);
+            const __m512i a1 = _mm512_srai_epi32(A1[j], 4);
+            f0[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(A0[j]), _mm512_mul_ps(d0, dx), f0[j]);
+            f0[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(B0), _mm512_mul_ps(dm0, dx), f0[j]);
+            f1[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_mul_ps(d1, dx), f1[j]);
+            f1[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(B1), _mm512_mul_ps(dm1, dx), f1[j]);
         }
     }
-    for (int j = 0; j < RX; j++)
-        _mm512_mask_storeu_ps(m->y + (r0 + j) * m->y_stride + 16 * g, kc_mask16(n), f[j]);
+    const int n0 = n < 16 ? n : 16, n1 = n - n0;
+    for (int j = 0; j < RX; j++) {
+        float *y = m->y + (r0 + j) * m->y_stride + 32 * g;
+        _mm512_mask_storeu_ps(y, kc_mask16(n0), f0[j]);
+        if (n1 > 0)
+            _mm512_mask_storeu_ps(y + 16, kc_mask16(n1), f1[j]);
+    }
 }
 
-/* Packed rows [o0, o1) (o0 a multiple of 16): one group of 16 rows at a
+/* Packed rows [o0, o1) (o0 a multiple of 32): one group of 32 rows at a
  * time against every activation row, 4 at a time, so that the group's
  * weights are read from memory once and from cache for the rest. */
-static void mm_q4k_x16(const struct kc_mm *m, int64_t o0, int64_t o1)
+static void mm_q4k_x32(const struct kc_mm *m, int64_t o0, int64_t o1)
 {
-    for (int64_t o = o0; o < o1; o += 16) {
-        int n = o1 - o < 16 ? (int)(o1 - o) : 16;
-        int64_t g = o / 16, r = 0;
+    for (int64_t o = o0; o < o1; o += 32) {
+        int n = o1 - o < 32 ? (int)(o1 - o) : 32;
+        int64_t g = o / 32, r = 0;
         for (; r + 4 <= m->n_x; r += 4)
-            q4k_x16(4, m, g, n, r);
+            q4k_x32(4, m, g, n, r);
         switch (m->n_x - r) {
         case 3:
-            q4k_x16(3, m, g, n, r);
+            q4k_x32(3, m, g, n, r);
             break;
         case 2:
-            q4k_x16(2, m, g, n, r);
+            q4k_x32(2, m, g, n, r);
             break;
         case 1:
-            q4k_x16(1, m, g, n, r);
+            q4k_x32(1, m, g, n, r);
             break;
         default:
             break;
@@ -1174,8 +1212,8 @@ void kc_mm_rows_avx512(const struct kc_mm *m, int64_t o0, int64_t o1,
             mm_float(m, o0, o1, K_BF16);
         break;
     default:
-        if (m->layout == K_LAYOUT_X16)
-            mm_q4k_x16(m, o0, o1);
+        if (m->layout == K_LAYOUT_X32)
+            mm_q4k_x32(m, o0, o1);
         else if (m->n_x <= GEMV_MAX_NX)
             mm_q_gemv(m, o0, o1);
         else

@@ -1,5 +1,5 @@
-/* pack.c: the packed weight layout (K_LAYOUT_X16, kcpu.h). k_matrix_pack
- * makes it from the row layout once, at model load; kc_x16_q4k_unpack
+/* pack.c: the packed weight layout (K_LAYOUT_X32, kcpu.h). k_matrix_pack
+ * makes it from the row layout once, at model load; kc_x32_q4k_unpack
  * reads rows back out of it for the paths without a kernel for it and for
  * embedding lookups. Plain C: packing runs once and is bound by memory.
  */
@@ -14,63 +14,63 @@ static uint64_t ld64(const uint8_t *p)
     return v;
 }
 
-/* One packed block of 16 rows; blk[r] is row r's block, NULL for padding. */
-static void pack_q4k_block(const uint8_t *const blk[16], uint8_t *gb)
+/* One packed block of 32 rows; blk[r] is row r's block, NULL for padding.
+ * Every byte of the packed block is written once. */
+static void pack_q4k_block(const uint8_t *const blk[32], uint8_t *gb)
 {
+    static const uint8_t zero[144];
     const uint64_t lo4 = 0x0f0f0f0f0f0f0f0full;
-    memset(gb, 0, KC_X16_Q4K);
-    for (int r = 0; r < 16; r++) {
-        const uint8_t *p = blk[r];
-        if (!p)
-            continue;
+    for (int r = 0; r < 32; r++) {
+        const uint8_t *p = blk[r] ? blk[r] : zero;
         memcpy(gb + 4 * r, p, 4);
         for (int k = 0; k < 3; k++)
-            memcpy(gb + 64 + 64 * k + 4 * r, p + 4 + 4 * k, 4);
+            memcpy(gb + 128 + 128 * k + 4 * r, p + 4 + 4 * k, 4);
+    }
+    for (int r = 0; r < 16; r++) {
+        /* row r in the low nibbles, row 16 + r in the high ones */
+        const uint8_t *pl = blk[r] ? blk[r] : zero;
+        const uint8_t *ph = blk[r + 16] ? blk[r + 16] : zero;
+        uint8_t *lane = gb + 512 + 4 * r;
         for (int s = 0; s < 8; s++) {
             /* sub-block s: nibble c % 2 of quant bytes 64 (c / 2) + 32 h
-             * .. +31, in x order (kc_x16_grp) */
+             * .. +31, in x order (kc_x32_grp) */
             int c = 2 * (s >> 2) + (s & 1), h = (s >> 1) & 1;
-            const uint8_t *q = p + 16 + 64 * (c >> 1) + 32 * h;
-            int sh = 4 * (c & 1);
-            for (int half = 0; half < 2; half++) {
-                /* groups 2 half, 2 half + 1 (low nibbles) with groups
-                 * 2 half + 4, +5 (high nibbles) */
-                uint64_t lo = (ld64(q + 8 * half) >> sh) & lo4;
-                uint64_t hi = (ld64(q + 16 + 8 * half) >> sh) & lo4;
-                uint64_t v = lo | (hi << 4);
-                for (int ii = 0; ii < 2; ii++) {
-                    int i = 2 * half + ii;
-                    uint32_t d = (uint32_t)(v >> (32 * ii));
-                    memcpy(gb + 256 + 64 * (4 * s + i) + 4 * r, &d, 4);
-                }
+            int off = 16 + 64 * (c >> 1) + 32 * h, sh = 4 * (c & 1);
+            for (int jj = 0; jj < 8; jj += 2) {
+                /* groups jj, jj + 1: 8 weights of each row */
+                uint64_t v = ((ld64(pl + off + 4 * jj) >> sh) & lo4) |
+                             (((ld64(ph + off + 4 * jj) >> sh) & lo4) << 4);
+                uint32_t d0 = (uint32_t)v, d1 = (uint32_t)(v >> 32);
+                memcpy(lane + 64 * (8 * s + jj), &d0, 4);
+                memcpy(lane + 64 * (8 * s + jj + 1), &d1, 4);
             }
         }
     }
 }
 
-void kc_x16_q4k_unpack(const uint8_t *w, int64_t nb, int64_t o0, int n,
+void kc_x32_q4k_unpack(const uint8_t *w, int64_t nb, int64_t o0, int n,
                        int64_t b, uint8_t *dst)
 {
-    for (int j = 0; j < n; j++) {
-        int64_t o = o0 + j;
-        const uint8_t *gb = w + ((o / 16) * nb + b) * KC_X16_Q4K;
-        int r = (int)(o % 16);
-        uint8_t *p = dst + 144 * j;
+    for (int i = 0; i < n; i++) {
+        int64_t o = o0 + i;
+        const uint8_t *gb = w + ((o / 32) * nb + b) * KC_X32_Q4K;
+        int r = (int)(o % 32);
+        uint8_t *p = dst + 144 * i;
         memcpy(p, gb + 4 * r, 4);
         for (int k = 0; k < 3; k++)
-            memcpy(p + 4 + 4 * k, gb + 64 + 64 * k + 4 * r, 4);
+            memcpy(p + 4 + 4 * k, gb + 128 + 128 * k + 4 * r, 4);
         uint8_t *qs = p + 16;
         memset(qs, 0, 128);
+        const uint8_t *lane = gb + 512 + 4 * (r & 15);
+        int up = 4 * (r >> 4);
         for (int s = 0; s < 8; s++) {
             int c = 2 * (s >> 2) + (s & 1), h = (s >> 1) & 1;
             uint8_t *q = qs + 64 * (c >> 1) + 32 * h;
             int sh = 4 * (c & 1);
-            for (int i = 0; i < 4; i++)
-                for (int e = 0; e < 4; e++) {
-                    uint8_t v = gb[256 + 64 * (4 * s + i) + 4 * r + e];
-                    q[4 * i + e] |= (uint8_t)((v & 15) << sh);
-                    q[16 + 4 * i + e] |= (uint8_t)((v >> 4) << sh);
-                }
+            for (int t = 0; t < 32; t++) {
+                int v = (lane[64 * (8 * s + t / 4) + t % 4] >> up) & 15;
+                q[t] |= (uint8_t)(v << sh);
+            }
         }
     }
 }
@@ -80,15 +80,15 @@ size_t k_matrix_packed_bytes(const struct k_matrix *W)
     if (!W || W->dtype != K_Q4_K || W->layout != K_LAYOUT_ROWS ||
         W->rows <= 0 || W->cols <= 0 || W->cols % 256)
         return 0;
-    int64_t groups = (W->rows + 15) / 16, nb = W->cols / 256;
-    if (nb > INT64_MAX / KC_X16_Q4K / groups)
+    int64_t groups = (W->rows + 31) / 32, nb = W->cols / 256;
+    if (nb > INT64_MAX / KC_X32_Q4K / groups)
         return 0;
-    return (size_t)(groups * nb * KC_X16_Q4K);
+    return (size_t)(groups * nb * KC_X32_Q4K);
 }
 
 int k_matrix_pack_wanted(const struct k_matrix *W)
 {
-    return k_matrix_packed_bytes(W) > 0 && kc_ops()->x16;
+    return k_matrix_packed_bytes(W) > 0 && kc_ops()->x32;
 }
 
 struct pack_job {
@@ -109,14 +109,14 @@ static void pack_task(void *ctx, int ith, int nth)
         int64_t g = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (g >= j->groups)
             break;
-        const uint8_t *row[16];
-        for (int r = 0; r < 16; r++)
-            row[r] = 16 * g + r < j->W->rows ? w + (16 * g + r) * rb : NULL;
+        const uint8_t *row[32];
+        for (int r = 0; r < 32; r++)
+            row[r] = 32 * g + r < j->W->rows ? w + (32 * g + r) * rb : NULL;
         for (int64_t b = 0; b < j->nb; b++) {
-            const uint8_t *blk[16];
-            for (int r = 0; r < 16; r++)
+            const uint8_t *blk[32];
+            for (int r = 0; r < 32; r++)
                 blk[r] = row[r] ? row[r] + 144 * b : NULL;
-            pack_q4k_block(blk, j->dst + (g * j->nb + b) * KC_X16_Q4K);
+            pack_q4k_block(blk, j->dst + (g * j->nb + b) * KC_X32_Q4K);
         }
     }
 }
@@ -127,7 +127,7 @@ int k_matrix_pack(struct k_pool *pool, const struct k_matrix *W, void *dst,
     if (!k_matrix_packed_bytes(W) || !dst || ((uintptr_t)dst & 63))
         return -1;
     struct pack_job j = {.W = W, .dst = dst, .nb = W->cols / 256,
-                         .groups = (W->rows + 15) / 16};
+                         .groups = (W->rows + 31) / 32};
     atomic_init(&j.next, 0);
     if (pool)
         k_pool_run(pool, pack_task, &j);
@@ -135,6 +135,6 @@ int k_matrix_pack(struct k_pool *pool, const struct k_matrix *W, void *dst,
         pack_task(&j, 0, 1);
     *out = *W;
     out->data = dst;
-    out->layout = K_LAYOUT_X16;
+    out->layout = K_LAYOUT_X32;
     return 0;
 }

@@ -111,11 +111,11 @@ static void dequant_q6_k(const uint8_t *blk, float *out)
 
 void k_dequant_row(const struct k_matrix *W, int64_t row, float *out)
 {
-    if (W->layout == K_LAYOUT_X16) {
+    if (W->layout == K_LAYOUT_X32) {
         int64_t nb = W->cols / 256;
         for (int64_t b = 0; b < nb; b++) {
             uint8_t blk[144];
-            kc_x16_q4k_unpack(W->data, nb, row, 1, b, blk);
+            kc_x32_q4k_unpack(W->data, nb, row, 1, b, blk);
             dequant_q4_k(blk, out + 256 * b);
         }
         return;

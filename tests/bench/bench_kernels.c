@@ -8,7 +8,7 @@
  *   bench_kernels [threads (default 2)] [rows cols (default 4096 4096)]
  *
  * INFERD_ISA selects the path; INFERD_BENCH_HUGEPAGES=1 puts the weights
- * on 2 MB pages. Built, not run by `meson test`. The ceilings are measured
+ * on 2 MB pages; INFERD_BENCH_DTYPES=q4_k,q8_0 limits the dtypes. Built, not run by `meson test`. The ceilings are measured
  * in the same run: on a shared VM they move from run to run, and so do
  * the ratios.
  */
@@ -128,7 +128,7 @@ static struct result bench_dtype(struct k_pool *pool, enum k_dtype t,
     struct result r;
     int64_t rb = k_row_bytes(t, cols);
     size_t mat = (size_t)(rows * rb);
-    if (layout == K_LAYOUT_X16) {
+    if (layout == K_LAYOUT_X32) {
         /* the row layout made aside, then packed as model_load does */
         uint8_t *tmp = xalloc(mat);
         fill_weights(t, tmp, rows, cols);
@@ -241,15 +241,18 @@ int main(int argc, char **argv)
     int n_res = 0;
     for (int v = 0; v < 2 * K_DTYPE_COUNT; v++) {
         enum k_dtype t = (enum k_dtype)(v % K_DTYPE_COUNT);
-        enum k_layout lay = v < K_DTYPE_COUNT ? K_LAYOUT_ROWS : K_LAYOUT_X16;
+        enum k_layout lay = v < K_DTYPE_COUNT ? K_LAYOUT_ROWS : K_LAYOUT_X32;
         struct k_matrix W0 = {t, rows, cols, NULL, K_LAYOUT_ROWS};
+        const char *only = getenv("INFERD_BENCH_DTYPES");
+        if (only && !strstr(only, k_dtype_name(t)))
+            continue;
         if (k_row_bytes(t, cols) < 0 ||
-            (lay == K_LAYOUT_X16 && !k_matrix_packed_bytes(&W0)))
+            (lay == K_LAYOUT_X32 && !k_matrix_packed_bytes(&W0)))
             continue;
         struct result r = bench_dtype(pool, t, lay, rows, cols, big, big_bytes,
                                       x, y, scratch);
         snprintf(names[n_res], sizeof(names[0]), "%s%s", k_dtype_name(t),
-                 lay == K_LAYOUT_X16 ? "/x16" : "");
+                 lay == K_LAYOUT_X32 ? "/x32" : "");
         res[n_res] = r;
         int q = t == K_Q8_0 || t == K_Q4_K || t == K_Q6_K;
         char i8[16] = "";

@@ -715,7 +715,7 @@ static float *mm_run_packed(struct k_pool *pool, const struct mm_case *c,
     CHECK(pb > 0, "%s has no packed layout", k_dtype_name(c->t));
     void *buf = xalloc(pb);
     CHECK(k_matrix_pack(pool, &W, buf, &P) == 0, "k_matrix_pack failed");
-    CHECK(P.layout == K_LAYOUT_X16 && P.data == buf && P.rows == c->rows,
+    CHECK(P.layout == K_LAYOUT_X32 && P.data == buf && P.rows == c->rows,
           "packed matrix fields");
     size_t sb = k_matmul_scratch(&P, n_x);
     void *scratch = sb ? xalloc(sb) : NULL;
@@ -729,7 +729,7 @@ static float *mm_run_packed(struct k_pool *pool, const struct mm_case *c,
     return y;
 }
 
-/* K_LAYOUT_X16: which dtypes have it, that it reads back to the same
+/* K_LAYOUT_X32: which dtypes have it, that it reads back to the same
  * weights, and that every path gives the row layout's bits from it, on
  * row counts that do and do not fill the last group of 16. */
 static void test_matmul_packed(void)
