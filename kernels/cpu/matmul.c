@@ -28,7 +28,7 @@ static struct kc_mm unpacked_group(const struct kc_mm *m, int64_t g0, int n,
 {
     for (int64_t b = 0; b < m->xl.nb; b++) {
         uint8_t blk[32 * 144];
-        kc_x32_q4k_unpack(m->w, m->xl.nb, g0, n, b, blk);
+        kc_x32_q4k_unpack(m->w, m->rows, m->xl.nb, g0, n, b, blk);
         for (int j = 0; j < n; j++)
             memcpy(rows + j * m->w_stride + 144 * b, blk + 144 * j, 144);
     }

@@ -286,10 +286,12 @@ static AI void mm_float_blocked(const struct kc_mm *m, int64_t o0, int64_t o1,
 #ifndef PF_DIST
 #define PF_DIST 256
 #endif
-/* Software prefetch of the packed kernels: distance in bytes of their one
- * sequential stream (0: none), and one prefetch per X32_PF_STEP lines. */
+/* Software prefetch of the packed kernels: distance in bytes ahead in each
+ * of their 4 streams (0: none; 2 blocks ahead did best end to end of 0,
+ * 1 and 2 blocks), and one prefetch per X32_PF_STEP lines (every line did
+ * better than every other line). */
 #ifndef X32_PF
-#define X32_PF 2048
+#define X32_PF 2304
 #endif
 #ifndef X32_PF_STEP
 #define X32_PF_STEP 1
@@ -1032,9 +1034,18 @@ static void mm_q_panels(const struct kc_mm *m, int64_t o0, int64_t o1,
 
 /* The 8 scales of 16 rows (one 64-byte half of the packed scale parts)
  * as bytes sc0..3 | sc4..7 of each dword (kc_q4k_scales64 per dword). */
-static AI void x32_scales(const uint8_t *p, __m512i *sc_lo, __m512i *sc_hi)
+/* Byte o of a packed block given by its part pointers (kc_x32_parts); o
+ * is a constant wherever this is inlined, so it costs nothing. */
+static AI const uint8_t *x32_at(const uint8_t *const *pp, int o)
 {
-    const __m512i u0 = _mm512_loadu_si512(p), u2 = _mm512_loadu_si512(p + 256);
+    return pp[o / KC_X32_PART] + o % KC_X32_PART;
+}
+
+static AI void x32_scales(const uint8_t *const *pp, int o, __m512i *sc_lo,
+                          __m512i *sc_hi)
+{
+    const __m512i u0 = _mm512_loadu_si512(x32_at(pp, o));
+    const __m512i u2 = _mm512_loadu_si512(x32_at(pp, o + 256));
     *sc_lo = _mm512_and_si512(u0, _mm512_set1_epi32(0x3f3f3f3f));
     *sc_hi = _mm512_ternarylogic_epi32(_mm512_and_si512(u2, _mm512_set1_epi32(0x0f0f0f0f)),
                                        _mm512_srli_epi32(u0, 2),
@@ -1042,42 +1053,125 @@ static AI void x32_scales(const uint8_t *p, __m512i *sc_lo, __m512i *sc_hi)
 }
 
 /* The same for the 8 mins. */
-static AI void x32_mins(const uint8_t *p, __m512i *m_lo, __m512i *m_hi)
+static AI void x32_mins(const uint8_t *const *pp, int o, __m512i *m_lo,
+                        __m512i *m_hi)
 {
-    const __m512i u1 = _mm512_loadu_si512(p + 128), u2 = _mm512_loadu_si512(p + 256);
+    const __m512i u1 = _mm512_loadu_si512(x32_at(pp, o + 128));
+    const __m512i u2 = _mm512_loadu_si512(x32_at(pp, o + 256));
     *m_lo = _mm512_and_si512(u1, _mm512_set1_epi32(0x3f3f3f3f));
     *m_hi = _mm512_ternarylogic_epi32(
         _mm512_and_si512(_mm512_srli_epi32(u2, 4), _mm512_set1_epi32(0x0f0f0f0f)),
         _mm512_srli_epi32(u1, 2), _mm512_set1_epi32(0x30303030), 0xF8);
 }
 
-/* Rows 32 g .. 32 g + n - 1 of a K_LAYOUT_X32 Q4_K matrix (kcpu.h)
- * against activation rows [r0, r0 + RX). Per sub-block, tl sums the low
- * nibbles (rows 0-15) and tf the whole bytes (rows 0-15 plus 16 times
- * rows 16-31), so rows 16-31 are (tf - tl) / 16, exact; the 16 is taken
- * out of their block sum A1 once per block. The weights stream in order,
- * 4608 bytes per block of 32 rows. */
+/* The constants of q4k_x32_block, made once by its callers. */
+struct x32_consts {
+    __m512i lo4;
+    __m512i bsel[4]; /* vpshufb: byte k of each dword, zero-extended */
+    __m512i msel[2]; /* vpshufb: bytes 2k, 2k + 1 of each dword as int16 */
+};
+
+static AI struct x32_consts x32_consts(void)
+{
+    struct x32_consts k;
+    k.lo4 = _mm512_set1_epi8(0x0f);
+    for (int q = 0; q < 4; q++) {
+        int8_t e[64];
+        for (int i = 0; i < 64; i++)
+            e[i] = (i & 3) == 0 ? (int8_t)((i & 15) + q) : (int8_t)-1;
+        k.bsel[q] = _mm512_loadu_si512(e);
+    }
+    for (int q = 0; q < 2; q++) {
+        int8_t e[64];
+        for (int i = 0; i < 64; i++)
+            e[i] = (i & 1) == 0 ? (int8_t)((i & 12) + 2 * q + ((i >> 1) & 1)) : (int8_t)-1;
+        k.msel[q] = _mm512_loadu_si512(e);
+    }
+    return k;
+}
+
+/* One packed block (32 rows, kcpu.h; pp its parts) against block b of activation
+ * rows x[0..RX): f0 gets rows 0-15, f1 rows 16-31. Per sub-block, tl sums
+ * the low nibbles (rows 0-15) and tf the whole bytes (rows 0-15 plus 16
+ * times rows 16-31), so rows 16-31 are (tf - tl) / 16, exact; the 16 is
+ * taken out of their block sum A1 once per block. */
+static AI void q4k_x32_block(const int RX, const struct x32_consts *k,
+                             const uint8_t *const *pp, const struct kc_xrow *x, int64_t b,
+                             __m512 *f0, __m512 *f1)
+{
+    __m512i sc_lo0, sc_hi0, sc_lo1, sc_hi1;
+    x32_scales(pp, 128, &sc_lo0, &sc_hi0);
+    x32_scales(pp, 192, &sc_lo1, &sc_hi1);
+    __m512i A0[RX_GEMV], A1[RX_GEMV];
+    for (int j = 0; j < RX; j++) {
+        A0[j] = _mm512_setzero_si512();
+        A1[j] = _mm512_setzero_si512();
+    }
+    /* unrolled whole: the x offsets become displacements */
+#pragma GCC unroll 8
+    for (int s = 0; s < 8; s++) {
+        const __m512i sc0 = _mm512_shuffle_epi8(s < 4 ? sc_lo0 : sc_hi0, k->bsel[s & 3]);
+        const __m512i sc1 = _mm512_shuffle_epi8(s < 4 ? sc_lo1 : sc_hi1, k->bsel[s & 3]);
+        __m512i tl[RX_GEMV], tf[RX_GEMV];
+        for (int j = 0; j < RX; j++) {
+            tl[j] = _mm512_setzero_si512();
+            tf[j] = _mm512_setzero_si512();
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            const __m512i w = _mm512_loadu_si512(x32_at(pp, 512 + 64 * (8 * s + i)));
+            const __m512i wl = _mm512_and_si512(w, k->lo4);
+            for (int j = 0; j < RX; j++) {
+                const __m512i xb = _mm512_set1_epi32(
+                    load_i32(x[j].qs + 256 * b + 4 * kc_x32_grp(s, i)));
+                tl[j] = _mm512_dpbusd_epi32(tl[j], wl, xb);
+                tf[j] = _mm512_dpbusd_epi32(tf[j], w, xb);
+            }
+        }
+        for (int j = 0; j < RX; j++) {
+            A0[j] = _mm512_add_epi32(A0[j], _mm512_mullo_epi32(tl[j], sc0));
+            A1[j] = _mm512_add_epi32(
+                A1[j], _mm512_mullo_epi32(_mm512_sub_epi32(tf[j], tl[j]), sc1));
+        }
+    }
+    __m512i m_lo0, m_hi0, m_lo1, m_hi1;
+    x32_mins(pp, 128, &m_lo0, &m_hi0);
+    x32_mins(pp, 192, &m_lo1, &m_hi1);
+    const __m512i h0 = _mm512_loadu_si512(x32_at(pp, 0));
+    const __m512i h1 = _mm512_loadu_si512(x32_at(pp, 64));
+    const __m512 d0 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h0));
+    const __m512 d1 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h1));
+    const __m512 dm0 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h0, 16)));
+    const __m512 dm1 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h1, 16)));
+    for (int j = 0; j < RX; j++) {
+        const int16_t *xs = (const int16_t *)x[j].s + 16 * b;
+        __m512i B0 = _mm512_setzero_si512(), B1 = _mm512_setzero_si512();
+        for (int q = 0; q < 4; q++) {
+            const __m512i xp = _mm512_set1_epi32(load_i32(xs + 2 * q));
+            B0 = _mm512_dpwssd_epi32(
+                B0, _mm512_shuffle_epi8(q < 2 ? m_lo0 : m_hi0, k->msel[q & 1]), xp);
+            B1 = _mm512_dpwssd_epi32(
+                B1, _mm512_shuffle_epi8(q < 2 ? m_lo1 : m_hi1, k->msel[q & 1]), xp);
+        }
+        const __m512 dx = _mm512_set1_ps(x[j].d[b]);
+        const __m512i a1 = _mm512_srai_epi32(A1[j], 4);
+        f0[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(A0[j]), _mm512_mul_ps(d0, dx), f0[j]);
+        f0[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(B0), _mm512_mul_ps(dm0, dx), f0[j]);
+        f1[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_mul_ps(d1, dx), f1[j]);
+        f1[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(B1), _mm512_mul_ps(dm1, dx), f1[j]);
+    }
+}
+
+/* Rows 32 g .. 32 g + n - 1 of a K_LAYOUT_X32 Q4_K matrix against
+ * activation rows [r0, r0 + RX). The weights stream in order from the 4
+ * planes, 1152 bytes of each per block of 32 rows. */
 static AI void q4k_x32(const int RX, const struct kc_mm *m, int64_t g, int n,
                        int64_t r0)
 {
     const int64_t nb = m->xl.nb;
-    const uint8_t *gp = m->w + g * nb * KC_X32_Q4K;
-    const __m512i lo4 = _mm512_set1_epi8(0x0f);
-    /* vpshufb controls: byte k of each dword, zero-extended (scales), and
-     * bytes 2k, 2k + 1 as two int16 (pairs of mins) */
-    __m512i bsel[4], msel[2];
-    for (int k = 0; k < 4; k++) {
-        int8_t e[64];
-        for (int i = 0; i < 64; i++)
-            e[i] = (i & 3) == 0 ? (int8_t)((i & 15) + k) : (int8_t)-1;
-        bsel[k] = _mm512_loadu_si512(e);
-    }
-    for (int k = 0; k < 2; k++) {
-        int8_t e[64];
-        for (int i = 0; i < 64; i++)
-            e[i] = (i & 1) == 0 ? (int8_t)((i & 12) + 2 * k + ((i >> 1) & 1)) : (int8_t)-1;
-        msel[k] = _mm512_loadu_si512(e);
-    }
+    const uint8_t *pp[KC_X32_PLANES];
+    kc_x32_parts(m->w, m->rows, nb, g, 0, pp);
+    const struct x32_consts k = x32_consts();
     struct kc_xrow x[RX_GEMV];
     __m512 f0[RX_GEMV], f1[RX_GEMV];
     for (int j = 0; j < RX; j++) {
@@ -1086,71 +1180,14 @@ static AI void q4k_x32(const int RX, const struct kc_mm *m, int64_t g, int n,
         f1[j] = _mm512_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = gp + b * KC_X32_Q4K;
 #if X32_PF
-        for (int l = 0; l < KC_X32_Q4K; l += 64 * X32_PF_STEP)
-            _mm_prefetch((const char *)(p + X32_PF + l), PF_HINT);
+        for (int q = 0; q < KC_X32_PLANES; q++)
+            for (int l = 0; l < KC_X32_PART; l += 64 * X32_PF_STEP)
+                _mm_prefetch((const char *)(pp[q] + X32_PF + l), PF_HINT);
 #endif
-        __m512i sc_lo0, sc_hi0, sc_lo1, sc_hi1;
-        x32_scales(p + 128, &sc_lo0, &sc_hi0);
-        x32_scales(p + 192, &sc_lo1, &sc_hi1);
-        __m512i A0[RX_GEMV], A1[RX_GEMV];
-        for (int j = 0; j < RX; j++) {
-            A0[j] = _mm512_setzero_si512();
-            A1[j] = _mm512_setzero_si512();
-        }
-        /* unrolled whole: the x offsets become displacements */
-#pragma GCC unroll 8
-        for (int s = 0; s < 8; s++) {
-            const __m512i sc0 = _mm512_shuffle_epi8(s < 4 ? sc_lo0 : sc_hi0, bsel[s & 3]);
-            const __m512i sc1 = _mm512_shuffle_epi8(s < 4 ? sc_lo1 : sc_hi1, bsel[s & 3]);
-            __m512i tl[RX_GEMV], tf[RX_GEMV];
-            for (int j = 0; j < RX; j++) {
-                tl[j] = _mm512_setzero_si512();
-                tf[j] = _mm512_setzero_si512();
-            }
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++) {
-                const __m512i w = _mm512_loadu_si512(p + 512 + 64 * (8 * s + i));
-                const __m512i wl = _mm512_and_si512(w, lo4);
-                for (int j = 0; j < RX; j++) {
-                    const __m512i xb = _mm512_set1_epi32(
-                        load_i32(x[j].qs + 256 * b + 4 * kc_x32_grp(s, i)));
-                    tl[j] = _mm512_dpbusd_epi32(tl[j], wl, xb);
-                    tf[j] = _mm512_dpbusd_epi32(tf[j], w, xb);
-                }
-            }
-            for (int j = 0; j < RX; j++) {
-                A0[j] = _mm512_add_epi32(A0[j], _mm512_mullo_epi32(tl[j], sc0));
-                A1[j] = _mm512_add_epi32(
-                    A1[j], _mm512_mullo_epi32(_mm512_sub_epi32(tf[j], tl[j]), sc1));
-            }
-        }
-        __m512i m_lo0, m_hi0, m_lo1, m_hi1;
-        x32_mins(p + 128, &m_lo0, &m_hi0);
-        x32_mins(p + 192, &m_lo1, &m_hi1);
-        const __m512i h0 = _mm512_loadu_si512(p), h1 = _mm512_loadu_si512(p + 64);
-        const __m512 d0 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h0));
-        const __m512 d1 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h1));
-        const __m512 dm0 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h0, 16)));
-        const __m512 dm1 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h1, 16)));
-        for (int j = 0; j < RX; j++) {
-            const int16_t *xs = (const int16_t *)x[j].s + 16 * b;
-            __m512i B0 = _mm512_setzero_si512(), B1 = _mm512_setzero_si512();
-            for (int k = 0; k < 4; k++) {
-                const __m512i xp = _mm512_set1_epi32(load_i32(xs + 2 * k));
-                B0 = _mm512_dpwssd_epi32(
-                    B0, _mm512_shuffle_epi8(k < 2 ? m_lo0 : m_hi0, msel[k & 1]), xp);
-                B1 = _mm512_dpwssd_epi32(
-                    B1, _mm512_shuffle_epi8(k < 2 ? m_lo1 : m_hi1, msel[k & 1]), xp);
-            }
-            const __m512 dx = _mm512_set1_ps(x[j].d[b]);
-            const __m512i a1 = _mm512_srai_epi32(A1[j], 4);
-            f0[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(A0[j]), _mm512_mul_ps(d0, dx), f0[j]);
-            f0[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(B0), _mm512_mul_ps(dm0, dx), f0[j]);
-            f1[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_mul_ps(d1, dx), f1[j]);
-            f1[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(B1), _mm512_mul_ps(dm1, dx), f1[j]);
-        }
+        q4k_x32_block(RX, &k, pp, x, b, f0, f1);
+        for (int q = 0; q < KC_X32_PLANES; q++)
+            pp[q] += KC_X32_PART;
     }
     const int n0 = n < 16 ? n : 16, n1 = n - n0;
     for (int j = 0; j < RX; j++) {

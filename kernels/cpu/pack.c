@@ -48,12 +48,21 @@ static void pack_q4k_block(const uint8_t *const blk[32], uint8_t *gb)
     }
 }
 
-void kc_x32_q4k_unpack(const uint8_t *w, int64_t nb, int64_t o0, int n,
-                       int64_t b, uint8_t *dst)
+void kc_x32_q4k_unpack(const uint8_t *w, int64_t rows, int64_t nb, int64_t o0,
+                       int n, int64_t b, uint8_t *dst)
 {
+    uint8_t gb[KC_X32_Q4K];
+    int64_t g_have = -1;
     for (int i = 0; i < n; i++) {
         int64_t o = o0 + i;
-        const uint8_t *gb = w + ((o / 32) * nb + b) * KC_X32_Q4K;
+        if (o / 32 != g_have) {
+            /* the block's parts, gathered from the planes */
+            const uint8_t *pp[KC_X32_PLANES];
+            g_have = o / 32;
+            kc_x32_parts(w, rows, nb, g_have, b, pp);
+            for (int k = 0; k < KC_X32_PLANES; k++)
+                memcpy(gb + k * KC_X32_PART, pp[k], KC_X32_PART);
+        }
         int r = (int)(o % 32);
         uint8_t *p = dst + 144 * i;
         memcpy(p, gb + 4 * r, 4);
@@ -113,10 +122,15 @@ static void pack_task(void *ctx, int ith, int nth)
         for (int r = 0; r < 32; r++)
             row[r] = 32 * g + r < j->W->rows ? w + (32 * g + r) * rb : NULL;
         for (int64_t b = 0; b < j->nb; b++) {
-            const uint8_t *blk[32];
+            const uint8_t *blk[32], *pp[KC_X32_PLANES];
             for (int r = 0; r < 32; r++)
                 blk[r] = row[r] ? row[r] + 144 * b : NULL;
-            pack_q4k_block(blk, j->dst + (g * j->nb + b) * KC_X32_Q4K);
+            uint8_t gb[KC_X32_Q4K];
+            pack_q4k_block(blk, gb);
+            /* scattered to the planes */
+            kc_x32_parts(j->dst, j->W->rows, j->nb, g, b, pp);
+            for (int k = 0; k < KC_X32_PLANES; k++)
+                memcpy((uint8_t *)pp[k], gb + k * KC_X32_PART, KC_X32_PART);
         }
     }
 }

@@ -115,7 +115,7 @@ void k_dequant_row(const struct k_matrix *W, int64_t row, float *out)
         int64_t nb = W->cols / 256;
         for (int64_t b = 0; b < nb; b++) {
             uint8_t blk[144];
-            kc_x32_q4k_unpack(W->data, nb, row, 1, b, blk);
+            kc_x32_q4k_unpack(W->data, W->rows, nb, row, 1, b, blk);
             dequant_q4_k(blk, out + 256 * b);
         }
         return;
