@@ -551,17 +551,30 @@ static void attn_worker(void *ctx, int ith, int nth)
         int64_t start = 0;
         if (c->sliding_window > 0 && row->pos + 1 > c->sliding_window)
             start = row->pos + 1 - c->sliding_window;
-        for (int64_t p = start; p <= row->pos; p++) {
+        /* one kernel call per KV block: its tokens of head kvh are
+         * nkv * hd floats apart */
+        int64_t n_att = row->pos + 1 - start;
+        for (int64_t p = start; p <= row->pos;) {
+            int64_t in = p % KV_BLOCK_TOKENS, cnt = KV_BLOCK_TOKENS - in;
+            if (cnt > row->pos + 1 - p)
+                cnt = row->pos + 1 - p;
             const float *k = kv_block_k(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
-                             ((p % KV_BLOCK_TOKENS) * nkv + kvh) * hd;
-            scores[p - start] = k_dot_f32(q, k, hd) * scale;
+                             (in * nkv + kvh) * hd;
+            k_dot_rows_f32(q, k, nkv * hd, cnt, hd, scores + (p - start));
+            p += cnt;
         }
-        k_softmax_f32(scores, row->pos - start + 1);
+        for (int64_t i = 0; i < n_att; i++)
+            scores[i] *= scale;
+        k_softmax_f32(scores, n_att);
         memset(out, 0, (size_t)hd * sizeof(float));
-        for (int64_t p = start; p <= row->pos; p++) {
+        for (int64_t p = start; p <= row->pos;) {
+            int64_t in = p % KV_BLOCK_TOKENS, cnt = KV_BLOCK_TOKENS - in;
+            if (cnt > row->pos + 1 - p)
+                cnt = row->pos + 1 - p;
             const float *v = kv_block_v(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
-                             ((p % KV_BLOCK_TOKENS) * nkv + kvh) * hd;
-            k_axpy_f32(out, scores[p - start], v, hd);
+                             (in * nkv + kvh) * hd;
+            k_axpy_rows_f32(out, scores + (p - start), v, nkv * hd, cnt, hd);
+            p += cnt;
         }
     }
 }

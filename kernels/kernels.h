@@ -148,6 +148,13 @@ void k_dequant_row(const struct k_matrix *W, int64_t row, float *out);
 float k_dot_f32(const float *a, const float *b, int64_t n);
 /* y[i] += a * x[i], as fmaf(a, x[i], y[i]). */
 void k_axpy_f32(float *y, float a, const float *x, int64_t n);
+/* Attention's loops in one call each, with the same bits as the loops:
+ * out[t] = k_dot_f32(a, b + t * stride, n) for t < count, and
+ * k_axpy_f32(y, w[t], x + t * stride, n) for t = 0, 1, .., count - 1. */
+void k_dot_rows_f32(const float *a, const float *b, int64_t stride,
+                    int64_t count, int64_t n, float *out);
+void k_axpy_rows_f32(float *y, const float *w, const float *x, int64_t stride,
+                     int64_t count, int64_t n);
 /* out[i] = (x[i] * r) * w[i], r = 1 / sqrtf(sum(x^2) / n + eps).
  * out may alias x. */
 void k_rmsnorm(float *out, const float *x, const float *w, int64_t n,

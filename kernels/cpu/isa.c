@@ -116,6 +116,8 @@ enum k_isa k_isa_active(void)
         .x32 = packed,                                                        \
         .dot = kc_dot_##name,                                                 \
         .axpy = kc_axpy_##name,                                               \
+        .dot_rows = kc_dot_rows_##name,                                       \
+        .axpy_rows = kc_axpy_rows_##name,                                     \
         .rmsnorm = kc_rmsnorm_##name,                                         \
         .silu_mul = kc_silu_mul_##name,                                       \
         .softmax = kc_softmax_##name,                                         \

@@ -308,6 +308,10 @@ struct kc_ops {
     int x32;
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float *y, float a, const float *x, int64_t n);
+    void (*dot_rows)(const float *a, const float *b, int64_t stride,
+                     int64_t count, int64_t n, float *out);
+    void (*axpy_rows)(float *y, const float *w, const float *x,
+                      int64_t stride, int64_t count, int64_t n);
     void (*rmsnorm)(float *out, const float *x, const float *w, int64_t n,
                     float eps);
     void (*silu_mul)(float *out, const float *gate, const float *up, int64_t n);
@@ -326,6 +330,10 @@ const struct kc_ops *kc_ops(void);
                           void *work);                                        \
     float kc_dot_##isa(const float *a, const float *b, int64_t n);            \
     void kc_axpy_##isa(float *y, float a, const float *x, int64_t n);         \
+    void kc_dot_rows_##isa(const float *a, const float *b, int64_t stride,    \
+                           int64_t count, int64_t n, float *out);             \
+    void kc_axpy_rows_##isa(float *y, const float *w, const float *x,         \
+                            int64_t stride, int64_t count, int64_t n);        \
     void kc_rmsnorm_##isa(float *out, const float *x, const float *w,         \
                           int64_t n, float eps);                              \
     void kc_silu_mul_##isa(float *out, const float *g, const float *u,        \

@@ -8,8 +8,11 @@
 #include "kernels/cpu/simd_avx2.h"
 
 /* Lanes i < left of 16 (left >= 0). */
+/* The first `left` lanes (none when left <= 0, all when left >= 16). */
 static KC_AI __mmask16 kc_mask16(int64_t left)
 {
+    if (left <= 0)
+        return 0;
     return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
 }
 

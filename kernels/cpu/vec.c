@@ -15,6 +15,18 @@ void k_axpy_f32(float *y, float a, const float *x, int64_t n)
     kc_ops()->axpy(y, a, x, n);
 }
 
+void k_dot_rows_f32(const float *a, const float *b, int64_t stride,
+                    int64_t count, int64_t n, float *out)
+{
+    kc_ops()->dot_rows(a, b, stride, count, n, out);
+}
+
+void k_axpy_rows_f32(float *y, const float *w, const float *x, int64_t stride,
+                     int64_t count, int64_t n)
+{
+    kc_ops()->axpy_rows(y, w, x, stride, count, n);
+}
+
 void k_rmsnorm(float *out, const float *x, const float *w, int64_t n,
                float eps)
 {
@@ -50,6 +62,20 @@ void kc_axpy_scalar(float *y, float a, const float *x, int64_t n)
 {
     for (int64_t i = 0; i < n; i++)
         y[i] = fmaf(a, x[i], y[i]);
+}
+
+void kc_dot_rows_scalar(const float *a, const float *b, int64_t stride,
+                        int64_t count, int64_t n, float *out)
+{
+    for (int64_t t = 0; t < count; t++)
+        out[t] = kc_dot_scalar(a, b + t * stride, n);
+}
+
+void kc_axpy_rows_scalar(float *y, const float *w, const float *x,
+                         int64_t stride, int64_t count, int64_t n)
+{
+    for (int64_t t = 0; t < count; t++)
+        kc_axpy_scalar(y, w[t], x + t * stride, n);
 }
 
 void kc_rmsnorm_scalar(float *out, const float *x, const float *w,

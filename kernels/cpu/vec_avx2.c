@@ -27,6 +27,37 @@ float kc_dot_avx2(const float *a, const float *b, int64_t n)
     return kc_tree16_ymm(lo, hi);
 }
 
+void kc_dot_rows_avx2(const float *a, const float *b, int64_t stride,
+                      int64_t count, int64_t n, float *out)
+{
+    for (int64_t t = 0; t < count; t++)
+        out[t] = kc_dot_avx2(a, b + t * stride, n);
+}
+
+/* y in registers, 32 elements at a time, over all rows: per element the
+ * same fma chain in t as count calls of kc_axpy_avx2. */
+void kc_axpy_rows_avx2(float *y, const float *w, const float *x,
+                       int64_t stride, int64_t count, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 v[4];
+        for (int k = 0; k < 4; k++)
+            v[k] = _mm256_loadu_ps(y + i + 8 * k);
+        for (int64_t t = 0; t < count; t++) {
+            const __m256 wt = _mm256_set1_ps(w[t]);
+            const float *xt = x + t * stride + i;
+            for (int k = 0; k < 4; k++)
+                v[k] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(xt + 8 * k), v[k]);
+        }
+        for (int k = 0; k < 4; k++)
+            _mm256_storeu_ps(y + i + 8 * k, v[k]);
+    }
+    if (i < n)
+        for (int64_t t = 0; t < count; t++)
+            kc_axpy_avx2(y + i, w[t], x + t * stride + i, n - i);
+}
+
 void kc_axpy_avx2(float *y, float a, const float *x, int64_t n)
 {
     __m256 va = _mm256_set1_ps(a);

@@ -20,6 +20,36 @@ float kc_dot_avx512(const float *a, const float *b, int64_t n)
     return kc_tree16_zmm(acc);
 }
 
+void kc_dot_rows_avx512(const float *a, const float *b, int64_t stride,
+                        int64_t count, int64_t n, float *out)
+{
+    for (int64_t t = 0; t < count; t++)
+        out[t] = kc_dot_avx512(a, b + t * stride, n);
+}
+
+/* y in registers, 64 elements at a time, over all rows: per element the
+ * same fma chain in t as count calls of kc_axpy_avx512. */
+void kc_axpy_rows_avx512(float *y, const float *w, const float *x,
+                         int64_t stride, int64_t count, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += 64) {
+        __mmask16 k[4];
+        __m512 v[4];
+        for (int q = 0; q < 4; q++) {
+            k[q] = kc_mask16(n - i - 16 * q);
+            v[q] = _mm512_maskz_loadu_ps(k[q], y + i + 16 * q);
+        }
+        for (int64_t t = 0; t < count; t++) {
+            const __m512 wt = _mm512_set1_ps(w[t]);
+            const float *xt = x + t * stride + i;
+            for (int q = 0; q < 4; q++)
+                v[q] = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(k[q], xt + 16 * q), v[q]);
+        }
+        for (int q = 0; q < 4; q++)
+            _mm512_mask_storeu_ps(y + i + 16 * q, k[q], v[q]);
+    }
+}
+
 void kc_axpy_avx512(float *y, float a, const float *x, int64_t n)
 {
     __m512 va = _mm512_set1_ps(a);

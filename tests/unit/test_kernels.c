@@ -878,6 +878,54 @@ static void test_expf(void)
     CHECK(isfinite(k_expf(88.37f)), "near the top");
 }
 
+/* k_dot_rows_f32 / k_axpy_rows_f32 give the bits of their loops of
+ * k_dot_f32 / k_axpy_f32, on every path, for row lengths around the
+ * vector widths and strides wider than a row (as attention's are). */
+static void test_vec_rows(void)
+{
+    int64_t ns[] = {1, 7, 16, 32, 33, 64, 65, 96, 128, 200};
+    int64_t counts[] = {0, 1, 5, 16};
+    for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
+        for (size_t ci = 0; ci < sizeof(counts) / sizeof(counts[0]); ci++) {
+            int64_t n = ns[ni], cnt = counts[ci], stride = 3 * n + 5;
+            float *q = xalloc((size_t)n * 4), *kv = xalloc((size_t)(stride * 16 + n) * 4);
+            float *w = xalloc(16 * 4), *y0 = xalloc((size_t)n * 4), *y1 = xalloc((size_t)n * 4);
+            float d0[16], d1[16];
+            /* its own generator: the shared one's sequence feeds the
+             * matmul cases, whose data must not move with this test */
+            uint32_t st = 12345u + (uint32_t)(n * 31 + cnt);
+            for (int64_t i = 0; i < stride * 16 + n; i++) {
+                st = st * 1664525u + 1013904223u;
+                kv[i] = (float)(st >> 8) / 16777216.0f - 0.5f;
+                if (i < n)
+                    q[i] = 2.0f * kv[i];
+            }
+            for (int t = 0; t < 16; t++)
+                w[t] = 0.5f + kv[t * stride + 1];
+            for (int ii = 0; ii < n_isas; ii++) {
+                k_isa_select(isas[ii]);
+                for (int64_t i = 0; i < n; i++)
+                    y0[i] = y1[i] = 0.25f * q[i];
+                for (int64_t t = 0; t < cnt; t++) {
+                    d0[t] = k_dot_f32(q, kv + t * stride, n);
+                    k_axpy_f32(y0, w[t], kv + t * stride, n);
+                }
+                k_dot_rows_f32(q, kv, stride, cnt, n, d1);
+                k_axpy_rows_f32(y1, w, kv, stride, cnt, n);
+                CHECK(same_bits(d0, d1, cnt), "dot_rows %s n=%lld count=%lld",
+                      k_isa_name(isas[ii]), (long long)n, (long long)cnt);
+                CHECK(same_bits(y0, y1, n), "axpy_rows %s n=%lld count=%lld",
+                      k_isa_name(isas[ii]), (long long)n, (long long)cnt);
+            }
+            free(q);
+            free(kv);
+            free(w);
+            free(y0);
+            free(y1);
+        }
+    k_isa_select(K_ISA_AVX512);
+}
+
 static void test_vec(void)
 {
     int64_t ns[] = {0, 1, 3, 15, 16, 17, 31, 33, 64, 100, 255, 1000, 4096, 4099};
@@ -982,7 +1030,8 @@ int main(void)
         {"f16", test_f16},         {"bf16", test_bf16},
         {"row_bytes", test_row_bytes}, {"pool", test_pool},
         {"dequant", test_dequant}, {"expf", test_expf},
-        {"vec", test_vec},         {"matmul", test_matmul},
+        {"vec", test_vec},         {"vec_rows", test_vec_rows},
+        {"matmul", test_matmul},
         {"matmul_large", test_matmul_large},
         {"matmul_packed", test_matmul_packed},
     };
