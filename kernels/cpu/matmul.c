@@ -66,6 +66,14 @@ static void mm_rows(const struct kc_ops *ops, const struct kc_mm *m,
     }
 }
 
+/* Chunks per thread of a matmul: the atomic counter balances them. */
+#ifndef CHUNKS_X32
+#define CHUNKS_X32 2
+#endif
+#ifndef CHUNKS_ROWS
+#define CHUNKS_ROWS 8
+#endif
+
 size_t k_matmul_scratch(const struct k_matrix *W, int64_t n_x)
 {
     if (!is_quant(W->dtype) || n_x <= 0)
@@ -156,10 +164,14 @@ void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
 
     /* Chunks: whole multiples of the path's row tile; about 8 per thread
      * for balance when the rows are many, the tile when they are few. */
-    /* a packed matrix is cut at its 32-row groups */
+    /* a packed matrix is cut at its 32-row groups, into only CHUNKS_X32
+     * chunks per thread: each new chunk restarts the streams the hardware
+     * prefetcher has to pick up again, and 2 per thread decoded faster
+     * here than 1, 4, 8 or 32 (0.78-0.81 of the roofline against
+     * 0.58-0.64 for 8) */
     int64_t align = W->layout == K_LAYOUT_X32 ? 32 : j->ops->row_align;
     int64_t tiles = (W->rows + align - 1) / align;
-    int64_t per = tiles / (8 * (int64_t)nth);
+    int64_t per = tiles / ((W->layout == K_LAYOUT_X32 ? CHUNKS_X32 : CHUNKS_ROWS) * (int64_t)nth);
     if (per < 1)
         per = 1;
     j->chunk = per * align;
