@@ -64,8 +64,8 @@ struct model_config {
 struct model_opts {
     int n_threads;          /* <= 0: one per CPU */
     /* Keep every weight in the file's layout. By default model_load copies
-     * the weights the CPU kernels run faster repacked (Q4_K on AVX-512:
-     * k_matrix_pack_wanted) into the kernels' layout, at the cost of that
+     * the weights the CPU kernels run faster repacked (Q8_0 and Q4_K on
+     * AVX-512: k_matrix_pack_wanted) into the kernels' layout, at the cost of that
      * much anonymous memory and a moment at load; the results are the
      * same bits either way. */
     int no_repack;

@@ -102,10 +102,10 @@ struct k_matrix {
 };
 
 /* Bytes k_matrix_pack needs for W (row layout), or 0 when W's dtype has no
- * packed layout (only Q4_K has one today). */
+ * packed layout (Q4_K and Q8_0 have one). */
 size_t k_matrix_packed_bytes(const struct k_matrix *W);
 /* Whether the active kernel path runs W faster packed (k_matrix_pack):
- * true for Q4_K on AVX-512 VNNI. Every path accepts both layouts and gives
+ * true for Q4_K and Q8_0 on AVX-512 VNNI. Every path accepts both layouts and gives
  * the same bits for both; this only says which is faster. */
 int k_matrix_pack_wanted(const struct k_matrix *W);
 /* Writes W (row layout) into dst in K_LAYOUT_X32 and sets *out to the

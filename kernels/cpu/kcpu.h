@@ -187,10 +187,36 @@ static inline int kc_x32_grp(int s, int j)
     return 16 * (2 * (s >> 2) + (s & 1)) + 8 * ((s >> 1) & 1) + j;
 }
 
-/* pack.c: block b of rows [o0, o0 + n) of a packed matrix of `rows`
- * rows in the row layout, into dst (n * 144 bytes, row i at dst + 144 i). */
-void kc_x32_q4k_unpack(const uint8_t *w, int64_t rows, int64_t nb, int64_t o0,
-                       int n, int64_t b, uint8_t *dst);
+/* ----------------------------------------- packed Q8_0, 32 rows (X32)
+ *
+ * K_LAYOUT_X32 of a Q8_0 matrix: rows taken 32 at a time, the last group
+ * padded with zero rows. Block (g, b) is KC_X32_Q8 bytes:
+ *   [0, 64)       f16 d of rows 0..31
+ *   [64, 1088)    16 vectors of 64 bytes: vector 8 h + q, byte 4 r + e is
+ *                 row 16 h + r's weight at position 4 q + e of the block,
+ *                 plus 128 (as an unsigned byte)
+ * so a vpdpbusd against 4 broadcast x bytes gives 16 rows' sums plus 128
+ * times the x sum, which the activation block's sum takes back out. The
+ * block sums are the row layout's integers: the same bits.
+ * Blocks of a group go round 4 planes: block (g, b) is at offset
+ * (g * nbq + b / 4) * KC_X32_Q8 of plane b % 4, nbq = ceil(nb / 4), each
+ * plane groups * nbq * KC_X32_Q8 bytes; walking b in order reads 4
+ * streams (see KC_X32_PLANES). */
+#define KC_X32_Q8 1088
+
+static inline const uint8_t *kc_x32_q8_block(const uint8_t *w, int64_t rows,
+                                             int64_t nb, int64_t g, int64_t b)
+{
+    int64_t nbq = (nb + 3) / 4;
+    int64_t plane = ((rows + 31) / 32) * nbq * KC_X32_Q8;
+    return w + (b & 3) * plane + (g * nbq + b / 4) * KC_X32_Q8;
+}
+
+/* pack.c: block b of rows [o0, o0 + n) of a packed Q4_K or Q8_0 matrix of
+ * `rows` rows in the row layout, into dst (row i at dst + i * the
+ * dtype's block bytes). */
+void kc_x32_unpack(enum k_dtype dt, const uint8_t *w, int64_t rows, int64_t nb,
+                   int64_t o0, int n, int64_t b, uint8_t *dst);
 
 static inline float kc_f16(const uint8_t *p)
 {

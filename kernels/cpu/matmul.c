@@ -28,9 +28,10 @@ static struct kc_mm unpacked_group(const struct kc_mm *m, int64_t g0, int n,
 {
     for (int64_t b = 0; b < m->xl.nb; b++) {
         uint8_t blk[32 * 144];
-        kc_x32_q4k_unpack(m->w, m->rows, m->xl.nb, g0, n, b, blk);
+        int64_t bb = k_dtype_block_bytes(m->dt);
+        kc_x32_unpack(m->dt, m->w, m->rows, m->xl.nb, g0, n, b, blk);
         for (int j = 0; j < n; j++)
-            memcpy(rows + j * m->w_stride + 144 * b, blk + 144 * j, 144);
+            memcpy(rows + j * m->w_stride + bb * b, blk + bb * j, (size_t)bb);
     }
     struct kc_mm sub = *m;
     sub.layout = K_LAYOUT_ROWS;
@@ -143,7 +144,7 @@ void k_matmul(struct k_pool *pool, const struct k_matrix *W, const float *x,
     m->w = W->data;
     m->w_stride = k_row_bytes(W->dtype, W->cols);
     m->layout = W->layout;
-    assert(W->layout == K_LAYOUT_ROWS || W->dtype == K_Q4_K);
+    assert(W->layout == K_LAYOUT_ROWS || W->dtype == K_Q4_K || W->dtype == K_Q8_0);
     m->x = x;
     m->x_stride = x_stride;
     m->n_x = n_x;

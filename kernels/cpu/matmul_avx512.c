@@ -11,6 +11,8 @@
  *     repacked once so that lane j of a vpdpbusd is row j; each 4
  *     activation bytes are then broadcast, every block sum comes out whole
  *     in its lane, and the panel serves every activation row.
+ *   Q8_0 and Q4_K packed at load (K_LAYOUT_X32): the same lane-per-row
+ *     scheme straight from the packed weights, for every batch size.
  * Compiled with -mavx512f/bw/vl/vnni; called only after detection.
  */
 #include "kernels/cpu/simd_avx512.h"
@@ -1198,25 +1200,82 @@ static AI void q4k_x32(const int RX, const struct kc_mm *m, int64_t g, int n,
     }
 }
 
+/* Q8_0, rows 32 g .. 32 g + n - 1 of a K_LAYOUT_X32 matrix (kcpu.h)
+ * against activation rows [r0, r0 + RX): 16 vpdpbusd per block of 32
+ * rows, each lane a row's whole block sum (plus 128 times the x block
+ * sum, taken out first), then the f32 chain per lane. */
+static AI void q8_x32(const int RX, const struct kc_mm *m, int64_t g, int n,
+                      int64_t r0)
+{
+    const int64_t nb = m->xl.nb;
+    struct kc_xrow x[RX_GEMV];
+    __m512 f0[RX_GEMV], f1[RX_GEMV];
+    for (int j = 0; j < RX; j++) {
+        x[j] = kc_xrow_at(m, r0 + j);
+        f0[j] = _mm512_setzero_ps();
+        f1[j] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = kc_x32_q8_block(m->w, m->rows, nb, g, b);
+#if X32_PF
+        /* the same plane 4 blocks on: X32_PF bytes of it ahead */
+        for (int l = 0; l < KC_X32_Q8; l += 64)
+            _mm_prefetch((const char *)(p + X32_PF + l), PF_HINT);
+#endif
+        const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+        for (int j = 0; j < RX; j++) {
+            const int8_t *xq = x[j].qs + 32 * b;
+            __m512i s0 = _mm512_set1_epi32(-128 * ((const int32_t *)x[j].s)[b]), s1 = s0;
+#pragma GCC unroll 8
+            for (int q = 0; q < 8; q++) {
+                const __m512i xb = _mm512_set1_epi32(load_i32(xq + 4 * q));
+                s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(p + 64 + 64 * q), xb);
+                s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(p + 576 + 64 * q), xb);
+            }
+            const __m512 dx = _mm512_set1_ps(x[j].d[b]);
+            f0[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), f0[j]);
+            f1[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, dx), f1[j]);
+        }
+    }
+    const int n0 = n < 16 ? n : 16, n1 = n - n0;
+    for (int j = 0; j < RX; j++) {
+        float *y = m->y + (r0 + j) * m->y_stride + 32 * g;
+        _mm512_mask_storeu_ps(y, kc_mask16(n0), f0[j]);
+        if (n1 > 0)
+            _mm512_mask_storeu_ps(y + 16, kc_mask16(n1), f1[j]);
+    }
+}
+
+/* One group of a packed matrix against RX activation rows. */
+static AI void x32_rows(const int RX, const struct kc_mm *m, int64_t g, int n,
+                        int64_t r0)
+{
+    if (m->dt == K_Q8_0)
+        q8_x32(RX, m, g, n, r0);
+    else
+        q4k_x32(RX, m, g, n, r0);
+}
+
 /* Packed rows [o0, o1) (o0 a multiple of 32): one group of 32 rows at a
  * time against every activation row, 4 at a time, so that the group's
  * weights are read from memory once and from cache for the rest. */
-static void mm_q4k_x32(const struct kc_mm *m, int64_t o0, int64_t o1)
+static void mm_x32(const struct kc_mm *m, int64_t o0, int64_t o1)
 {
     for (int64_t o = o0; o < o1; o += 32) {
         int n = o1 - o < 32 ? (int)(o1 - o) : 32;
         int64_t g = o / 32, r = 0;
         for (; r + 4 <= m->n_x; r += 4)
-            q4k_x32(4, m, g, n, r);
+            x32_rows(4, m, g, n, r);
         switch (m->n_x - r) {
         case 3:
-            q4k_x32(3, m, g, n, r);
+            x32_rows(3, m, g, n, r);
             break;
         case 2:
-            q4k_x32(2, m, g, n, r);
+            x32_rows(2, m, g, n, r);
             break;
         case 1:
-            q4k_x32(1, m, g, n, r);
+            x32_rows(1, m, g, n, r);
             break;
         default:
             break;
@@ -1250,7 +1309,7 @@ void kc_mm_rows_avx512(const struct kc_mm *m, int64_t o0, int64_t o1,
         break;
     default:
         if (m->layout == K_LAYOUT_X32)
-            mm_q4k_x32(m, o0, o1);
+            mm_x32(m, o0, o1);
         else if (m->n_x <= GEMV_MAX_NX)
             mm_q_gemv(m, o0, o1);
         else

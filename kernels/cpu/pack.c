@@ -1,5 +1,5 @@
 /* pack.c: the packed weight layout (K_LAYOUT_X32, kcpu.h). k_matrix_pack
- * makes it from the row layout once, at model load; kc_x32_q4k_unpack
+ * makes it from the row layout once, at model load; kc_x32_unpack
  * reads rows back out of it for the paths without a kernel for it and for
  * embedding lookups. Plain C: packing runs once and is bound by memory.
  */
@@ -48,7 +48,7 @@ static void pack_q4k_block(const uint8_t *const blk[32], uint8_t *gb)
     }
 }
 
-void kc_x32_q4k_unpack(const uint8_t *w, int64_t rows, int64_t nb, int64_t o0,
+static void unpack_q4k(const uint8_t *w, int64_t rows, int64_t nb, int64_t o0,
                        int n, int64_t b, uint8_t *dst)
 {
     uint8_t gb[KC_X32_Q4K];
@@ -84,15 +84,61 @@ void kc_x32_q4k_unpack(const uint8_t *w, int64_t rows, int64_t nb, int64_t o0,
     }
 }
 
+/* One packed Q8_0 block of 32 rows; blk[r] NULL for padding. */
+static void pack_q8_block(const uint8_t *const blk[32], uint8_t *gb)
+{
+    static const uint8_t zero[34];
+    for (int r = 0; r < 32; r++) {
+        const uint8_t *p = blk[r] ? blk[r] : zero;
+        memcpy(gb + 2 * r, p, 2);
+        uint8_t *lane = gb + 64 + 64 * 8 * (r >> 4) + 4 * (r & 15);
+        for (int q = 0; q < 8; q++) {
+            uint32_t v;
+            memcpy(&v, p + 2 + 4 * q, 4);
+            v ^= 0x80808080u;
+            memcpy(lane + 64 * q, &v, 4);
+        }
+    }
+}
+
+static void unpack_q8(const uint8_t *w, int64_t rows, int64_t nb, int64_t o0,
+                      int n, int64_t b, uint8_t *dst)
+{
+    for (int i = 0; i < n; i++) {
+        int64_t o = o0 + i;
+        const uint8_t *gb = kc_x32_q8_block(w, rows, nb, o / 32, b);
+        int r = (int)(o % 32);
+        uint8_t *p = dst + 34 * i;
+        memcpy(p, gb + 2 * r, 2);
+        const uint8_t *lane = gb + 64 + 64 * 8 * (r >> 4) + 4 * (r & 15);
+        for (int q = 0; q < 8; q++)
+            for (int e = 0; e < 4; e++)
+                p[2 + 4 * q + e] = (uint8_t)(lane[64 * q + e] ^ 0x80);
+    }
+}
+
+void kc_x32_unpack(enum k_dtype dt, const uint8_t *w, int64_t rows, int64_t nb,
+                   int64_t o0, int n, int64_t b, uint8_t *dst)
+{
+    if (dt == K_Q8_0)
+        unpack_q8(w, rows, nb, o0, n, b, dst);
+    else
+        unpack_q4k(w, rows, nb, o0, n, b, dst);
+}
+
 size_t k_matrix_packed_bytes(const struct k_matrix *W)
 {
-    if (!W || W->dtype != K_Q4_K || W->layout != K_LAYOUT_ROWS ||
-        W->rows <= 0 || W->cols <= 0 || W->cols % 256)
+    if (!W || (W->dtype != K_Q4_K && W->dtype != K_Q8_0) ||
+        W->layout != K_LAYOUT_ROWS || W->rows <= 0 || W->cols <= 0 ||
+        W->cols % k_dtype_block(W->dtype))
         return 0;
-    int64_t groups = (W->rows + 31) / 32, nb = W->cols / 256;
-    if (nb > INT64_MAX / KC_X32_Q4K / groups)
+    int64_t groups = (W->rows + 31) / 32, nb = W->cols / k_dtype_block(W->dtype);
+    /* Q8_0: 4 planes of ceil(nb / 4) blocks per group */
+    int64_t units = W->dtype == K_Q8_0 ? 4 * ((nb + 3) / 4) : nb;
+    int64_t unit_bytes = W->dtype == K_Q8_0 ? KC_X32_Q8 : KC_X32_Q4K;
+    if (units > INT64_MAX / unit_bytes / groups)
         return 0;
-    return (size_t)(groups * nb * KC_X32_Q4K);
+    return (size_t)(groups * units * unit_bytes);
 }
 
 int k_matrix_pack_wanted(const struct k_matrix *W)
@@ -112,7 +158,8 @@ static void pack_task(void *ctx, int ith, int nth)
     struct pack_job *j = ctx;
     (void)ith;
     (void)nth;
-    int64_t rb = k_row_bytes(K_Q4_K, j->W->cols);
+    enum k_dtype dt = j->W->dtype;
+    int64_t rb = k_row_bytes(dt, j->W->cols), bb = k_dtype_block_bytes(dt);
     const uint8_t *w = j->W->data;
     for (;;) {
         int64_t g = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
@@ -124,7 +171,12 @@ static void pack_task(void *ctx, int ith, int nth)
         for (int64_t b = 0; b < j->nb; b++) {
             const uint8_t *blk[32], *pp[KC_X32_PLANES];
             for (int r = 0; r < 32; r++)
-                blk[r] = row[r] ? row[r] + 144 * b : NULL;
+                blk[r] = row[r] ? row[r] + bb * b : NULL;
+            if (dt == K_Q8_0) {
+                pack_q8_block(blk, (uint8_t *)kc_x32_q8_block(j->dst, j->W->rows,
+                                                             j->nb, g, b));
+                continue;
+            }
             uint8_t gb[KC_X32_Q4K];
             pack_q4k_block(blk, gb);
             /* scattered to the planes */
@@ -140,8 +192,12 @@ int k_matrix_pack(struct k_pool *pool, const struct k_matrix *W, void *dst,
 {
     if (!k_matrix_packed_bytes(W) || !dst || ((uintptr_t)dst & 63))
         return -1;
-    struct pack_job j = {.W = W, .dst = dst, .nb = W->cols / 256,
+    struct pack_job j = {.W = W, .dst = dst, .nb = W->cols / k_dtype_block(W->dtype),
                          .groups = (W->rows + 31) / 32};
+    /* Q8_0 planes end in padding blocks when nb is not a multiple of 4:
+     * never read, but zeroed so that the buffer is all defined */
+    if (W->dtype == K_Q8_0 && j.nb % 4)
+        memset(dst, 0, k_matrix_packed_bytes(W));
     atomic_init(&j.next, 0);
     if (pool)
         k_pool_run(pool, pack_task, &j);

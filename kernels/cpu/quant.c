@@ -112,11 +112,14 @@ static void dequant_q6_k(const uint8_t *blk, float *out)
 void k_dequant_row(const struct k_matrix *W, int64_t row, float *out)
 {
     if (W->layout == K_LAYOUT_X32) {
-        int64_t nb = W->cols / 256;
+        int64_t B = k_dtype_block(W->dtype), nb = W->cols / B;
         for (int64_t b = 0; b < nb; b++) {
             uint8_t blk[144];
-            kc_x32_q4k_unpack(W->data, W->rows, nb, row, 1, b, blk);
-            dequant_q4_k(blk, out + 256 * b);
+            kc_x32_unpack(W->dtype, W->data, W->rows, nb, row, 1, b, blk);
+            if (W->dtype == K_Q8_0)
+                dequant_q8_0(blk, out + B * b);
+            else
+                dequant_q4_k(blk, out + B * b);
         }
         return;
     }

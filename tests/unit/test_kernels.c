@@ -739,7 +739,7 @@ static void test_matmul_packed(void)
         int64_t cols = k_dtype_block(t) == 1 ? 16 : k_dtype_block(t);
         struct k_matrix W = {t, 4, cols, NULL, K_LAYOUT_ROWS}, P;
         char buf[64];
-        int has = t == K_Q4_K;
+        int has = t == K_Q4_K || t == K_Q8_0;
         CHECK((k_matrix_packed_bytes(&W) > 0) == has, "%s: packed bytes %zu",
               k_dtype_name(t), k_matrix_packed_bytes(&W));
         if (!has)
@@ -748,20 +748,28 @@ static void test_matmul_packed(void)
                   k_dtype_name(t));
     }
     struct k_matrix Wq = {K_Q4_K, 17, 512, NULL, K_LAYOUT_ROWS};
-    CHECK(k_matrix_packed_bytes(&Wq) == 2 * 2 * 2304, "Q4_K 17x512 packed bytes %zu",
+    CHECK(k_matrix_packed_bytes(&Wq) == 1 * 2 * 4608, "Q4_K 17x512 packed bytes %zu",
           k_matrix_packed_bytes(&Wq));
+    struct k_matrix W8 = {K_Q8_0, 33, 160, NULL, K_LAYOUT_ROWS};
+    CHECK(k_matrix_packed_bytes(&W8) == 2 * 8 * 1088, "Q8_0 33x160 packed bytes %zu",
+          k_matrix_packed_bytes(&W8));
     enum k_isa best = k_isa_select(K_ISA_AVX512);
     CHECK(k_matrix_pack_wanted(&Wq) == (best == K_ISA_AVX512),
           "pack wanted on %s", k_isa_name(best));
 
     struct k_pool *pools[3] = {NULL, k_pool_create(2), k_pool_create(3)};
     struct {
+        enum k_dtype t;
         int64_t rows, cols;
-    } shapes[] = {{1, 256}, {5, 512}, {16, 256}, {19, 768}, {48, 512}, {130, 2304}};
+    } shapes[] = {{K_Q4_K, 1, 256},   {K_Q4_K, 5, 512},    {K_Q4_K, 16, 256},
+                  {K_Q4_K, 19, 768},  {K_Q4_K, 48, 512},   {K_Q4_K, 130, 2304},
+                  {K_Q8_0, 1, 32},    {K_Q8_0, 7, 96},     {K_Q8_0, 32, 128},
+                  {K_Q8_0, 33, 160},  {K_Q8_0, 70, 224},   {K_Q8_0, 130, 1056}};
     for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
-        struct mm_case c = mm_make(K_Q4_K, shapes[si].rows, shapes[si].cols, 64);
+        enum k_dtype t = shapes[si].t;
+        struct mm_case c = mm_make(t, shapes[si].rows, shapes[si].cols, 64);
         /* the packed rows read back as the same weights */
-        struct k_matrix W = {K_Q4_K, c.rows, c.cols, c.w, K_LAYOUT_ROWS}, P;
+        struct k_matrix W = {t, c.rows, c.cols, c.w, K_LAYOUT_ROWS}, P;
         void *pbuf = xalloc(k_matrix_packed_bytes(&W));
         k_matrix_pack(pools[1], &W, pbuf, &P);
         float *a = xalloc((size_t)c.cols * 4), *b = xalloc((size_t)c.cols * 4);
@@ -771,8 +779,8 @@ static void test_matmul_packed(void)
             k_dequant_row(&P, o, b);
             same &= same_bits(a, b, c.cols);
         }
-        CHECK(same, "Q4_K %lldx%lld: packed rows dequantize differently",
-              (long long)c.rows, (long long)c.cols);
+        CHECK(same, "%s %lldx%lld: packed rows dequantize differently",
+              k_dtype_name(t), (long long)c.rows, (long long)c.cols);
         free(a);
         free(b);
         free(pbuf);
@@ -795,10 +803,11 @@ static void test_matmul_packed(void)
                     for (int64_t o = c.rows; o < c.rows + 3; o++)
                         pad_ok &= y[r * (c.rows + 3) + o] != y[r * (c.rows + 3) + o];
                 }
-                CHECK(ok, "%s packed Q4_K %lldx%lld n_x=%lld: differs from "
-                      "the row layout", k_isa_name(isas[ii]), (long long)c.rows,
-                      (long long)c.cols, (long long)nx);
-                CHECK(pad_ok, "%s packed Q4_K wrote past rows", k_isa_name(isas[ii]));
+                CHECK(ok, "%s packed %s %lldx%lld n_x=%lld: differs from "
+                      "the row layout", k_isa_name(isas[ii]), k_dtype_name(t),
+                      (long long)c.rows, (long long)c.cols, (long long)nx);
+                CHECK(pad_ok, "%s packed %s wrote past rows", k_isa_name(isas[ii]),
+                      k_dtype_name(t));
                 free(y);
             }
         }
