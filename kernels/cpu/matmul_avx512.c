@@ -1164,6 +1164,31 @@ static AI void q4k_x32_block(const int RX, const struct x32_consts *k,
     }
 }
 
+/* The activation rows of a packed kernel and its zeroed accumulators:
+ * f0 for rows 0-15 of the group, f1 for rows 16-31. */
+static AI void x32_start(const int RX, const struct kc_mm *m, int64_t r0,
+                         struct kc_xrow *x, __m512 *f0, __m512 *f1)
+{
+    for (int j = 0; j < RX; j++) {
+        x[j] = kc_xrow_at(m, r0 + j);
+        f0[j] = _mm512_setzero_ps();
+        f1[j] = _mm512_setzero_ps();
+    }
+}
+
+/* The n valid outputs of group g for each activation row. */
+static AI void x32_store(const int RX, const struct kc_mm *m, int64_t g, int n,
+                         int64_t r0, const __m512 *f0, const __m512 *f1)
+{
+    const int n0 = n < 16 ? n : 16, n1 = n - n0;
+    for (int j = 0; j < RX; j++) {
+        float *y = m->y + (r0 + j) * m->y_stride + 32 * g;
+        _mm512_mask_storeu_ps(y, kc_mask16(n0), f0[j]);
+        if (n1 > 0)
+            _mm512_mask_storeu_ps(y + 16, kc_mask16(n1), f1[j]);
+    }
+}
+
 /* Rows 32 g .. 32 g + n - 1 of a K_LAYOUT_X32 Q4_K matrix against
  * activation rows [r0, r0 + RX). The weights stream in order from the 4
  * planes, 1152 bytes of each per block of 32 rows. */
@@ -1176,11 +1201,7 @@ static AI void q4k_x32(const int RX, const struct kc_mm *m, int64_t g, int n,
     const struct x32_consts k = x32_consts();
     struct kc_xrow x[RX_GEMV];
     __m512 f0[RX_GEMV], f1[RX_GEMV];
-    for (int j = 0; j < RX; j++) {
-        x[j] = kc_xrow_at(m, r0 + j);
-        f0[j] = _mm512_setzero_ps();
-        f1[j] = _mm512_setzero_ps();
-    }
+    x32_start(RX, m, r0, x, f0, f1);
     for (int64_t b = 0; b < nb; b++) {
 #if X32_PF
         for (int q = 0; q < KC_X32_PLANES; q++)
@@ -1191,13 +1212,7 @@ static AI void q4k_x32(const int RX, const struct kc_mm *m, int64_t g, int n,
         for (int q = 0; q < KC_X32_PLANES; q++)
             pp[q] += KC_X32_PART;
     }
-    const int n0 = n < 16 ? n : 16, n1 = n - n0;
-    for (int j = 0; j < RX; j++) {
-        float *y = m->y + (r0 + j) * m->y_stride + 32 * g;
-        _mm512_mask_storeu_ps(y, kc_mask16(n0), f0[j]);
-        if (n1 > 0)
-            _mm512_mask_storeu_ps(y + 16, kc_mask16(n1), f1[j]);
-    }
+    x32_store(RX, m, g, n, r0, f0, f1);
 }
 
 /* Q8_0, rows 32 g .. 32 g + n - 1 of a K_LAYOUT_X32 matrix (kcpu.h)
@@ -1210,11 +1225,7 @@ static AI void q8_x32(const int RX, const struct kc_mm *m, int64_t g, int n,
     const int64_t nb = m->xl.nb;
     struct kc_xrow x[RX_GEMV];
     __m512 f0[RX_GEMV], f1[RX_GEMV];
-    for (int j = 0; j < RX; j++) {
-        x[j] = kc_xrow_at(m, r0 + j);
-        f0[j] = _mm512_setzero_ps();
-        f1[j] = _mm512_setzero_ps();
-    }
+    x32_start(RX, m, r0, x, f0, f1);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = kc_x32_q8_block(m->w, m->rows, nb, g, b);
 #if X32_PF
@@ -1238,13 +1249,7 @@ static AI void q8_x32(const int RX, const struct kc_mm *m, int64_t g, int n,
             f1[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, dx), f1[j]);
         }
     }
-    const int n0 = n < 16 ? n : 16, n1 = n - n0;
-    for (int j = 0; j < RX; j++) {
-        float *y = m->y + (r0 + j) * m->y_stride + 32 * g;
-        _mm512_mask_storeu_ps(y, kc_mask16(n0), f0[j]);
-        if (n1 > 0)
-            _mm512_mask_storeu_ps(y + 16, kc_mask16(n1), f1[j]);
-    }
+    x32_store(RX, m, g, n, r0, f0, f1);
 }
 
 /* One group of a packed matrix against RX activation rows. */
