@@ -22,6 +22,7 @@ DEB_PACKAGES=(
 # Test tools, pinned below major versions known to work.
 PY_PACKAGES=(
   "pytest>=7,<10" "numpy>=1.24,<3" "gguf>=0.10,<1" "safetensors>=0.4,<1"
+  "jinja2>=3.1,<4" "tokenizers>=0.20,<1"
 )
 
 log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
