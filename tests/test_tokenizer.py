@@ -1,0 +1,135 @@
+"""Tokenizer parity with the `tokenizers` library (the reference): the same
+ids for a varied corpus on every fixture tokenizer, the same decoded text,
+and an incremental decode that never splits a UTF-8 character and adds up
+to the whole decode (checked inside tokenizer_runner)."""
+import random
+import subprocess
+
+import pytest
+from tokenizers import Tokenizer
+
+from conftest import BUILD, FIXTURES
+
+RUNNER = BUILD / "tests" / "unit" / "tokenizer_runner"
+TOKS = sorted((FIXTURES.parent / "tokenizers").glob("*.json"))
+
+CORPUS = [
+    "",
+    "Hello world",
+    " leading space and trailing space ",
+    "The capital of France is Paris. What's the capital of Germany? It's Berlin!",
+    "I'm, you're, they've, we'll, he'd, it's; I'M YOU'RE THEY'VE (case-insensitive contractions)",
+    "東京は日本の首都です。北京是中国的首都。서울은 한국의 수도입니다.",
+    "مرحبا بالعالم! القاهرة هي عاصمة مصر.",
+    "Emoji 😀😂👍 ❤️ family 👨‍👩‍👧‍👦 flag 🏳️‍🌈 🇫🇷🇩🇪 skin 👋🏽",
+    "def f(x):\n\treturn x  *  2\n\n\n    # comment with    runs of spaces\n",
+    "if (a&&b||c) { x += y >> 2; }\r\n\r\nwindows line ends\r\n",
+    "1 12 123 1234 12345 123456 3.14159 -42 1,000,000 0x1F 1e10 ٣٤٥ ５６",
+    "tabs\t\tand\u00a0no-break\u2003em-space\u3000ideographic space",
+    "a" * 3000,
+    "supercalifragilisticexpialidocious" * 40,
+    "<|begin_of_text|>special<|eot_id|> in text <|im_start|>user\nhi<|im_end|>",
+    "<|begin_of_text|<|eot_id|>>< |eot_id|>",
+    "mixed 中文 and English and العربية and 😀 in one line",
+    "\n\n\n   \n\t\n",
+    "Ω≈ç√∫˜µ≤≥÷ åß∂ƒ©˙∆˚¬…æ œ∑´®†¥¨ˆøπ“‘ ¡™£¢∞§¶•ªº–≠",
+    "Zalgo: Z̴̡̪̹͓̥͖͂̈́ą̸̛̟̱̜̱̈́̈́l̷̰̞̣͐̌g̸̳̐͝o̵̧̙̽",
+]
+
+
+def random_texts(n=40, seed=7):
+    rng = random.Random(seed)
+    alphabet = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                " \t\n.,;:'\"!?()[]{}<>/\\-_=+*&^%$#@~`|"
+                "éüñçßøåæ中文日本語한국어العربيةпривет😀👍❤️\u200d")
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200))) for _ in range(n)]
+
+
+def records(items):
+    out = bytearray()
+    for b in items:
+        out += str(len(b)).encode() + b"\n" + b
+    return bytes(out)
+
+
+def run(tok, mode, data, *flags):
+    r = subprocess.run([str(RUNNER), str(tok), mode, *flags], input=data, capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    return r.stdout
+
+
+def read_records(data):
+    out, i = [], 0
+    while i < len(data):
+        nl = data.index(b"\n", i)
+        n = int(data[i:nl])
+        out.append(data[nl + 1:nl + 1 + n])
+        i = nl + 1 + n
+    return out
+
+
+@pytest.mark.parametrize("tok", TOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("add_special", [False, True])
+def test_encode_matches_tokenizers(tok, add_special):
+    ref = Tokenizer.from_file(str(tok))
+    texts = CORPUS + random_texts()
+    flags = ["--add-special"] if add_special else []
+    got = run(tok, "encode", records([t.encode() for t in texts]), *flags).decode().split("\n")
+    for text, line in zip(texts, got):
+        want = ref.encode(text, add_special_tokens=add_special).ids
+        assert [int(x) for x in line.split()] == want, repr(text[:80])
+
+
+@pytest.mark.parametrize("tok", TOKS, ids=lambda p: p.stem)
+def test_decode_matches_tokenizers(tok):
+    ref = Tokenizer.from_file(str(tok))
+    texts = CORPUS + random_texts(seed=11)
+    ids = [ref.encode(t).ids for t in texts]
+    # also arbitrary id sequences: byte tokens that cut characters apart
+    rng = random.Random(3)
+    ids += [[rng.randrange(ref.get_vocab_size()) for _ in range(rng.randint(1, 30))]
+            for _ in range(40)]
+    for skip in (False, True):
+        flags = ["--skip-special"] if skip else []
+        got = read_records(run(tok, "decode", records([" ".join(map(str, s)).encode()
+                                                        for s in ids]), *flags))
+        for s, g in zip(ids, got):
+            assert g.decode() == ref.decode(s, skip_special_tokens=skip), s
+
+
+@pytest.mark.parametrize("tok", TOKS, ids=lambda p: p.stem)
+def test_special_tokens_not_parsed_from_user_text(tok):
+    ref = Tokenizer.from_file(str(tok))
+    specials = [a.content for a in ref.get_added_tokens_decoder().values() if a.special]
+    text = "x" + specials[0] + "y"
+    parsed = run(tok, "encode", records([text.encode()])).split()
+    plain = run(tok, "encode", records([text.encode()]), "--no-parse-special").split()
+    sid = str(ref.token_to_id(specials[0])).encode()
+    assert sid in parsed and sid not in plain
+
+
+@pytest.mark.parametrize("tok", TOKS, ids=lambda p: p.stem)
+def test_invalid_utf8_input_is_encoded_and_round_trips(tok):
+    bad = [b"\xff\xfe", b"abc\xc3", b"\xed\xa0\x80 surrogate", b"\xf4\x90\x80\x80", b"\x80" * 5]
+    out = run(tok, "encode", records(bad)).decode().split("\n")
+    ids = [line for line in out[:len(bad)]]
+    # decoding gives the lossy UTF-8 of the bytes, as Python's 'replace' does
+    got = read_records(run(tok, "decode", records([i.encode() for i in ids])))
+    # (gpt2.json adds a prefix space, as GPT-2's ByteLevel does)
+    prefix = " " if tok.stem == "gpt2" else ""
+    for b, g in zip(bad, got):
+        assert g.decode() == prefix + b.decode("utf-8", errors="replace")
+
+
+def test_errors_are_clear(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": {"type": "Unigram", "vocab": []}}')
+    r = subprocess.run([str(RUNNER), str(bad), "encode"], input=b"", capture_output=True)
+    assert r.returncode == 1 and b"only BPE is supported" in r.stderr
+    r = subprocess.run([str(RUNNER), str(tmp_path / "missing.json"), "encode"], input=b"",
+                       capture_output=True)
+    assert r.returncode == 1 and b"missing.json" in r.stderr
+    bad.write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}')
+    r = subprocess.run([str(RUNNER), str(bad), "encode"], input=b"", capture_output=True)
+    assert r.returncode == 1 and b"merges[0]" in r.stderr
