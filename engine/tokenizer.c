@@ -13,10 +13,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/gguf.h"
 #include "engine/json.h"
 
 #define TOK_MAX_SPLITS 4
 #define TOK_MAX_AFFIX 4
+
+/* Llama 3's and Qwen2's split regexes (the pre-tokenizers that GGUF files
+ * name "llama-bpe" and "qwen2"). */
+static const char llama3_pattern[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+static const char qwen2_pattern[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}"
+    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
 /* GPT-2's pre-tokenizer, which ByteLevel(use_regex=true) applies. */
 static const char gpt2_pattern[] =
@@ -330,6 +340,141 @@ static int load_post(struct tokenizer *t, const struct json *pp, const char *pat
     return 0;
 }
 
+/* ------------------------------------------- building, from any format */
+
+/* Room for ids [0, n), n_added added tokens and n_merges merges. */
+static int build_alloc(struct tokenizer *t, int64_t n, size_t n_added, size_t n_merges,
+                       const char *path, char *err, size_t errlen)
+{
+    t->n_vocab = n;
+    t->sym = calloc((size_t)n, sizeof(*t->sym));
+    t->sym_len = calloc((size_t)n, sizeof(*t->sym_len));
+    t->bytes = calloc((size_t)n, sizeof(*t->bytes));
+    t->bytes_len = calloc((size_t)n, sizeof(*t->bytes_len));
+    t->special = calloc((size_t)n, 1);
+    t->vcap = pow2_at_least(2 * (size_t)n);
+    t->vslot = malloc(t->vcap * sizeof(*t->vslot));
+    t->added = calloc(n_added + 1, sizeof(*t->added));
+    t->mcap = pow2_at_least(2 * n_merges + 2);
+    t->mkey = calloc(t->mcap, sizeof(*t->mkey));
+    t->mrank = malloc(t->mcap * sizeof(*t->mrank));
+    t->mres = malloc(t->mcap * sizeof(*t->mres));
+    if (!t->sym || !t->sym_len || !t->bytes || !t->bytes_len || !t->special || !t->vslot ||
+        !t->added || !t->mkey || !t->mrank || !t->mres)
+        return fail(err, errlen, path, "out of memory");
+    memset(t->vslot, 0xff, t->vcap * sizeof(*t->vslot));
+    return 0;
+}
+
+/* Vocabulary token id: s in byte-level symbols. */
+static int build_token(struct tokenizer *t, int64_t id, const char *s, size_t len,
+                       const char *what, const char *path, char *err, size_t errlen)
+{
+    if (t->sym[id]) {
+        snprintf(err, errlen, "%s: %s: two tokens share id %lld", path, what, (long long)id);
+        return -1;
+    }
+    t->sym_len[id] = len;
+    t->sym[id] = dup_bytes(s, len);
+    char *b = malloc(len + 1);
+    if (!t->sym[id] || !b) {
+        free(b);
+        return fail(err, errlen, path, "out of memory");
+    }
+    if (vocab_insert(t, (int32_t)id)) {
+        free(b);
+        snprintf(err, errlen, "%s: %s: token %lld appears twice", path, what, (long long)id);
+        return -1;
+    }
+    /* bytes: each symbol's code point is one byte */
+    size_t nb = 0;
+    for (size_t k = 0; k < len;) {
+        uint32_t cp;
+        k += utf8_next(s + k, len - k, &cp);
+        int by = cp_to_byte(cp);
+        if (by < 0) {
+            free(b);
+            snprintf(err, errlen, "%s: %s: token %lld has a character outside the byte-level "
+                     "alphabet (not a byte-level BPE?)", path, what, (long long)id);
+            return -1;
+        }
+        b[nb++] = (char)by;
+    }
+    t->bytes[id] = b;
+    t->bytes_len[id] = nb;
+    return 0;
+}
+
+/* Added token id, matched in the text before pre-tokenizing (special
+ * ones only when parsing special tokens); it decodes to its own text. */
+static int build_added(struct tokenizer *t, int64_t id, const char *s, size_t len, int special,
+                       const char *path, char *err, size_t errlen)
+{
+    if (len == 0)
+        return fail(err, errlen, path, "an added token without content");
+    struct added *ad = &t->added[t->n_added++];
+    t->added_first[(uint8_t)s[0]] = 1;
+    ad->text = dup_bytes(s, len);
+    ad->len = len;
+    ad->id = (int32_t)id;
+    ad->special = special;
+    if (!ad->text)
+        return fail(err, errlen, path, "out of memory");
+    t->special[id] = (uint8_t)special;
+    if (!t->sym[id]) { /* not in the BPE vocabulary */
+        t->sym[id] = dup_bytes(s, len);
+        t->sym_len[id] = len;
+        if (!t->sym[id])
+            return fail(err, errlen, path, "out of memory");
+        vocab_insert(t, (int32_t)id);
+    }
+    free(t->bytes[id]);
+    t->bytes[id] = dup_bytes(s, len);
+    t->bytes_len[id] = len;
+    return t->bytes[id] ? 0 : fail(err, errlen, path, "out of memory");
+}
+
+/* Merge number rank: a + b -> their concatenation. buf: scratch. */
+static int build_merge(struct tokenizer *t, size_t rank, const char *a, size_t la, const char *b,
+                       size_t lb, char **buf, size_t *bufcap, const char *path, char *err,
+                       size_t errlen)
+{
+    if (la + lb > *bufcap) {
+        size_t cap = 2 * (la + lb) + 16;
+        char *nb = realloc(*buf, cap);
+        if (!nb)
+            return fail(err, errlen, path, "out of memory");
+        *buf = nb;
+        *bufcap = cap;
+    }
+    memcpy(*buf, a, la);
+    memcpy(*buf + la, b, lb);
+    int32_t ia = vocab_find(t, a, la), ib = vocab_find(t, b, lb), ir = vocab_find(t, *buf, la + lb);
+    if (ia < 0 || ib < 0 || ir < 0) {
+        snprintf(err, errlen, "%s: merges[%zu]: a part or the result is not in the vocabulary",
+                 path, rank);
+        return -1;
+    }
+    merge_insert(t, ia, ib, (int32_t)rank, ir);
+    return 0;
+}
+
+/* "a b": the split at the first space (symbols never hold a raw space). */
+static int split_merge(const char *s, size_t l, size_t *la)
+{
+    const char *sp = memchr(s, ' ', l);
+    if (!sp)
+        return -1;
+    *la = (size_t)(sp - s);
+    return 0;
+}
+
+static void build_finish(struct tokenizer *t)
+{
+    for (int by = 0; by < 256; by++)
+        t->byte_sym[by] = vocab_find(t, t->byte_utf8[by], t->byte_utf8_len[by]);
+}
+
 static int load_model(struct tokenizer *t, const struct json *root, const char *path, char *err,
                       size_t errlen)
 {
@@ -339,6 +484,7 @@ static int load_model(struct tokenizer *t, const struct json *root, const char *
         return fail(err, errlen, path, "model.type: only BPE is supported");
     const struct json *vocab = json_get(model, "vocab");
     const struct json *added = json_get(root, "added_tokens");
+    const struct json *merges = json_get(model, "merges");
     if (json_type(vocab) != JSON_OBJECT || json_len(vocab) == 0)
         return fail(err, errlen, path, "model.vocab: missing or empty");
     t->ignore_merges = json_bool(json_get(model, "ignore_merges"));
@@ -358,109 +504,41 @@ static int load_model(struct tokenizer *t, const struct json *root, const char *
         if (id + 1 > n)
             n = id + 1;
     }
-    t->n_vocab = n;
-    t->sym = calloc((size_t)n, sizeof(*t->sym));
-    t->sym_len = calloc((size_t)n, sizeof(*t->sym_len));
-    t->bytes = calloc((size_t)n, sizeof(*t->bytes));
-    t->bytes_len = calloc((size_t)n, sizeof(*t->bytes_len));
-    t->special = calloc((size_t)n, 1);
-    t->vcap = pow2_at_least(2 * (size_t)n);
-    t->vslot = malloc(t->vcap * sizeof(*t->vslot));
-    if (!t->sym || !t->sym_len || !t->bytes || !t->bytes_len || !t->special || !t->vslot)
-        return fail(err, errlen, path, "out of memory");
-    memset(t->vslot, 0xff, t->vcap * sizeof(*t->vslot));
+    if (build_alloc(t, n, json_len(added), json_len(merges), path, err, errlen))
+        return -1;
     for (size_t i = 0; i < json_len(vocab); i++) {
         int64_t id;
         json_int64(json_at(vocab, i), &id);
-        if (t->sym[id])
-            return fail(err, errlen, path, "model.vocab: two tokens share an id");
-        t->sym_len[id] = json_key_len(vocab, i);
-        t->sym[id] = dup_bytes(json_key_at(vocab, i), t->sym_len[id]);
-        if (!t->sym[id])
-            return fail(err, errlen, path, "out of memory");
-        if (vocab_insert(t, (int32_t)id))
-            return fail(err, errlen, path, "model.vocab: a token appears twice");
-        /* bytes: each symbol's code point is one byte */
-        char *b = malloc(t->sym_len[id] + 1);
-        if (!b)
-            return fail(err, errlen, path, "out of memory");
-        size_t nb = 0;
-        for (size_t k = 0; k < t->sym_len[id];) {
-            uint32_t cp;
-            k += utf8_next(t->sym[id] + k, t->sym_len[id] - k, &cp);
-            int by = cp_to_byte(cp);
-            if (by < 0) {
-                free(b);
-                snprintf(err, errlen, "%s: model.vocab: token %lld has a character outside the "
-                         "byte-level alphabet (not a byte-level BPE?)", path, (long long)id);
-                return -1;
-            }
-            b[nb++] = (char)by;
-        }
-        t->bytes[id] = b;
-        t->bytes_len[id] = nb;
+        if (build_token(t, id, json_key_at(vocab, i), json_key_len(vocab, i), "model.vocab", path,
+                        err, errlen))
+            return -1;
     }
-    /* added tokens: matched in the text before pre-tokenizing */
-    t->added = calloc(json_len(added) + 1, sizeof(*t->added));
-    if (!t->added)
-        return fail(err, errlen, path, "out of memory");
     for (size_t i = 0; i < json_len(added); i++) {
         const struct json *a = json_at(added, i);
         size_t len;
         const char *content = json_string(json_get(a, "content"), &len);
         int64_t id;
         json_int64(json_get(a, "id"), &id);
-        if (!content || len == 0)
+        if (!content)
             return fail(err, errlen, path, "added_tokens: a token without content");
-        struct added *ad = &t->added[t->n_added++];
-        t->added_first[(uint8_t)content[0]] = 1;
-        ad->text = dup_bytes(content, len);
-        ad->len = len;
-        ad->id = (int32_t)id;
-        ad->special = json_bool(json_get(a, "special"));
-        if (!ad->text)
-            return fail(err, errlen, path, "out of memory");
-        t->special[id] = (uint8_t)ad->special;
-        if (!t->sym[id]) { /* only in added_tokens */
-            t->sym[id] = dup_bytes(content, len);
-            t->sym_len[id] = len;
-            if (!t->sym[id])
-                return fail(err, errlen, path, "out of memory");
-            vocab_insert(t, (int32_t)id);
-        }
-        /* an added token decodes to its text, not through the byte map */
-        free(t->bytes[id]);
-        t->bytes[id] = dup_bytes(content, len);
-        t->bytes_len[id] = len;
-        if (!t->bytes[id])
-            return fail(err, errlen, path, "out of memory");
+        if (build_added(t, id, content, len, json_bool(json_get(a, "special")), path, err, errlen))
+            return -1;
     }
     /* merges: "a b" strings (older files) or [a, b] pairs */
-    const struct json *merges = json_get(model, "merges");
-    size_t nm = json_len(merges);
-    t->mcap = pow2_at_least(2 * nm + 2);
-    t->mkey = calloc(t->mcap, sizeof(*t->mkey));
-    t->mrank = malloc(t->mcap * sizeof(*t->mrank));
-    t->mres = malloc(t->mcap * sizeof(*t->mres));
-    if (!t->mkey || !t->mrank || !t->mres)
-        return fail(err, errlen, path, "out of memory");
     char *buf = NULL;
     size_t bufcap = 0;
-    for (size_t i = 0; i < nm; i++) {
+    for (size_t i = 0; i < json_len(merges); i++) {
         const struct json *e = json_at(merges, i);
         const char *a, *b;
         size_t la, lb;
         if (json_type(e) == JSON_STRING) {
             size_t l;
-            const char *s = json_string(e, &l);
-            const char *sp = memchr(s, ' ', l);
-            if (!sp) {
+            a = json_string(e, &l);
+            if (split_merge(a, l, &la)) {
                 free(buf);
                 return fail(err, errlen, path, "model.merges: an entry without a space");
             }
-            a = s;
-            la = (size_t)(sp - s);
-            b = sp + 1;
+            b = a + la + 1;
             lb = l - la - 1;
         } else {
             a = json_string(json_at(e, 0), &la);
@@ -470,30 +548,13 @@ static int load_model(struct tokenizer *t, const struct json *root, const char *
                 return fail(err, errlen, path, "model.merges: an entry is not a pair of strings");
             }
         }
-        int32_t ia = vocab_find(t, a, la), ib = vocab_find(t, b, lb);
-        if (la + lb > bufcap) {
-            bufcap = 2 * (la + lb) + 16;
-            char *nbuf = realloc(buf, bufcap);
-            if (!nbuf) {
-                free(buf);
-                return fail(err, errlen, path, "out of memory");
-            }
-            buf = nbuf;
-        }
-        memcpy(buf, a, la);
-        memcpy(buf + la, b, lb);
-        int32_t ir = vocab_find(t, buf, la + lb);
-        if (ia < 0 || ib < 0 || ir < 0) {
+        if (build_merge(t, i, a, la, b, lb, &buf, &bufcap, path, err, errlen)) {
             free(buf);
-            snprintf(err, errlen, "%s: model.merges[%zu]: a part or the result is not in the vocabulary",
-                     path, i);
             return -1;
         }
-        merge_insert(t, ia, ib, (int32_t)i, ir);
     }
     free(buf);
-    for (int by = 0; by < 256; by++)
-        t->byte_sym[by] = vocab_find(t, t->byte_utf8[by], t->byte_utf8_len[by]);
+    build_finish(t);
     return 0;
 }
 
@@ -579,6 +640,113 @@ int tokenizer_load_hf(const char *path, struct tokenizer **out, char *err, size_
 fail:
     json_free(root);
     free(text);
+    tokenizer_destroy(t);
+    return -1;
+}
+
+/* GGUF token types (llama.cpp's llama_token_type). */
+enum { GGUF_TOK_NORMAL = 1, GGUF_TOK_UNKNOWN = 2, GGUF_TOK_CONTROL = 3,
+       GGUF_TOK_USER_DEFINED = 4, GGUF_TOK_UNUSED = 5, GGUF_TOK_BYTE = 6 };
+
+int tokenizer_load_gguf(const struct gguf_file *g, const char *path, struct tokenizer **out,
+                        char *err, size_t errlen)
+{
+    *out = NULL;
+    const char *model = gguf_get_str(g, "tokenizer.ggml.model", NULL);
+    if (!model)
+        return fail(err, errlen, path, "no tokenizer (tokenizer.ggml.model is missing)");
+    if (strcmp(model, "gpt2") != 0) {
+        snprintf(err, errlen, "%s: tokenizer.ggml.model '%s' is not supported yet (byte-level "
+                 "BPE, 'gpt2', is)", path, model);
+        return -1;
+    }
+    const char *pre = gguf_get_str(g, "tokenizer.ggml.pre", NULL);
+    const char *pattern = gpt2_pattern;
+    int ignore_merges = 0;
+    if (pre && (strcmp(pre, "llama-bpe") == 0 || strcmp(pre, "llama3") == 0)) {
+        pattern = llama3_pattern;
+        ignore_merges = 1;
+    } else if (pre && strcmp(pre, "qwen2") == 0) {
+        pattern = qwen2_pattern;
+    } else if (pre && strcmp(pre, "gpt2") != 0 && strcmp(pre, "gpt-2") != 0 &&
+               strcmp(pre, "default") != 0) {
+        snprintf(err, errlen, "%s: pre-tokenizer '%s' is not supported yet (llama-bpe, qwen2 "
+                 "and gpt2 are)", path, pre);
+        return -1;
+    }
+    enum gguf_type et;
+    uint64_t n, n_types = 0, n_merges = 0;
+    if (gguf_get_arr(g, "tokenizer.ggml.tokens", &et, &n) || et != GGUF_STRING || n == 0 ||
+        n >= (1u << 24))
+        return fail(err, errlen, path, "tokenizer.ggml.tokens: missing, empty or not strings");
+    int has_types = gguf_get_arr(g, "tokenizer.ggml.token_type", &et, &n_types) == 0;
+    if (has_types && n_types != n)
+        return fail(err, errlen, path, "tokenizer.ggml.token_type: not one per token");
+    if (gguf_get_arr(g, "tokenizer.ggml.merges", &et, &n_merges) || et != GGUF_STRING)
+        return fail(err, errlen, path, "tokenizer.ggml.merges: missing or not strings");
+    struct tokenizer *t = calloc(1, sizeof(*t));
+    if (!t)
+        return fail(err, errlen, path, "out of memory");
+    byte_map(t);
+    t->ignore_merges = ignore_merges;
+    size_t n_added = 0;
+    for (uint64_t i = 0; has_types && i < n; i++) {
+        int64_t ty;
+        if (gguf_arr_i64(g, "tokenizer.ggml.token_type", i, &ty) == 0 &&
+            (ty == GGUF_TOK_CONTROL || ty == GGUF_TOK_USER_DEFINED))
+            n_added++;
+    }
+    char *buf = NULL;
+    size_t bufcap = 0;
+    if (build_alloc(t, (int64_t)n, n_added, n_merges, path, err, errlen))
+        goto fail;
+    for (uint64_t i = 0; i < n; i++) {
+        size_t len;
+        const char *s = gguf_arr_str(g, "tokenizer.ggml.tokens", i, &len);
+        int64_t ty = GGUF_TOK_NORMAL;
+        if (has_types)
+            gguf_arr_i64(g, "tokenizer.ggml.token_type", i, &ty);
+        if (ty == GGUF_TOK_CONTROL || ty == GGUF_TOK_USER_DEFINED) {
+            /* control tokens are special (matched only when parsing
+             * special tokens); user-defined ones are always matched */
+            if (build_added(t, (int64_t)i, s, len, ty == GGUF_TOK_CONTROL, path, err, errlen))
+                goto fail;
+        } else if (build_token(t, (int64_t)i, s, len, "tokenizer.ggml.tokens", path, err,
+                               errlen)) {
+            goto fail;
+        }
+    }
+    for (uint64_t i = 0; i < n_merges; i++) {
+        size_t l, la;
+        const char *m = gguf_arr_str(g, "tokenizer.ggml.merges", i, &l);
+        if (!m || split_merge(m, l, &la)) {
+            fail(err, errlen, path, "tokenizer.ggml.merges: an entry without a space");
+            goto fail;
+        }
+        if (build_merge(t, (size_t)i, m, la, m + la + 1, l - la - 1, &buf, &bufcap, path, err,
+                        errlen))
+            goto fail;
+    }
+    free(buf);
+    buf = NULL;
+    build_finish(t);
+    if (add_split(t, pattern, strlen(pattern), 0, 1, path, err, errlen))
+        goto fail;
+    /* BOS when the file says so (add_bos_token), as llama.cpp does */
+    int add_bos = 0;
+    int64_t bos;
+    if (gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &add_bos) == 0 && add_bos &&
+        gguf_get_i64(g, "tokenizer.ggml.bos_token_id", &bos) == 0) {
+        if (bos < 0 || bos >= t->n_vocab) {
+            fail(err, errlen, path, "tokenizer.ggml.bos_token_id: outside the vocabulary");
+            goto fail;
+        }
+        t->prefix[t->n_prefix++] = (int32_t)bos;
+    }
+    *out = t;
+    return 0;
+fail:
+    free(buf);
     tokenizer_destroy(t);
     return -1;
 }

@@ -24,6 +24,15 @@ struct tokenizer;
  * caller (tokenizer_destroy). */
 int tokenizer_load_hf(const char *path, struct tokenizer **out, char *err,
                       size_t errlen);
+/* Loads the tokenizer a GGUF file carries (tokenizer.ggml.*): today the
+ * byte-level BPE ('gpt2') with the llama-bpe, qwen2 or gpt2
+ * pre-tokenizer. Control tokens are special; user-defined tokens are
+ * added tokens matched in any text; BOS is prepended when
+ * add_bos_token says so. path is for messages. The tokenizer copies what
+ * it needs: g may be closed afterwards. */
+struct gguf_file;
+int tokenizer_load_gguf(const struct gguf_file *g, const char *path, struct tokenizer **out,
+                        char *err, size_t errlen);
 void tokenizer_destroy(struct tokenizer *t);
 
 int64_t tokenizer_n_vocab(const struct tokenizer *t);

@@ -140,3 +140,66 @@ def test_errors_are_clear(tmp_path):
     bad.write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}')
     r = subprocess.run([str(RUNNER), str(bad), "encode"], input=b"", capture_output=True)
     assert r.returncode == 1 and b"merges[0]" in r.stderr
+
+
+def write_gguf_tokenizer(src, dst, pre):
+    """The fixture tokenizer's vocabulary, merges and added tokens as GGUF
+    metadata, laid out the way llama.cpp's converter writes them."""
+    import json
+
+    import gguf
+
+    j = json.loads(src.read_text())
+    vocab = dict(j["model"]["vocab"])
+    types = {}
+    for a in j["added_tokens"]:
+        vocab[a["content"]] = a["id"]
+        types[a["id"]] = 3 if a["special"] else 4  # CONTROL / USER_DEFINED
+    n = max(vocab.values()) + 1
+    tokens = [""] * n
+    for s, i in vocab.items():
+        tokens[i] = s
+    merges = [m if isinstance(m, str) else " ".join(m) for m in j["model"]["merges"]]
+    w = gguf.GGUFWriter(str(dst), arch="llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([types.get(i, 1) for i in range(n)])
+    w.add_token_merges(merges)
+    bos = (j.get("post_processor") or {}).get("special_tokens", {})
+    if bos:
+        w.add_bos_token_id(next(iter(bos.values()))["ids"][0])
+        w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("name,pre", [("llama3", "llama-bpe"), ("qwen2", "qwen2")])
+def test_gguf_tokenizer_matches_tokenizers(tmp_path, name, pre):
+    src = FIXTURES.parent / "tokenizers" / f"{name}.json"
+    dst = tmp_path / f"{name}.gguf"
+    write_gguf_tokenizer(src, dst, pre)
+    ref = Tokenizer.from_file(str(src))
+    texts = CORPUS + random_texts(seed=19)
+    for runner in RUNNERS:
+        got = run(dst, "encode", records([t.encode() for t in texts]), "--add-special",
+                  runner=runner).decode().split("\n")
+        for text, line in zip(texts, got):
+            assert [int(x) for x in line.split()] == ref.encode(text).ids, repr(text[:80])
+
+
+def test_gguf_tokenizer_errors(tmp_path):
+    import gguf
+
+    dst = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(dst), arch="llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "a"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = subprocess.run([str(RUNNER), str(dst), "encode"], input=b"", capture_output=True)
+    assert r.returncode == 1 and b"'llama' is not supported yet" in r.stderr

@@ -1,6 +1,6 @@
 /* tokenizer_runner: the tokenizer behind a pipe, for tests/test_tokenizer.py.
  *
- *   tokenizer_runner TOKENIZER_JSON encode [--add-special] [--no-parse-special] < records
+ *   tokenizer_runner TOKENIZER_JSON|MODEL.gguf encode [--add-special] [--no-parse-special] < records
  *   tokenizer_runner TOKENIZER_JSON decode [--skip-special] < records
  *   tokenizer_runner TOKENIZER_JSON bench < text
  *
@@ -17,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "engine/gguf.h"
 #include "engine/tokenizer.h"
 
 static char *read_record(size_t *len)
@@ -81,7 +82,20 @@ int main(int argc, char **argv)
     }
     char err[512];
     struct tokenizer *t;
-    if (tokenizer_load_hf(argv[1], &t, err, sizeof(err))) {
+    size_t plen = strlen(argv[1]);
+    if (plen > 5 && strcmp(argv[1] + plen - 5, ".gguf") == 0) {
+        struct gguf_file *g;
+        if (gguf_open(argv[1], &g, err, sizeof(err))) {
+            fprintf(stderr, "%s\n", err);
+            return 1;
+        }
+        int rc = tokenizer_load_gguf(g, argv[1], &t, err, sizeof(err));
+        gguf_close(g);
+        if (rc) {
+            fprintf(stderr, "%s\n", err);
+            return 1;
+        }
+    } else if (tokenizer_load_hf(argv[1], &t, err, sizeof(err))) {
         fprintf(stderr, "%s\n", err);
         return 1;
     }
