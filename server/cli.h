@@ -10,6 +10,7 @@ int cli_inspect(int argc, char **argv);
 int cli_logits(int argc, char **argv);
 int cli_generate(int argc, char **argv);
 int cli_bench(int argc, char **argv);
+int cli_run(int argc, char **argv);
 
 /* Parses a decimal integer in [lo, hi]; 0 on success, else prints
  * "inferd: <flag>: ..." and returns -1. */

@@ -1,20 +1,18 @@
 """The README's first command keeps working: `deploy/setup.sh run` (with
 everything installed and built already, as the test command leaves it)
-runs the default model and prints the generated tokens."""
-import json
+runs the default model, which answers the question it is asked."""
 import os
 import subprocess
 
 from conftest import BUILD, ROOT
 
 
-def test_setup_run_generates():
+def test_setup_run_answers():
     env = dict(os.environ, INFERD_BUILD_DIR=str(BUILD))
     r = subprocess.run([str(ROOT / "deploy" / "setup.sh"), "run"], capture_output=True, text=True,
                        timeout=600, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["sequences"][0]["tokens"]) == 16
+    assert "Paris" in r.stdout
 
 
 def test_readme_opens_with_the_two_commands():

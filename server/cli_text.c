@@ -1,0 +1,314 @@
+/* cli_text.c: `inferd run [MODEL] PROMPT`: text in, text out on the
+ * command line. The prompt is tokenized with the model's own tokenizer,
+ * prefilled, then tokens are sampled one by one (the API's sampling
+ * parameters), detokenized incrementally and printed as they come, until
+ * max tokens, the end-of-sequence token or a stop string. Speed figures go
+ * to stderr. Main thread. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "engine/gguf.h"
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+#include "engine/stop.h"
+#include "engine/tokenizer.h"
+#include "server/cli.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* The model used when none is named: $INFERD_MODEL, else the one
+ * deploy/setup.sh installs. Writes the path to buf. */
+static const char *default_model(char *buf, size_t n)
+{
+    const char *env = getenv("INFERD_MODEL");
+    if (env && *env)
+        return env;
+    const char *data = getenv("XDG_DATA_HOME"), *home = getenv("HOME");
+    if (data && *data)
+        snprintf(buf, n, "%s/inferd/default.gguf", data);
+    else
+        snprintf(buf, n, "%s/.local/share/inferd/default.gguf", home ? home : "");
+    return buf;
+}
+
+/* The model's tokenizer: its GGUF metadata, or tokenizer.json beside the
+ * weights of a Hugging Face directory. */
+static struct tokenizer *open_tokenizer(const char *path, char *err, size_t errlen)
+{
+    struct tokenizer *t = NULL;
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
+        char p[4096];
+        if ((size_t)snprintf(p, sizeof(p), "%s/tokenizer.json", path) >= sizeof(p)) {
+            snprintf(err, errlen, "the model path is too long (%zu bytes)", strlen(path));
+            return NULL;
+        }
+        tokenizer_load_hf(p, &t, err, errlen);
+        return t;
+    }
+    struct gguf_file *g;
+    if (gguf_open(path, &g, err, errlen))
+        return NULL;
+    tokenizer_load_gguf(g, path, &t, err, errlen);
+    gguf_close(g);
+    return t;
+}
+
+static int parse_float(const char *flag, const char *s, float *out)
+{
+    char *end;
+    double v = strtod(s, &end);
+    if (end == s || *end) {
+        cli_error("%s: '%s' is not a number", flag, s);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+int cli_run(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"max-tokens", required_argument, 0, 'n'},
+        {"temperature", required_argument, 0, 'T'},
+        {"top-p", required_argument, 0, 'P'},
+        {"top-k", required_argument, 0, 'K'},
+        {"min-p", required_argument, 0, 'M'},
+        {"presence-penalty", required_argument, 0, 'r'},
+        {"frequency-penalty", required_argument, 0, 'f'},
+        {"repetition-penalty", required_argument, 0, 'R'},
+        {"seed", required_argument, 0, 's'},
+        {"stop", required_argument, 0, 'S'},
+        {"threads", required_argument, 0, 'j'},
+        {"ignore-eos", no_argument, 0, 'e'},
+        {"no-repack", no_argument, 0, 'N'},
+        {"special", no_argument, 0, 'X'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    struct samp_params sp = samp_params_default();
+    sp.temperature = 0.0f; /* greedy unless asked */
+    int64_t max_tokens = 256, threads = 0, seed = 0;
+    int ignore_eos = 0, no_repack = 0, n_stop = 0, special = 0;
+    const char *stops[STOP_MAX];
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        int64_t v;
+        switch (c) {
+        case 'n': if (cli_parse_int("--max-tokens", optarg, 1, 1 << 24, &max_tokens)) return 2; break;
+        case 'T': if (parse_float("--temperature", optarg, &sp.temperature)) return 2; break;
+        case 'P': if (parse_float("--top-p", optarg, &sp.top_p)) return 2; break;
+        case 'K':
+            if (cli_parse_int("--top-k", optarg, -1, 1 << 24, &v))
+                return 2;
+            sp.top_k = (int32_t)v;
+            break;
+        case 'M': if (parse_float("--min-p", optarg, &sp.min_p)) return 2; break;
+        case 'r': if (parse_float("--presence-penalty", optarg, &sp.presence_penalty)) return 2; break;
+        case 'f': if (parse_float("--frequency-penalty", optarg, &sp.frequency_penalty)) return 2; break;
+        case 'R': if (parse_float("--repetition-penalty", optarg, &sp.repetition_penalty)) return 2; break;
+        case 's':
+            if (cli_parse_int("--seed", optarg, 0, INT64_MAX, &seed))
+                return 2;
+            sp.seed = (uint64_t)seed;
+            break;
+        case 'S':
+            if (n_stop == STOP_MAX) {
+                cli_error("--stop: at most %d stop strings", STOP_MAX);
+                return 2;
+            }
+            stops[n_stop++] = optarg;
+            break;
+        case 'j': if (cli_parse_int("--threads", optarg, 0, 1024, &threads)) return 2; break;
+        case 'e': ignore_eos = 1; break;
+        case 'N': no_repack = 1; break;
+        case 'X': special = 1; break;
+        case 'h':
+            puts("usage: inferd run [MODEL] PROMPT [options]\n"
+                 "  MODEL                  a .gguf file or Hugging Face directory (default:\n"
+                 "                         $INFERD_MODEL, else the model deploy/setup.sh installs)\n"
+                 "  --max-tokens N         tokens to generate (default 256)\n"
+                 "  --temperature T        0 (default) is greedy\n"
+                 "  --top-p P --top-k K --min-p P\n"
+                 "  --presence-penalty X --frequency-penalty X --repetition-penalty X\n"
+                 "  --seed N               reproducible sampling\n"
+                 "  --stop STR             stop before this text (up to 4)\n"
+                 "  --ignore-eos           do not stop at the end-of-sequence token\n"
+                 "  --special              parse special tokens written in PROMPT\n"
+                 "                         (e.g. <|im_start|>; by default they are plain text)\n"
+                 "  --threads N --no-repack");
+            return 0;
+        default:
+            return 2;
+        }
+    }
+    int npos = argc - optind;
+    if (npos < 1 || npos > 2) {
+        cli_error("run: expected [MODEL] PROMPT (see inferd run --help)");
+        return 2;
+    }
+    char defbuf[4096];
+    const char *path = npos == 2 ? argv[optind] : default_model(defbuf, sizeof(defbuf));
+    const char *prompt = argv[argc - 1];
+
+    char err[512];
+    int rc = 1;
+    struct model *m = NULL;
+    struct tokenizer *tok = NULL;
+    struct kv_cache *kv = NULL;
+    struct sampler *smp = NULL;
+    struct stop_matcher *stop = NULL;
+    struct tok_stream *ts = NULL;
+    int32_t *ids = NULL;
+    struct model_row *rows = NULL;
+    float *logits = NULL;
+    size_t n_ids = 0;
+
+    struct stat sb;
+    if (npos == 1 && stat(path, &sb) != 0) {
+        cli_error("no model given and %s does not exist: run deploy/setup.sh run, or name a "
+                  "model (inferd run MODEL PROMPT)", path);
+        return 1;
+    }
+    double t0 = now_s();
+    struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack};
+    if (model_load(path, &mo, &m, err, sizeof(err)) ||
+        !(tok = open_tokenizer(path, err, sizeof(err)))) {
+        cli_error("%s", err);
+        goto done;
+    }
+    const struct model_config *cf = model_get_config(m);
+    if (tokenizer_n_vocab(tok) > cf->n_vocab) {
+        cli_error("%s: the tokenizer has %lld tokens, the model %lld", path,
+                  (long long)tokenizer_n_vocab(tok), (long long)cf->n_vocab);
+        goto done;
+    }
+    if (!(smp = samp_create(&sp, cf->n_vocab, err, sizeof(err))) ||
+        !(stop = stop_create(stops, n_stop, err, sizeof(err)))) {
+        cli_error("%s", err);
+        goto done;
+    }
+    /* the prompt is the user's text: special tokens are parsed only on
+     * request (--special) */
+    if (tokenizer_encode(tok, prompt, strlen(prompt), 1, special, &ids, &n_ids, err,
+                         sizeof(err))) {
+        cli_error("%s", err);
+        goto done;
+    }
+    if (n_ids == 0) {
+        cli_error("run: the prompt is empty and the model adds no BOS token");
+        goto done;
+    }
+    int64_t total = (int64_t)n_ids + max_tokens;
+    if (total > cf->n_ctx) {
+        total = cf->n_ctx;
+        if ((int64_t)n_ids >= total) {
+            cli_error("run: the prompt (%zu tokens) fills the context length %lld", n_ids,
+                      (long long)cf->n_ctx);
+            goto done;
+        }
+    }
+    struct kv_geom g = model_kv_geom(m);
+    kv = kv_create(&g, (total + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS, 1, err, sizeof(err));
+    rows = calloc(n_ids, sizeof(*rows));
+    logits = malloc((size_t)cf->n_vocab * sizeof(float));
+    ts = tok_stream_create(tok, 1);
+    if (!kv || !rows || !logits || !ts) {
+        cli_error("%s", kv ? "out of memory" : err);
+        goto done;
+    }
+    int seq = kv_seq_open(kv, model_rope_long_for(m, total));
+    if (seq < 0 || kv_seq_reserve(kv, seq, total) || samp_accept_prompt(smp, ids, (int64_t)n_ids)) {
+        cli_error("run: cannot reserve the KV cache");
+        goto done;
+    }
+    double t_load = now_s() - t0;
+    t0 = now_s();
+    for (size_t i = 0; i < n_ids; i++)
+        rows[i] = (struct model_row){ids[i], seq, (int64_t)i, i + 1 == n_ids};
+    if (model_forward(m, kv, rows, (int64_t)n_ids, logits, err, sizeof(err))) {
+        cli_error("%s", err);
+        goto done;
+    }
+    double t_prefill = now_s() - t0;
+    t0 = now_s();
+    int64_t n_gen = 0;
+    const char *why = "max_tokens";
+    for (int64_t pos = (int64_t)n_ids; pos < total; pos++) {
+        struct samp_result res;
+        int32_t next = samp_sample(smp, logits, &res);
+        if (next < 0) {
+            cli_error("run: no token can be sampled (every logit is -inf or NaN)");
+            goto done;
+        }
+        n_gen++;
+        if (!ignore_eos && next == cf->eos_id) {
+            why = "eos";
+            break;
+        }
+        size_t pl, ol;
+        const char *piece = tok_stream_push(ts, next, &pl), *o;
+        if (!piece) {
+            cli_error("out of memory");
+            goto done;
+        }
+        int hit = stop_feed(stop, piece, pl, &o, &ol);
+        fwrite(o, 1, ol, stdout);
+        fflush(stdout);
+        if (hit >= 0) {
+            why = "stop";
+            break;
+        }
+        if (pos + 1 == total)
+            break;
+        samp_accept(smp, next);
+        struct model_row r = {next, seq, pos, 1};
+        if (model_forward(m, kv, &r, 1, logits, err, sizeof(err))) {
+            cli_error("%s", err);
+            goto done;
+        }
+    }
+    if (strcmp(why, "stop") != 0) {
+        size_t pl, ol;
+        const char *piece = tok_stream_finish(ts, &pl), *o;
+        if (piece) {
+            int hit = stop_feed(stop, piece, pl, &o, &ol);
+            fwrite(o, 1, ol, stdout);
+            if (hit < 0) {
+                stop_flush(stop, &o, &ol);
+                fwrite(o, 1, ol, stdout);
+            }
+        }
+    }
+    printf("\n");
+    fflush(stdout);
+    double t_dec = now_s() - t0;
+    fprintf(stderr,
+            "inferd: %zu prompt tokens, %lld generated (%s); load %.2f s, prefill %.1f tok/s, "
+            "decode %.1f tok/s\n",
+            n_ids, (long long)n_gen, why, t_load, (double)n_ids / t_prefill,
+            n_gen > 1 ? (double)(n_gen - 1) / t_dec : 0.0);
+    rc = 0;
+done:
+    free(ids);
+    free(rows);
+    free(logits);
+    tok_stream_destroy(ts);
+    stop_destroy(stop);
+    samp_destroy(smp);
+    kv_destroy(kv);
+    tokenizer_destroy(tok);
+    model_destroy(m);
+    return rc;
+}
