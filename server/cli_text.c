@@ -11,7 +11,9 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "engine/chat_template.h"
 #include "engine/gguf.h"
+#include "engine/json.h"
 #include "engine/kv_cache.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
@@ -41,27 +43,142 @@ static const char *default_model(char *buf, size_t n)
     return buf;
 }
 
-/* The model's tokenizer: its GGUF metadata, or tokenizer.json beside the
- * weights of a Hugging Face directory. */
-static struct tokenizer *open_tokenizer(const char *path, char *err, size_t errlen)
+/* A file's whole contents (NUL-terminated), or NULL. */
+static char *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    char *buf = NULL;
+    size_t cap = 0, n = 0, got;
+    do {
+        if (n + 65536 + 1 > cap) {
+            cap = 2 * cap + 65536 + 1;
+            char *nb = realloc(buf, cap);
+            if (!nb) {
+                free(buf);
+                fclose(f);
+                return NULL;
+            }
+            buf = nb;
+        }
+        got = fread(buf + n, 1, cap - n - 1, f);
+        n += got;
+    } while (got > 0);
+    fclose(f);
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
+/* The model's tokenizer (its GGUF metadata, or tokenizer.json beside the
+ * weights of a Hugging Face directory) and, when want_template, its chat
+ * template source (tokenizer.chat_template, or tokenizer_config.json's
+ * chat_template) into *tmpl (malloc'd; NULL when the model has none). */
+static struct tokenizer *open_tokenizer(const char *path, int want_template, char **tmpl,
+                                        char *err, size_t errlen)
 {
     struct tokenizer *t = NULL;
     struct stat sb;
+    *tmpl = NULL;
     if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
         char p[4096];
-        if ((size_t)snprintf(p, sizeof(p), "%s/tokenizer.json", path) >= sizeof(p)) {
+        if ((size_t)snprintf(p, sizeof(p), "%s/tokenizer_config.json", path) >= sizeof(p)) {
             snprintf(err, errlen, "the model path is too long (%zu bytes)", strlen(path));
             return NULL;
         }
-        tokenizer_load_hf(p, &t, err, errlen);
+        size_t len;
+        char *cfg = want_template ? slurp(p, &len) : NULL;
+        if (cfg) {
+            char jerr[256];
+            struct json *j = json_parse(cfg, len, jerr, sizeof(jerr));
+            const struct json *ct = json_get(j, "chat_template");
+            /* a list of named templates: the one named "default" */
+            for (size_t i = 0; json_type(ct) == JSON_ARRAY && i < json_len(ct); i++) {
+                const char *name = json_string(json_get(json_at(ct, i), "name"), NULL);
+                if (name && strcmp(name, "default") == 0) {
+                    ct = json_get(json_at(ct, i), "template");
+                    break;
+                }
+            }
+            size_t tl;
+            const char *src = json_string(ct, &tl);
+            if (src) {
+                *tmpl = malloc(tl + 1);
+                if (*tmpl) {
+                    memcpy(*tmpl, src, tl);
+                    (*tmpl)[tl] = 0;
+                }
+            }
+            json_free(j);
+            free(cfg);
+        }
+        if ((size_t)snprintf(p, sizeof(p), "%s/tokenizer.json", path) < sizeof(p))
+            tokenizer_load_hf(p, &t, err, errlen);
         return t;
     }
     struct gguf_file *g;
     if (gguf_open(path, &g, err, errlen))
         return NULL;
     tokenizer_load_gguf(g, path, &t, err, errlen);
+    size_t tl;
+    const char *src = want_template ? gguf_get_str(g, "tokenizer.chat_template", &tl) : NULL;
+    if (src && (*tmpl = malloc(tl + 1))) {
+        memcpy(*tmpl, src, tl);
+        (*tmpl)[tl] = 0;
+    }
     gguf_close(g);
     return t;
+}
+
+/* The text of token id (empty when none). */
+static char *token_text(const struct tokenizer *t, int64_t id)
+{
+    size_t l = 0;
+    const char *b = id >= 0 ? tokenizer_token_bytes(t, (int32_t)id, &l) : NULL;
+    char *s = malloc(l + 1);
+    if (s) {
+        if (b)
+            memcpy(s, b, l);
+        s[l] = 0;
+    }
+    return s;
+}
+
+/* PROMPT as the user's message of a conversation (after an optional
+ * system message), rendered with the model's chat template, generation
+ * prompt added: malloc'd text, or NULL with err set. */
+static char *render_chat(const char *src, const struct tokenizer *tok,
+                         const struct model_config *cf, const char *system, const char *prompt,
+                         char *err, size_t errlen)
+{
+    struct chat_template *ct = NULL;
+    char *out = NULL, *bos = token_text(tok, cf->bos_id), *eos = token_text(tok, cf->eos_id);
+    char cerr[400];
+    if (!bos || !eos) {
+        snprintf(err, errlen, "out of memory");
+    } else if (chat_template_compile(src, strlen(src), &ct, cerr, sizeof(cerr))) {
+        snprintf(err, errlen, "the model's chat template: %s", cerr);
+    } else {
+        struct chat_message msgs[2] = {{"system", system}, {"user", prompt}};
+        struct chat_render_opts o = {.add_generation_prompt = 1, .bos_token = bos,
+                                     .eos_token = eos};
+        size_t len;
+        if (chat_template_render(ct, system ? msgs : msgs + 1, system ? 2 : 1, &o, &out, &len,
+                                 cerr, sizeof(cerr)))
+            snprintf(err, errlen, "the model's chat template: %s", cerr);
+    }
+    chat_template_destroy(ct);
+    free(bos);
+    free(eos);
+    return out;
+}
+
+/* Text to stdout (stop_feed may hand back a NULL empty piece). */
+static void emit(const char *s, size_t n)
+{
+    if (n)
+        fwrite(s, 1, n, stdout);
 }
 
 static int parse_float(const char *flag, const char *s, float *out)
@@ -93,13 +210,16 @@ int cli_run(int argc, char **argv)
         {"ignore-eos", no_argument, 0, 'e'},
         {"no-repack", no_argument, 0, 'N'},
         {"special", no_argument, 0, 'X'},
+        {"chat", no_argument, 0, 'C'},
+        {"system", required_argument, 0, 'Y'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     struct samp_params sp = samp_params_default();
     sp.temperature = 0.0f; /* greedy unless asked */
     int64_t max_tokens = 256, threads = 0, seed = 0;
-    int ignore_eos = 0, no_repack = 0, n_stop = 0, special = 0;
+    int ignore_eos = 0, no_repack = 0, n_stop = 0, special = 0, chat = 0;
+    const char *system = NULL;
     const char *stops[STOP_MAX];
     int c;
     optind = 1;
@@ -134,6 +254,8 @@ int cli_run(int argc, char **argv)
         case 'e': ignore_eos = 1; break;
         case 'N': no_repack = 1; break;
         case 'X': special = 1; break;
+        case 'C': chat = 1; break;
+        case 'Y': system = optarg; break;
         case 'h':
             puts("usage: inferd run [MODEL] PROMPT [options]\n"
                  "  MODEL                  a .gguf file or Hugging Face directory (default:\n"
@@ -145,6 +267,8 @@ int cli_run(int argc, char **argv)
                  "  --seed N               reproducible sampling\n"
                  "  --stop STR             stop before this text (up to 4)\n"
                  "  --ignore-eos           do not stop at the end-of-sequence token\n"
+                 "  --chat                 PROMPT is a user message: apply the model's chat template\n"
+                 "  --system TEXT          with --chat, a system message first\n"
                  "  --special              parse special tokens written in PROMPT\n"
                  "                         (e.g. <|im_start|>; by default they are plain text)\n"
                  "  --threads N --no-repack");
@@ -170,6 +294,7 @@ int cli_run(int argc, char **argv)
     struct sampler *smp = NULL;
     struct stop_matcher *stop = NULL;
     struct tok_stream *ts = NULL;
+    char *tmpl = NULL, *rendered = NULL;
     int32_t *ids = NULL;
     struct model_row *rows = NULL;
     float *logits = NULL;
@@ -183,8 +308,12 @@ int cli_run(int argc, char **argv)
     }
     double t0 = now_s();
     struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack};
+    if (system && !chat) {
+        cli_error("--system needs --chat");
+        return 2;
+    }
     if (model_load(path, &mo, &m, err, sizeof(err)) ||
-        !(tok = open_tokenizer(path, err, sizeof(err)))) {
+        !(tok = open_tokenizer(path, chat, &tmpl, err, sizeof(err)))) {
         cli_error("%s", err);
         goto done;
     }
@@ -200,9 +329,23 @@ int cli_run(int argc, char **argv)
         goto done;
     }
     /* the prompt is the user's text: special tokens are parsed only on
-     * request (--special) */
-    if (tokenizer_encode(tok, prompt, strlen(prompt), 1, special, &ids, &n_ids, err,
-                         sizeof(err))) {
+     * request (--special). With --chat the template's output is encoded
+     * as HF's apply_chat_template does: its special tokens parsed, no
+     * BOS added (the template writes its own). */
+    if (chat) {
+        if (!tmpl) {
+            cli_error("%s: the model ships no chat template (run it without --chat)", path);
+            goto done;
+        }
+        if (!(rendered = render_chat(tmpl, tok, cf, system, prompt, err, sizeof(err)))) {
+            cli_error("%s", err);
+            goto done;
+        }
+    }
+    if (chat ? tokenizer_encode(tok, rendered, strlen(rendered), 0, 1, &ids, &n_ids, err,
+                                sizeof(err))
+             : tokenizer_encode(tok, prompt, strlen(prompt), 1, special, &ids, &n_ids, err,
+                                sizeof(err))) {
         cli_error("%s", err);
         goto done;
     }
@@ -264,7 +407,7 @@ int cli_run(int argc, char **argv)
             goto done;
         }
         int hit = stop_feed(stop, piece, pl, &o, &ol);
-        fwrite(o, 1, ol, stdout);
+        emit(o, ol);
         fflush(stdout);
         if (hit >= 0) {
             why = "stop";
@@ -284,10 +427,10 @@ int cli_run(int argc, char **argv)
         const char *piece = tok_stream_finish(ts, &pl), *o;
         if (piece) {
             int hit = stop_feed(stop, piece, pl, &o, &ol);
-            fwrite(o, 1, ol, stdout);
+            emit(o, ol);
             if (hit < 0) {
                 stop_flush(stop, &o, &ol);
-                fwrite(o, 1, ol, stdout);
+                emit(o, ol);
             }
         }
     }
@@ -301,6 +444,8 @@ int cli_run(int argc, char **argv)
             n_gen > 1 ? (double)(n_gen - 1) / t_dec : 0.0);
     rc = 0;
 done:
+    free(tmpl);
+    free(rendered);
     free(ids);
     free(rows);
     free(logits);

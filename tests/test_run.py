@@ -74,6 +74,36 @@ def test_errors_are_clear(inferd, tmp_path):
     assert r.returncode == 2 and b"at most 4" in r.stderr
     r = run(inferd)
     assert r.returncode == 2
+    r = run(inferd, GGUF, "hi", "--system", "be brief")
+    assert r.returncode == 2 and b"--system needs --chat" in r.stderr
+    r = run(inferd, GGUF, "hi", "--chat")
+    assert r.returncode == 1 and b"ships no chat template" in r.stderr
+
+
+def test_chat_template_from_tokenizer_config(inferd_any, tmp_path):
+    """A Hugging Face directory's tokenizer_config.json chat_template is
+    applied with --chat: its bad syntax is a clear error naming the line."""
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(HFDIR, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    inferd = inferd_any
+    with_chat = run(inferd, d, "hello", "--chat", "--max-tokens", "1", "--ignore-eos")
+    plain = run(inferd, d, "hello", "--max-tokens", "1", "--ignore-eos")
+    sampled = run(inferd, d, "hello", "--chat", "--system", "be brief", "--max-tokens", "5",
+                  "--ignore-eos", "--temperature", "1", "--top-p", "0.9", "--seed", "4",
+                  "--stop", "xyz")
+    assert sampled.returncode == 0, sampled.stderr.decode()
+    assert with_chat.returncode == 0, with_chat.stderr.decode()
+    assert stats(with_chat)[0] > stats(plain)[0]  # "user: hello\n" is longer
+    cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = run(inferd, d, "hello", "--chat")
+    assert r.returncode == 1 and b"chat template: line 1" in r.stderr
 
 
 def default_model():
@@ -102,3 +132,8 @@ def test_default_model_answers_correctly(inferd):
     special = run(inferd, default_model(), "--special", "--max-tokens", "1",
                   CHATML.format(q="What is the capital of France?"))
     assert stats(plain)[0] > stats(special)[0]
+    # the model's own chat template (GGUF metadata), as --chat applies it
+    r = run(inferd, default_model(), "--chat", "--max-tokens", "16",
+            "What is the capital of France? Answer in one word.")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "Paris" in r.stdout.decode() and stats(r)[2] == "eos"
