@@ -94,7 +94,7 @@ struct rctx {
     int rc;
     char *err;
     size_t errlen;
-    struct jinja_arena ar;
+    struct arena ar;
     char *out;
     size_t out_n, out_cap, max_out;
     uint64_t steps, max_steps;
@@ -127,7 +127,7 @@ static _Noreturn void rfail(struct rctx *r, int line, int rc, const char *fmt, .
 
 static void *ralloc(struct rctx *r, size_t n)
 {
-    void *p = jinja_arena_alloc(&r->ar, n);
+    void *p = arena_alloc(&r->ar, n);
     if (!p)
         rfail(r, 0, CHAT_TEMPLATE_ELIMIT, "template used more than %zu bytes of memory",
               r->ar.cap);
@@ -2475,7 +2475,7 @@ int chat_template_compile(const char *src, size_t len, struct chat_template **ou
     }
     /* The tree is a small multiple of the source; the cap stops a huge
      * template from taking unbounded memory. */
-    t->t.arena.cap = 64 * len + ((size_t)1 << 20);
+    arena_init(&t->t.arena, 64 * len + ((size_t)1 << 20));
     int rc = jinja_parse(&t->t, src, len, err, errlen);
     if (rc != 0) {
         chat_template_destroy(t);
@@ -2489,7 +2489,7 @@ void chat_template_destroy(struct chat_template *t)
 {
     if (!t)
         return;
-    jinja_arena_free(&t->t.arena);
+    arena_free(&t->t.arena);
     free(t);
 }
 
@@ -2619,7 +2619,7 @@ static int render(const struct render_in *in, char **out, size_t *out_len, char 
     r->errlen = errlen;
     r->max_steps = local.opts->max_steps ? local.opts->max_steps : DEFAULT_MAX_STEPS;
     r->max_out = local.opts->max_output ? local.opts->max_output : DEFAULT_MAX_OUTPUT;
-    r->ar.cap = local.opts->max_memory ? local.opts->max_memory : DEFAULT_MAX_MEMORY;
+    arena_init(&r->ar, local.opts->max_memory ? local.opts->max_memory : DEFAULT_MAX_MEMORY);
     int rc = 0;
     if (setjmp(r->jb) == 0)
         render_body(r, &local);
@@ -2632,7 +2632,7 @@ static int render(const struct render_in *in, char **out, size_t *out_len, char 
         r->out = NULL;
     }
     free(r->out);
-    jinja_arena_free(&r->ar);
+    arena_free(&r->ar);
     free(r);
     return rc;
 }

@@ -9,19 +9,11 @@
 #ifndef INFERD_JINJA_AST_H
 #define INFERD_JINJA_AST_H
 
+#include "engine/arena.h"
+
 #include <setjmp.h>
 #include <stddef.h>
 #include <stdint.h>
-
-/* A chunked bump allocator with a total cap, so that hostile input runs
- * out of budget instead of memory. */
-struct jinja_arena {
-    struct jinja_chunk *chunks;
-    size_t used, cap; /* bytes handed out, and the most allowed */
-};
-/* NULL when the cap is reached or malloc fails. */
-void *jinja_arena_alloc(struct jinja_arena *a, size_t n);
-void jinja_arena_free(struct jinja_arena *a);
 
 /* Deep enough for any real template, shallow enough that recursive descent
  * and recursive evaluation stay far from the end of a thread's stack. */
@@ -98,12 +90,12 @@ struct jinja_node {
 };
 
 struct jinja_template {
-    struct jinja_arena arena;
+    struct arena arena; /* capped: a hostile template runs out of budget, not memory */
     struct jinja_node **body;
     size_t n_body;
 };
 
-/* Parses src into t (whose arena must be zeroed with a cap set). Returns 0,
+/* Parses src into t (whose arena must be set up with arena_init and a cap). Returns 0,
  * or -1 (syntax) / -2 (nesting too deep) with "line N: problem" in err. */
 int jinja_parse(struct jinja_template *t, const char *src, size_t len, char *err, size_t errlen);
 

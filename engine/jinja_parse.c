@@ -14,52 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ------------------------------------------------------------------ arena */
-
-struct jinja_chunk {
-    struct jinja_chunk *next;
-    size_t used, cap;
-    max_align_t data[];
-};
-
-void *jinja_arena_alloc(struct jinja_arena *a, size_t n)
-{
-    if (n > ((size_t)1 << 40))
-        return NULL;
-    n = (n + sizeof(max_align_t) - 1) / sizeof(max_align_t) * sizeof(max_align_t);
-    if (n == 0)
-        n = sizeof(max_align_t);
-    if (a->used + n > a->cap)
-        return NULL;
-    struct jinja_chunk *c = a->chunks;
-    if (!c || c->cap - c->used < n) {
-        size_t cap = n > 65536 ? n : 65536;
-        c = malloc(sizeof(*c) + cap);
-        if (!c)
-            return NULL;
-        c->used = 0;
-        c->cap = cap;
-        c->next = a->chunks;
-        a->chunks = c;
-    }
-    void *p = (char *)c->data + c->used;
-    c->used += n;
-    a->used += n;
-    return p;
-}
-
-void jinja_arena_free(struct jinja_arena *a)
-{
-    struct jinja_chunk *c = a->chunks;
-    while (c) {
-        struct jinja_chunk *next = c->next;
-        free(c);
-        c = next;
-    }
-    a->chunks = NULL;
-    a->used = 0;
-}
-
 /* ------------------------------------------------------------------ lexer */
 
 enum tok_kind { TK_TEXT, TK_VBEGIN, TK_VEND, TK_BBEGIN, TK_BEND, TK_NAME, TK_STR, TK_INT,
@@ -108,7 +62,7 @@ static _Noreturn void perr(struct parser *p, int line, int rc, const char *fmt, 
 
 static void *palloc(struct parser *p, size_t n)
 {
-    void *v = jinja_arena_alloc(&p->t->arena, n);
+    void *v = arena_alloc(&p->t->arena, n);
     if (!v)
         perr(p, 0, -2, "template too large (out of memory)");
     memset(v, 0, n);

@@ -7,6 +7,8 @@
  */
 #include "engine/json.h"
 
+#include "engine/arena.h"
+
 #include <errno.h>
 #include <locale.h>
 #include <stdarg.h>
@@ -45,44 +47,13 @@ struct json {
     } u;
 };
 
-/* ------------------------------------------------------------------ arena */
-
-/* Every node, string and child array comes from here, so freeing a tree of
- * millions of nodes (a large safetensors header) is a walk over a few
- * chunks rather than a walk over the tree. */
-struct json_chunk {
-    struct json_chunk *next;
-    size_t used, cap;
-    max_align_t data[];
-};
-
+/* Every node, string and child array comes from the document's arena, so
+ * freeing a tree of millions of nodes (a large safetensors header) is a walk
+ * over a few chunks rather than a walk over the tree. */
 struct json_doc {
-    struct json_chunk *chunks;
+    struct arena arena; /* uncapped: the input's size bounds it */
     struct json root;
 };
-
-static void *arena_alloc(struct json_doc *doc, size_t n)
-{
-    if (n > SIZE_MAX / 2)
-        return NULL;
-    n = (n + sizeof(max_align_t) - 1) / sizeof(max_align_t) * sizeof(max_align_t);
-    if (n == 0)
-        n = sizeof(max_align_t);
-    struct json_chunk *c = doc->chunks;
-    if (!c || c->cap - c->used < n) {
-        size_t cap = n > 65536 ? n : 65536;
-        c = malloc(sizeof(*c) + cap);
-        if (!c)
-            return NULL;
-        c->used = 0;
-        c->cap = cap;
-        c->next = doc->chunks;
-        doc->chunks = c;
-    }
-    void *p = (char *)c->data + c->used;
-    c->used += n;
-    return p;
-}
 
 /* ----------------------------------------------------------------- parser */
 
@@ -153,7 +124,7 @@ static int grow(void **buf, size_t *cap, size_t need, size_t elem)
 
 static struct json *new_node(struct json_parser *p, enum json_type t)
 {
-    struct json *v = arena_alloc(p->doc, sizeof(*v));
+    struct json *v = arena_alloc(&p->doc->arena, sizeof(*v));
     if (!v) {
         perr(p, "out of memory");
         return NULL;
@@ -356,7 +327,7 @@ static int parse_string(struct json_parser *p, const char **out, size_t *out_len
         if (sbuf_put(p, &n, o, k))
             return -1;
     }
-    char *s = arena_alloc(p->doc, n + 1);
+    char *s = arena_alloc(&p->doc->arena, n + 1);
     if (!s) {
         perr(p, "out of memory");
         return -1;
@@ -571,7 +542,7 @@ static int finish_aggregate(struct json_parser *p, struct json *v, size_t n, int
         perr(p, "out of memory");
         return -1;
     }
-    v->u.agg.items = arena_alloc(p->doc, n * sizeof(struct json *));
+    v->u.agg.items = arena_alloc(&p->doc->arena, n * sizeof(struct json *));
     if (!v->u.agg.items) {
         perr(p, "out of memory");
         return -1;
@@ -580,8 +551,8 @@ static int finish_aggregate(struct json_parser *p, struct json *v, size_t n, int
     p->stack_n -= n;
     if (!is_obj)
         return 0;
-    v->u.agg.keys = arena_alloc(p->doc, n * sizeof(struct json_member_key));
-    v->u.agg.sorted = arena_alloc(p->doc, n * sizeof(size_t));
+    v->u.agg.keys = arena_alloc(&p->doc->arena, n * sizeof(struct json_member_key));
+    v->u.agg.sorted = arena_alloc(&p->doc->arena, n * sizeof(size_t));
     if (!v->u.agg.keys || !v->u.agg.sorted) {
         perr(p, "out of memory");
         return -1;
@@ -780,6 +751,7 @@ struct json *json_parse(const char *text, size_t len, char *err, size_t errlen)
         perr(&p, "out of memory");
         return NULL;
     }
+    arena_init(&doc->arena, ARENA_NO_CAP);
     p.doc = doc;
     if (!text && len) {
         perr(&p, "no input");
@@ -816,12 +788,7 @@ void json_free(struct json *root)
     if (!root)
         return;
     struct json_doc *doc = (struct json_doc *)((char *)root - offsetof(struct json_doc, root));
-    struct json_chunk *c = doc->chunks;
-    while (c) {
-        struct json_chunk *next = c->next;
-        free(c);
-        c = next;
-    }
+    arena_free(&doc->arena);
     free(doc);
 }
 
