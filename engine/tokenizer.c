@@ -66,6 +66,17 @@ struct tokenizer {
     int n_splits;
     int add_prefix_space;
     int ignore_merges;
+    /* SentencePiece-style BPE (Llama 2, Mistral, Phi-3, Gemma): symbols
+     * are characters, spaces become U+2581, characters outside the
+     * vocabulary fall back to <0xXX> byte tokens. */
+    int spm;
+    int spm_prepend;    /* 0 never, 1 every segment, 2 a segment at offset 0 */
+    int spm_metaspace;  /* Metaspace: no prepend before a leading space */
+    int spm_byte_decode; /* the decoder has ByteFallback: <0xXX> is a byte */
+    int spm_meta_decode; /* Metaspace decoder: the first token loses its spaces */
+    int spm_strip_lead; /* decoding drops one leading space */
+    int32_t unk_id;     /* -1 none */
+    int32_t byte_tok[256]; /* <0xXX> ids, -1 none */
     int32_t prefix[TOK_MAX_AFFIX], suffix[TOK_MAX_AFFIX];
     int n_prefix, n_suffix;
     int32_t byte_sym[256]; /* id of each byte's one-symbol token, -1 none */
@@ -172,6 +183,9 @@ static void merge_insert(struct tokenizer *t, int32_t a, int32_t b, int32_t rank
 static void byte_map(struct tokenizer *t)
 {
     int next = 256;
+    t->unk_id = -1;
+    for (int b = 0; b < 256; b++)
+        t->byte_tok[b] = -1;
     for (int b = 0; b < 256; b++) {
         int keep = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
         int cp = keep ? b : next++;
@@ -386,8 +400,32 @@ static int build_token(struct tokenizer *t, int64_t id, const char *s, size_t le
         snprintf(err, errlen, "%s: %s: token %lld appears twice", path, what, (long long)id);
         return -1;
     }
-    /* bytes: each symbol's code point is one byte */
     size_t nb = 0;
+    if (t->spm) {
+        /* <0xXX> is that byte; U+2581 (e2 96 81) is a space */
+        unsigned hx;
+        int is_byte = len == 6 && s[0] == '<' && s[1] == '0' && s[2] == 'x' && s[5] == '>' &&
+                      sscanf(s + 3, "%2x", &hx) == 1;
+        if (is_byte)
+            t->byte_tok[hx] = (int32_t)id; /* the encoder's byte fallback */
+        if (is_byte && t->spm_byte_decode) {
+            b[nb++] = (char)hx;
+        } else {
+            for (size_t k = 0; k < len; k++) {
+                if (k + 2 < len && (uint8_t)s[k] == 0xE2 && (uint8_t)s[k + 1] == 0x96 &&
+                    (uint8_t)s[k + 2] == 0x81) {
+                    b[nb++] = ' ';
+                    k += 2;
+                } else {
+                    b[nb++] = s[k];
+                }
+            }
+        }
+        t->bytes[id] = b;
+        t->bytes_len[id] = nb;
+        return 0;
+    }
+    /* bytes: each symbol's code point is one byte */
     for (size_t k = 0; k < len;) {
         uint32_t cp;
         k += utf8_next(s + k, len - k, &cp);
@@ -558,6 +596,105 @@ static int load_model(struct tokenizer *t, const struct json *root, const char *
     return 0;
 }
 
+/* 1 when j is {"type": "Replace", "pattern": {"String": from}, "content": to}. */
+static int is_replace(const struct json *j, const char *from, const char *to)
+{
+    const char *ty = json_string(json_get(j, "type"), NULL);
+    const char *f = json_string(json_get(json_get(j, "pattern"), "String"), NULL);
+    const char *c = json_string(json_get(j, "content"), NULL);
+    return ty && f && c && !strcmp(ty, "Replace") && !strcmp(f, from) && !strcmp(c, to);
+}
+
+/* The SentencePiece-style rules, in either of the layouts Hugging Face
+ * writes them: a normalizer Sequence [Prepend("▁"), Replace(" ", "▁")]
+ * (Llama 2 era files) or a Metaspace pre-tokenizer (later files); and a
+ * decoder that maps them back (Replace, ByteFallback, Fuse, Strip, or
+ * Metaspace). Sets t->spm; anything else in these places is refused. */
+static int load_spm_rules(struct tokenizer *t, const struct json *norm, const struct json *pre,
+                          const struct json *dec, const char *path, char *err, size_t errlen)
+{
+    static const char meta[] = "\xe2\x96\x81";
+    const char *nt = json_string(json_get(norm, "type"), NULL);
+    const char *pt = json_string(json_get(pre, "type"), NULL);
+    if (nt) {
+        const struct json *steps = json_get(norm, "normalizers");
+        int prepend = 0, replace = 0, ok = strcmp(nt, "Sequence") == 0;
+        for (size_t i = 0; ok && i < json_len(steps); i++) {
+            const struct json *st = json_at(steps, i);
+            const char *ty = json_string(json_get(st, "type"), NULL);
+            const char *pp = json_string(json_get(st, "prepend"), NULL);
+            if (ty && !strcmp(ty, "Prepend") && pp && !strcmp(pp, meta))
+                prepend = 1;
+            else if (is_replace(st, " ", meta))
+                replace = 1;
+            else
+                ok = 0;
+        }
+        if (!ok || !replace) {
+            snprintf(err, errlen, "%s: normalizer '%s' is not supported (only SentencePiece's "
+                     "Prepend and Replace of spaces)", path, nt);
+            return -1;
+        }
+        if (pt) {
+            snprintf(err, errlen, "%s: a pre_tokenizer with a SentencePiece normalizer is not "
+                     "supported", path);
+            return -1;
+        }
+        t->spm = 1;
+        t->spm_prepend = prepend;
+    } else if (pt && !strcmp(pt, "Metaspace")) {
+        const char *rep = json_string(json_get(pre, "replacement"), NULL);
+        const char *scheme = json_string(json_get(pre, "prepend_scheme"), NULL);
+        const struct json *split = json_get(pre, "split");
+        if (!rep || strcmp(rep, meta) || (split && json_bool(split))) {
+            snprintf(err, errlen, "%s: pre_tokenizer Metaspace: only replacement '\u2581' "
+                     "without split is supported", path);
+            return -1;
+        }
+        t->spm = 1;
+        t->spm_metaspace = 1;
+        if (scheme)
+            t->spm_prepend = !strcmp(scheme, "always") ? 1 : !strcmp(scheme, "first") ? 2 : 0;
+        else
+            t->spm_prepend = json_bool(json_get(pre, "add_prefix_space"));
+    }
+    if (!t->spm)
+        return 0;
+    const char *dt = json_string(json_get(dec, "type"), NULL);
+    if (dt && !strcmp(dt, "Metaspace")) {
+        const char *ds = json_string(json_get(dec, "prepend_scheme"), NULL);
+        t->spm_meta_decode = ds ? strcmp(ds, "never") != 0 : json_bool(json_get(dec, "add_prefix_space"));
+        return 0;
+    }
+    const struct json *steps = json_get(dec, "decoders");
+    int ok = dt && !strcmp(dt, "Sequence");
+    for (size_t i = 0; ok && i < json_len(steps); i++) {
+        const struct json *st = json_at(steps, i);
+        const char *ty = json_string(json_get(st, "type"), NULL);
+        if (ty && !strcmp(ty, "ByteFallback")) {
+            t->spm_byte_decode = 1;
+            continue;
+        }
+        if (is_replace(st, meta, " ") || (ty && !strcmp(ty, "Fuse")))
+            continue;
+        int64_t start, stop;
+        const char *c = json_string(json_get(st, "content"), NULL);
+        if (ty && !strcmp(ty, "Strip") && c && !strcmp(c, " ") &&
+            !json_int64(json_get(st, "start"), &start) && start <= 1 &&
+            !json_int64(json_get(st, "stop"), &stop) && stop == 0) {
+            t->spm_strip_lead = start == 1;
+            continue;
+        }
+        ok = 0;
+    }
+    if (!ok) {
+        snprintf(err, errlen, "%s: decoder '%s' is not supported with a SentencePiece-style "
+                 "tokenizer", path, dt ? dt : "?");
+        return -1;
+    }
+    return 0;
+}
+
 int tokenizer_load_hf(const char *path, struct tokenizer **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -606,17 +743,18 @@ int tokenizer_load_hf(const char *path, struct tokenizer **out, char *err, size_
         snprintf(err, errlen, "%s: %s", path, jerr);
         goto fail;
     }
-    const struct json *norm = json_get(root, "normalizer");
-    if (norm && json_type(norm) != JSON_NULL) {
-        const char *nt = json_string(json_get(norm, "type"), NULL);
-        snprintf(err, errlen, "%s: normalizer '%s' is not supported yet", path, nt ? nt : "?");
-        goto fail;
-    }
-    if (load_model(t, root, path, err, errlen))
-        goto fail;
     const struct json *pre = json_get(root, "pre_tokenizer");
     const char *pt = json_string(json_get(pre, "type"), NULL);
-    if (pt && strcmp(pt, "Sequence") == 0) {
+    if (load_spm_rules(t, json_get(root, "normalizer"), pre, json_get(root, "decoder"), path, err,
+                       errlen))
+        goto fail;
+    if (load_model(t, root, path, err, errlen))
+        goto fail;
+    if (t->spm) {
+        size_t ul;
+        const char *unk = json_string(json_get(json_get(root, "model"), "unk_token"), &ul);
+        t->unk_id = unk ? vocab_find(t, unk, ul) : -1;
+    } else if (pt && strcmp(pt, "Sequence") == 0) {
         const struct json *steps = json_get(pre, "pretokenizers");
         for (size_t i = 0; i < json_len(steps); i++)
             if (load_pretok_step(t, json_at(steps, i), path, err, errlen))
@@ -627,7 +765,7 @@ int tokenizer_load_hf(const char *path, struct tokenizer **out, char *err, size_
     }
     const struct json *dec = json_get(root, "decoder");
     const char *dt = json_string(json_get(dec, "type"), NULL);
-    if (dt && strcmp(dt, "ByteLevel") != 0) {
+    if (!t->spm && dt && strcmp(dt, "ByteLevel") != 0) {
         snprintf(err, errlen, "%s: decoder '%s' is not supported yet", path, dt);
         goto fail;
     }
@@ -862,54 +1000,37 @@ static void pair_candidate(const struct tokenizer *t, struct bpe_work *w, int32_
         hpush(w, (struct hent){rank, l, w->id[l], w->id[r]});
 }
 
-/* BPE over one piece of raw bytes. */
-static int bpe_piece(const struct tokenizer *t, struct bpe_work *w, const uint8_t *p, size_t n,
-                     struct ids *out, char *err, size_t errlen)
+/* Room for n symbols in w. */
+static int bpe_reserve(struct bpe_work *w, size_t n)
+{
+    if (w->cap >= n)
+        return 0;
+    size_t cap = n + 64;
+    int32_t *a = realloc(w->id, cap * sizeof(int32_t));
+    if (a)
+        w->id = a;
+    int32_t *b = realloc(w->prev, cap * sizeof(int32_t));
+    if (b)
+        w->prev = b;
+    int32_t *c = realloc(w->next, cap * sizeof(int32_t));
+    if (c)
+        w->next = c;
+    struct hent *h = realloc(w->heap, cap * sizeof(*h));
+    if (h)
+        w->heap = h;
+    if (!a || !b || !c || !h)
+        return -1;
+    w->cap = cap;
+    return 0;
+}
+
+/* Merges the n initial symbols w->id[0..n) by rank, leftmost first on
+ * ties, and appends the result to out. -1: out of memory. */
+static int bpe_run(const struct tokenizer *t, struct bpe_work *w, size_t n, struct ids *out)
 {
     if (n == 0)
         return 0;
-    /* the piece as byte symbols: whole-word lookup first (ignore_merges) */
-    if (t->ignore_merges) {
-        if (w->scap < 2 * n) {
-            char *s = realloc(w->sbuf, 2 * n);
-            if (!s)
-                goto oom;
-            w->sbuf = s;
-            w->scap = 2 * n;
-        }
-        size_t sl = 0;
-        for (size_t i = 0; i < n; i++) {
-            memcpy(w->sbuf + sl, t->byte_utf8[p[i]], t->byte_utf8_len[p[i]]);
-            sl += t->byte_utf8_len[p[i]];
-        }
-        int32_t id = vocab_find(t, w->sbuf, sl);
-        if (id >= 0)
-            return ids_push(out, id) ? -1 : 0;
-    }
-    if (w->cap < n) {
-        size_t cap = n + 64;
-        int32_t *a = realloc(w->id, cap * sizeof(int32_t));
-        if (a)
-            w->id = a;
-        int32_t *b = realloc(w->prev, cap * sizeof(int32_t));
-        if (b)
-            w->prev = b;
-        int32_t *c = realloc(w->next, cap * sizeof(int32_t));
-        if (c)
-            w->next = c;
-        struct hent *h = realloc(w->heap, cap * sizeof(*h));
-        if (h)
-            w->heap = h;
-        if (!a || !b || !c || !h)
-            goto oom;
-        w->cap = cap;
-    }
     for (size_t i = 0; i < n; i++) {
-        w->id[i] = t->byte_sym[p[i]];
-        if (w->id[i] < 0) {
-            snprintf(err, errlen, "tokenizer: byte 0x%02x has no token", p[i]);
-            return -1;
-        }
         w->prev[i] = (int32_t)i - 1;
         w->next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
     }
@@ -935,7 +1056,121 @@ static int bpe_piece(const struct tokenizer *t, struct bpe_work *w, const uint8_
     }
     for (int32_t i = 0; i >= 0; i = w->next[i])
         if (ids_push(out, w->id[i]))
+            return -1;
+    return 0;
+}
+
+static long utf8_check(const uint8_t *s, size_t n);
+
+/* SentencePiece-style BPE over one segment of text (between added
+ * tokens): spaces become U+2581 (and one is prepended when the
+ * tokenizer says so), each character is a symbol, and a character
+ * outside the vocabulary (or an invalid byte) falls back to <0xXX> byte
+ * tokens, else to the unknown token (consecutive unknowns fused). */
+static int spm_segment(const struct tokenizer *t, struct bpe_work *w, const uint8_t *p, size_t n,
+                       int at_start, struct ids *out, char *err, size_t errlen)
+{
+    static const uint8_t meta[3] = {0xE2, 0x96, 0x81};
+    int prepend = t->spm_prepend == 1 || (t->spm_prepend == 2 && at_start);
+    if (t->spm_metaspace && n > 0 && p[0] == ' ')
+        prepend = 0;
+    /* the normalized text */
+    size_t cap = 3 * n + 3;
+    if (w->scap < cap) {
+        char *sb = realloc(w->sbuf, cap);
+        if (!sb)
             goto oom;
+        w->sbuf = sb;
+        w->scap = cap;
+    }
+    uint8_t *q = (uint8_t *)w->sbuf;
+    size_t m = 0;
+    if (prepend) {
+        memcpy(q, meta, 3);
+        m = 3;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] == ' ') {
+            memcpy(q + m, meta, 3);
+            m += 3;
+        } else {
+            q[m++] = p[i];
+        }
+    }
+    if (bpe_reserve(w, m))
+        goto oom;
+    size_t ns = 0;
+    int last_unk = 0;
+    for (size_t i = 0; i < m;) {
+        long k = utf8_check(q + i, m - i);
+        size_t cl = k > 0 ? (size_t)k : 1;
+        int32_t id = k > 0 ? vocab_find(t, (const char *)q + i, cl) : -1;
+        if (id >= 0) {
+            w->id[ns++] = id;
+            last_unk = 0;
+        } else {
+            int have = 1;
+            for (size_t b = 0; b < cl; b++)
+                have &= t->byte_tok[q[i + b]] >= 0;
+            if (have) {
+                for (size_t b = 0; b < cl; b++)
+                    w->id[ns++] = t->byte_tok[q[i + b]];
+                last_unk = 0;
+            } else if (t->unk_id >= 0) {
+                if (!last_unk)
+                    w->id[ns++] = t->unk_id;
+                last_unk = 1;
+            } else {
+                snprintf(err, errlen, "tokenizer: a character has no token and there is no "
+                         "byte fallback or unknown token");
+                return -1;
+            }
+        }
+        i += cl;
+    }
+    if (bpe_run(t, w, ns, out))
+        goto oom;
+    return 0;
+oom:
+    snprintf(err, errlen, "tokenizer: out of memory");
+    return -1;
+}
+
+/* BPE over one piece of raw bytes. */
+static int bpe_piece(const struct tokenizer *t, struct bpe_work *w, const uint8_t *p, size_t n,
+                     struct ids *out, char *err, size_t errlen)
+{
+    if (n == 0)
+        return 0;
+    /* the piece as byte symbols: whole-word lookup first (ignore_merges) */
+    if (t->ignore_merges) {
+        if (w->scap < 2 * n) {
+            char *s = realloc(w->sbuf, 2 * n);
+            if (!s)
+                goto oom;
+            w->sbuf = s;
+            w->scap = 2 * n;
+        }
+        size_t sl = 0;
+        for (size_t i = 0; i < n; i++) {
+            memcpy(w->sbuf + sl, t->byte_utf8[p[i]], t->byte_utf8_len[p[i]]);
+            sl += t->byte_utf8_len[p[i]];
+        }
+        int32_t id = vocab_find(t, w->sbuf, sl);
+        if (id >= 0)
+            return ids_push(out, id) ? -1 : 0;
+    }
+    if (bpe_reserve(w, n))
+        goto oom;
+    for (size_t i = 0; i < n; i++) {
+        w->id[i] = t->byte_sym[p[i]];
+        if (w->id[i] < 0) {
+            snprintf(err, errlen, "tokenizer: byte 0x%02x has no token", p[i]);
+            return -1;
+        }
+    }
+    if (bpe_run(t, w, n, out))
+        goto oom;
     return 0;
 oom:
     snprintf(err, errlen, "tokenizer: out of memory");
@@ -985,8 +1220,6 @@ static int pretok(const struct tokenizer *t, struct bpe_work *w, pcre2_match_dat
         return pretok(t, w, md, k + 1, p + pos, n - pos, out, err, errlen);
     return 0;
 }
-
-static long utf8_check(const uint8_t *s, size_t n);
 
 /* The pre-tokenizer over a segment that may hold invalid UTF-8 (the
  * regexes must only see valid text): valid runs go through it, each
@@ -1061,7 +1294,11 @@ int tokenizer_encode(const struct tokenizer *t, const char *text, size_t len, in
         if (i > seg) {
             const uint8_t *sp = (const uint8_t *)text + seg;
             size_t sn = i - seg;
-            if (t->add_prefix_space && sp[0] != ' ') {
+            if (t->spm) {
+                if (spm_segment(t, &w, sp, sn, seg == 0, &out, err, errlen))
+                    goto fail;
+                sn = 0; /* done */
+            } else if (t->add_prefix_space && sp[0] != ' ') {
                 char *np = realloc(pre, sn + 1);
                 if (!np)
                     goto oom;
@@ -1071,7 +1308,7 @@ int tokenizer_encode(const struct tokenizer *t, const char *text, size_t len, in
                 sp = (const uint8_t *)pre;
                 sn++;
             }
-            if (pretok_valid(t, &w, md, sp, sn, &out, err, errlen))
+            if (sn && pretok_valid(t, &w, md, sp, sn, &out, err, errlen))
                 goto fail;
         }
         if (i == len)
@@ -1181,7 +1418,8 @@ static int buf_put(struct buf *b, const void *s, size_t n)
         b->p = np;
         b->cap = cap;
     }
-    memcpy(b->p + b->n, s, n);
+    if (n)
+        memcpy(b->p + b->n, s, n);
     b->n += n;
     b->p[b->n] = 0;
     return 0;
@@ -1212,33 +1450,13 @@ static long lossy(struct buf *out, const uint8_t *in, size_t n, int final)
     return (long)i;
 }
 
-char *tokenizer_decode(const struct tokenizer *t, const int32_t *ids, size_t n, int skip_special,
-                       size_t *len)
-{
-    struct buf raw = {0}, out = {0};
-    for (size_t i = 0; i < n; i++) {
-        size_t l;
-        const char *b = tokenizer_token_bytes(t, ids[i], &l);
-        if (!b || (skip_special && t->special[ids[i]]))
-            continue;
-        if (buf_put(&raw, b, l))
-            goto oom;
-    }
-    if (lossy(&out, (const uint8_t *)raw.p, raw.n, 1) < 0 || buf_put(&out, "", 0))
-        goto oom;
-    free(raw.p);
-    *len = out.n;
-    return out.p;
-oom:
-    free(raw.p);
-    free(out.p);
-    return NULL;
-}
-
 struct tok_stream {
     const struct tokenizer *t;
     int skip_special;
-    struct buf pend; /* bytes not yet emitted (an incomplete character) */
+    int started;     /* some text was emitted (the leading space is decided) */
+    int first_done;  /* a token went through (Metaspace's first-token rule) */
+    struct buf pend; /* byte-level: bytes of an incomplete character */
+    struct buf run;  /* SentencePiece: a run of <0xXX> byte tokens */
     struct buf out;
 };
 
@@ -1257,38 +1475,121 @@ void tok_stream_destroy(struct tok_stream *s)
     if (!s)
         return;
     free(s->pend.p);
+    free(s->run.p);
     free(s->out.p);
     free(s);
 }
 
-static const char *stream_emit(struct tok_stream *s, int final, size_t *len)
+/* SentencePiece's ByteFallback decoder: a run of byte tokens is its
+ * bytes when they are valid UTF-8, else one U+FFFD per token. */
+static int flush_run(struct tok_stream *s)
 {
-    s->out.n = 0;
-    if (buf_put(&s->out, "", 0))
-        return NULL;
-    long used = lossy(&s->out, (const uint8_t *)s->pend.p, s->pend.n, final);
-    if (used < 0)
-        return NULL;
-    memmove(s->pend.p, s->pend.p + used, s->pend.n - (size_t)used);
-    s->pend.n -= (size_t)used;
-    *len = s->out.n;
-    return s->out.p;
+    static const char repl[3] = {(char)0xEF, (char)0xBF, (char)0xBD};
+    if (s->run.n == 0)
+        return 0;
+    const uint8_t *r = (const uint8_t *)s->run.p;
+    size_t i = 0;
+    while (i < s->run.n) {
+        long k = utf8_check(r + i, s->run.n - i);
+        if (k <= 0)
+            break;
+        i += (size_t)k;
+    }
+    int rc = 0;
+    if (i == s->run.n)
+        rc = buf_put(&s->out, r, s->run.n);
+    else
+        for (size_t k = 0; k < s->run.n && rc == 0; k++)
+            rc = buf_put(&s->out, repl, 3);
+    s->run.n = 0;
+    return rc;
+}
+
+/* The output of one push or of the finish, after the decoder's Strip of
+ * one leading space of the whole text. */
+static const char *stream_out(struct tok_stream *s, size_t *len)
+{
+    const char *p = s->out.p;
+    size_t n = s->out.n;
+    if (!s->started && n > 0) {
+        s->started = 1;
+        if (s->t->spm_strip_lead && p[0] == ' ') {
+            p++;
+            n--;
+        }
+    }
+    *len = n;
+    return p;
 }
 
 const char *tok_stream_push(struct tok_stream *s, int32_t id, size_t *len)
 {
+    const struct tokenizer *t = s->t;
+    s->out.n = 0;
+    if (buf_put(&s->out, "", 0))
+        return NULL;
     size_t l;
-    const char *b = tokenizer_token_bytes(s->t, id, &l);
-    if (b && !(s->skip_special && s->t->special[id]) && buf_put(&s->pend, b, l))
-        return NULL;
-    if (!s->pend.p && buf_put(&s->pend, "", 0))
-        return NULL;
-    return stream_emit(s, 0, len);
+    const char *b = tokenizer_token_bytes(t, id, &l);
+    if (b && !(s->skip_special && t->special[id])) {
+        int first = !s->first_done;
+        s->first_done = 1;
+        if (t->spm && first && t->spm_meta_decode) {
+            /* Metaspace's decoder drops every U+2581 of the first token */
+            for (size_t k = 0; k < l; k++)
+                if (b[k] != ' ' && buf_put(&s->out, b + k, 1))
+                    return NULL;
+        } else if (t->spm) {
+            if (l == 1 && t->byte_tok[(uint8_t)b[0]] == id) {
+                if (buf_put(&s->run, b, 1))
+                    return NULL;
+            } else if (flush_run(s) || buf_put(&s->out, b, l)) {
+                return NULL;
+            }
+        } else {
+            if (buf_put(&s->pend, b, l))
+                return NULL;
+            long used = lossy(&s->out, (const uint8_t *)s->pend.p, s->pend.n, 0);
+            if (used < 0)
+                return NULL;
+            memmove(s->pend.p, s->pend.p + used, s->pend.n - (size_t)used);
+            s->pend.n -= (size_t)used;
+        }
+    }
+    return stream_out(s, len);
 }
 
 const char *tok_stream_finish(struct tok_stream *s, size_t *len)
 {
-    if (!s->pend.p && buf_put(&s->pend, "", 0))
+    s->out.n = 0;
+    if (buf_put(&s->out, "", 0) || flush_run(s))
         return NULL;
-    return stream_emit(s, 1, len);
+    if (s->pend.n) {
+        if (lossy(&s->out, (const uint8_t *)s->pend.p, s->pend.n, 1) < 0)
+            return NULL;
+        s->pend.n = 0;
+    }
+    return stream_out(s, len);
+}
+
+char *tokenizer_decode(const struct tokenizer *t, const int32_t *ids, size_t n, int skip_special,
+                       size_t *len)
+{
+    /* the stream is the definition: the whole decode is its pieces */
+    struct tok_stream *s = tok_stream_create(t, skip_special);
+    struct buf all = {0};
+    if (!s || buf_put(&all, "", 0))
+        goto oom;
+    for (size_t i = 0; i <= n; i++) {
+        size_t l;
+        const char *p = i < n ? tok_stream_push(s, ids[i], &l) : tok_stream_finish(s, &l);
+        if (!p || buf_put(&all, p, l))
+            goto oom;
+    }
+    tok_stream_destroy(s);
+    *len = all.n;
+    return all.p;
+oom:
+    tok_stream_destroy(s);
+    free(all.p);
+    return NULL;
 }
