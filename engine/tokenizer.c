@@ -786,6 +786,119 @@ fail:
 enum { GGUF_TOK_NORMAL = 1, GGUF_TOK_UNKNOWN = 2, GGUF_TOK_CONTROL = 3,
        GGUF_TOK_USER_DEFINED = 4, GGUF_TOK_UNUSED = 5, GGUF_TOK_BYTE = 6 };
 
+/* One merge candidate of a SentencePiece vocabulary. */
+struct spm_merge {
+    double score;
+    int32_t res, left, right;
+};
+
+static int spm_merge_cmp(const void *pa, const void *pb)
+{
+    const struct spm_merge *a = pa, *b = pb;
+    if (a->score != b->score)
+        return a->score > b->score ? -1 : 1;
+    if (a->res != b->res)
+        return a->res < b->res ? -1 : 1;
+    if (a->left != b->left)
+        return a->left < b->left ? -1 : 1;
+    return (a->right > b->right) - (a->right < b->right);
+}
+
+/* A GGUF 'llama' (SentencePiece) tokenizer: tokens with scores and types.
+ * The merges are derived from the vocabulary as Hugging Face's converter
+ * derives them: every split of a token into two tokens, ordered by the
+ * merged token's score (then its id, then the parts' ids), so that BPE by
+ * rank reproduces SentencePiece's highest-score-first merging. */
+static int load_gguf_spm(struct tokenizer *t, const struct gguf_file *g, uint64_t n,
+                         int has_types, const char *path, char *err, size_t errlen)
+{
+    enum gguf_type et;
+    uint64_t n_scores = 0;
+    if (gguf_get_arr(g, "tokenizer.ggml.scores", &et, &n_scores) || n_scores != n)
+        return fail(err, errlen, path, "tokenizer.ggml.scores: missing or not one per token");
+    int asp = 1;
+    gguf_get_bool(g, "tokenizer.ggml.add_space_prefix", &asp);
+    t->spm = 1;
+    t->spm_prepend = asp ? 1 : 0; /* llama.cpp: a space before every text fragment */
+    t->spm_byte_decode = 1;
+    t->spm_strip_lead = asp;
+    size_t n_added = 0;
+    for (uint64_t i = 0; has_types && i < n; i++) {
+        int64_t ty;
+        if (gguf_arr_i64(g, "tokenizer.ggml.token_type", i, &ty) == 0 &&
+            (ty == GGUF_TOK_CONTROL || ty == GGUF_TOK_USER_DEFINED))
+            n_added++;
+    }
+    /* candidates: at most (characters - 1) per token */
+    size_t n_cand = 0, cap_cand = 0;
+    struct spm_merge *cand = NULL;
+    if (build_alloc(t, (int64_t)n, n_added, 0, path, err, errlen))
+        return -1;
+    for (uint64_t i = 0; i < n; i++) {
+        size_t len;
+        const char *s = gguf_arr_str(g, "tokenizer.ggml.tokens", i, &len);
+        int64_t ty = GGUF_TOK_NORMAL;
+        if (has_types)
+            gguf_arr_i64(g, "tokenizer.ggml.token_type", i, &ty);
+        if (ty == GGUF_TOK_CONTROL || ty == GGUF_TOK_USER_DEFINED) {
+            if (build_added(t, (int64_t)i, s, len, ty == GGUF_TOK_CONTROL, path, err, errlen))
+                goto fail;
+        } else if (build_token(t, (int64_t)i, s, len, "tokenizer.ggml.tokens", path, err,
+                               errlen)) {
+            goto fail;
+        }
+        if (ty == GGUF_TOK_UNKNOWN && t->unk_id < 0)
+            t->unk_id = (int32_t)i;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        int64_t ty = GGUF_TOK_NORMAL;
+        if (has_types)
+            gguf_arr_i64(g, "tokenizer.ggml.token_type", i, &ty);
+        if (ty != GGUF_TOK_NORMAL && ty != GGUF_TOK_USER_DEFINED)
+            continue;
+        double score;
+        gguf_arr_f64(g, "tokenizer.ggml.scores", i, &score);
+        const char *s = t->sym[i];
+        size_t len = t->sym_len[i];
+        for (size_t k = 1; k < len; k++) {
+            if (((uint8_t)s[k] & 0xC0) == 0x80)
+                continue; /* split between characters only */
+            int32_t a = vocab_find(t, s, k), b = vocab_find(t, s + k, len - k);
+            if (a < 0 || b < 0)
+                continue;
+            if (n_cand == cap_cand) {
+                cap_cand = cap_cand ? 2 * cap_cand : 4096;
+                struct spm_merge *nc = realloc(cand, cap_cand * sizeof(*nc));
+                if (!nc) {
+                    fail(err, errlen, path, "out of memory");
+                    goto fail;
+                }
+                cand = nc;
+            }
+            cand[n_cand++] = (struct spm_merge){score, (int32_t)i, a, b};
+        }
+    }
+    qsort(cand, n_cand, sizeof(*cand), spm_merge_cmp);
+    free(t->mkey);
+    free(t->mrank);
+    free(t->mres);
+    t->mcap = pow2_at_least(2 * n_cand + 2);
+    t->mkey = calloc(t->mcap, sizeof(*t->mkey));
+    t->mrank = malloc(t->mcap * sizeof(*t->mrank));
+    t->mres = malloc(t->mcap * sizeof(*t->mres));
+    if (!t->mkey || !t->mrank || !t->mres) {
+        fail(err, errlen, path, "out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < n_cand; i++)
+        merge_insert(t, cand[i].left, cand[i].right, (int32_t)i, cand[i].res);
+    free(cand);
+    return 0;
+fail:
+    free(cand);
+    return -1;
+}
+
 int tokenizer_load_gguf(const struct gguf_file *g, const char *path, struct tokenizer **out,
                         char *err, size_t errlen)
 {
@@ -793,9 +906,35 @@ int tokenizer_load_gguf(const struct gguf_file *g, const char *path, struct toke
     const char *model = gguf_get_str(g, "tokenizer.ggml.model", NULL);
     if (!model)
         return fail(err, errlen, path, "no tokenizer (tokenizer.ggml.model is missing)");
+    if (strcmp(model, "llama") == 0) {
+        enum gguf_type et;
+        uint64_t n, n_types = 0;
+        if (gguf_get_arr(g, "tokenizer.ggml.tokens", &et, &n) || et != GGUF_STRING || n == 0 ||
+            n >= (1u << 24))
+            return fail(err, errlen, path, "tokenizer.ggml.tokens: missing, empty or not strings");
+        int has_types = gguf_get_arr(g, "tokenizer.ggml.token_type", &et, &n_types) == 0;
+        if (has_types && n_types != n)
+            return fail(err, errlen, path, "tokenizer.ggml.token_type: not one per token");
+        struct tokenizer *t = calloc(1, sizeof(*t));
+        if (!t)
+            return fail(err, errlen, path, "out of memory");
+        byte_map(t);
+        int64_t bos;
+        int add_bos = 1; /* llama.cpp's default for SentencePiece models */
+        gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &add_bos);
+        if (load_gguf_spm(t, g, n, has_types, path, err, errlen)) {
+            tokenizer_destroy(t);
+            return -1;
+        }
+        if (add_bos && gguf_get_i64(g, "tokenizer.ggml.bos_token_id", &bos) == 0 && bos >= 0 &&
+            bos < t->n_vocab)
+            t->prefix[t->n_prefix++] = (int32_t)bos;
+        *out = t;
+        return 0;
+    }
     if (strcmp(model, "gpt2") != 0) {
-        snprintf(err, errlen, "%s: tokenizer.ggml.model '%s' is not supported yet (byte-level "
-                 "BPE, 'gpt2', is)", path, model);
+        snprintf(err, errlen, "%s: tokenizer.ggml.model '%s' is not supported (byte-level BPE "
+                 "'gpt2' and SentencePiece 'llama' are)", path, model);
         return -1;
     }
     const char *pre = gguf_get_str(g, "tokenizer.ggml.pre", NULL);

@@ -198,13 +198,99 @@ def test_gguf_tokenizer_matches_tokenizers(tmp_path, name, pre):
 def test_gguf_tokenizer_errors(tmp_path):
     import gguf
 
-    dst = tmp_path / "spm.gguf"
+    def write(path, model, scores=True):
+        w = gguf.GGUFWriter(str(path), arch="llama")
+        w.add_tokenizer_model(model)
+        w.add_token_list(["<unk>", "a"])
+        if scores:
+            w.add_token_scores([0.0, 0.0])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write(tmp_path / "bert.gguf", "bert")
+    r = subprocess.run([str(RUNNER), str(tmp_path / "bert.gguf"), "encode"], input=b"",
+                       capture_output=True)
+    assert r.returncode == 1 and b"'bert' is not supported" in r.stderr
+    write(tmp_path / "noscores.gguf", "llama", scores=False)
+    r = subprocess.run([str(RUNNER), str(tmp_path / "noscores.gguf"), "encode"], input=b"",
+                       capture_output=True)
+    assert r.returncode == 1 and b"tokenizer.ggml.scores" in r.stderr
+
+
+def spm_gguf_and_reference(src, dst):
+    """The SentencePiece fixture as a GGUF 'llama' tokenizer (tokens,
+    scores, types, as llama.cpp's converter writes them; a token's score is
+    minus the rank of the merge that made it), and the reference: a
+    `tokenizers` BPE over the same vocabulary with the merges derived the
+    way transformers' SentencePiece converter derives them (every split of
+    a piece into two pieces, by the piece's score)."""
+    import json
+    import re
+
+    import gguf
+    from tokenizers import decoders, models, normalizers, processors
+
+    j = json.loads(src.read_text())
+    vocab = dict(j["model"]["vocab"])
+    made_by = {}
+    for k, m in enumerate(j["model"]["merges"]):
+        a, b = m.split(" ") if isinstance(m, str) else m
+        made_by.setdefault(a + b, k)
+    n = max(vocab.values()) + 1
+    tokens, scores, types = [""] * n, [0.0] * n, [1] * n
+    for s, i in vocab.items():
+        tokens[i] = s
+        scores[i] = -float(made_by.get(s, 1_000_000 + i))
+        types[i] = 6 if re.fullmatch(r"<0x[0-9A-F]{2}>", s) else 1
+    for a in j["added_tokens"]:
+        types[a["id"]] = 2 if a["content"] == "<unk>" else (3 if a["special"] else 4)
+    bos = vocab["<s>"]
     w = gguf.GGUFWriter(str(dst), arch="llama")
     w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "a"])
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(bos)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(True)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    r = subprocess.run([str(RUNNER), str(dst), "encode"], input=b"", capture_output=True)
-    assert r.returncode == 1 and b"'llama' is not supported yet" in r.stderr
+
+    merges = []
+    for piece, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if types[i] != 1:
+            continue
+        local = [(piece[:k], piece[k:], scores[i]) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        merges += sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]]))
+    merges = [(a, b) for a, b, _ in sorted(merges, key=lambda x: x[2], reverse=True)]
+    ref = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>",
+                               fuse_unk=True))
+    ref.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                           normalizers.Replace(" ", "\u2581")])
+    ref.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    ref.add_special_tokens([a["content"] for a in j["added_tokens"]])
+    ref.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", bos)])
+    return ref
+
+
+def test_gguf_sentencepiece_tokenizer_matches_tokenizers(tmp_path):
+    dst = tmp_path / "spm.gguf"
+    ref = spm_gguf_and_reference(FIXTURES.parent / "tokenizers" / "spm-llama2.json", dst)
+    texts = CORPUS + random_texts(seed=23)
+    for runner in RUNNERS:
+        got = run(dst, "encode", records([t.encode() for t in texts]), "--add-special",
+                  runner=runner).decode().split("\n")
+        for text, line in zip(texts, got):
+            assert [int(x) for x in line.split()] == ref.encode(text).ids, repr(text[:80])
+        ids = [ref.encode(t).ids for t in texts]
+        dec = read_records(run(dst, "decode", records([" ".join(map(str, s)).encode()
+                                                        for s in ids]), runner=runner))
+        for s, d in zip(ids, dec):
+            assert d.decode() == ref.decode(s, skip_special_tokens=False), s
