@@ -1154,7 +1154,9 @@ static int bpe_reserve(struct bpe_work *w, size_t n)
     int32_t *c = realloc(w->next, cap * sizeof(int32_t));
     if (c)
         w->next = c;
-    struct hent *h = realloc(w->heap, cap * sizeof(*h));
+    /* the heap keeps stale entries (lazy deletion): n - 1 first pairs
+     * and at most 2 new ones per merge, n - 1 merges */
+    struct hent *h = realloc(w->heap, 3 * cap * sizeof(*h));
     if (h)
         w->heap = h;
     if (!a || !b || !c || !h)

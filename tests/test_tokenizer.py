@@ -294,3 +294,47 @@ def test_gguf_sentencepiece_tokenizer_matches_tokenizers(tmp_path):
                                                         for s in ids]), runner=runner))
         for s, d in zip(ids, dec):
             assert d.decode() == ref.decode(s, skip_special_tokens=False), s
+
+
+def default_model():
+    import os
+    from pathlib import Path
+
+    p = os.environ.get("INFERD_MODEL") or str(
+        Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+        / "inferd" / "default.gguf")
+    return Path(p)
+
+
+@pytest.mark.skipif(not default_model().exists(),
+                    reason="the default model is not installed (deploy/setup.sh installs it)")
+def test_default_model_tokenizer_matches_tokenizers():
+    """The real tokenizer the default model's GGUF carries (Qwen2.5's
+    151,936 tokens and 151,387 merges), rebuilt in `tokenizers` from the
+    same metadata with Qwen2's pre-tokenizer, against inferd's GGUF
+    loader on the whole corpus."""
+    import gguf
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+    f = gguf.GGUFReader(str(default_model())).fields
+    tokens = [bytes(f["tokenizer.ggml.tokens"].parts[i]).decode()
+              for i in f["tokenizer.ggml.tokens"].data]
+    types = [int(f["tokenizer.ggml.token_type"].parts[i][0])
+             for i in f["tokenizer.ggml.token_type"].data]
+    merges = [bytes(f["tokenizer.ggml.merges"].parts[i]).decode()
+              for i in f["tokenizer.ggml.merges"].data]
+    assert bytes(f["tokenizer.ggml.pre"].parts[f["tokenizer.ggml.pre"].data[0]]).decode() == "qwen2"
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ref = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    ref.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    ref.decoder = decoders.ByteLevel()
+    ref.add_tokens([AddedToken(tokens[i], special=types[i] == 3, normalized=False)
+                    for i in range(len(tokens)) if types[i] in (3, 4)])
+    texts = CORPUS + random_texts(seed=29)
+    got = run(default_model(), "encode", records([t.encode() for t in texts])).decode().split("\n")
+    for text, line in zip(texts, got):
+        assert [int(x) for x in line.split()] == ref.encode(text).ids, repr(text[:80])
