@@ -617,10 +617,13 @@ static int load_spm_rules(struct tokenizer *t, const struct json *norm, const st
     const char *nt = json_string(json_get(norm, "type"), NULL);
     const char *pt = json_string(json_get(pre, "type"), NULL);
     if (nt) {
+        /* a Sequence of steps, or one step alone (Gemma: the Replace) */
+        int seq = strcmp(nt, "Sequence") == 0;
         const struct json *steps = json_get(norm, "normalizers");
-        int prepend = 0, replace = 0, ok = strcmp(nt, "Sequence") == 0;
-        for (size_t i = 0; ok && i < json_len(steps); i++) {
-            const struct json *st = json_at(steps, i);
+        int prepend = 0, replace = 0, ok = 1;
+        size_t n_steps = seq ? json_len(steps) : 1;
+        for (size_t i = 0; ok && i < n_steps; i++) {
+            const struct json *st = seq ? json_at(steps, i) : norm;
             const char *ty = json_string(json_get(st, "type"), NULL);
             const char *pp = json_string(json_get(st, "prepend"), NULL);
             if (ty && !strcmp(ty, "Prepend") && pp && !strcmp(pp, meta))
