@@ -206,6 +206,7 @@ int cli_run(int argc, char **argv)
         {"repetition-penalty", required_argument, 0, 'R'},
         {"seed", required_argument, 0, 's'},
         {"stop", required_argument, 0, 'S'},
+        {"stop-token-ids", required_argument, 0, 'I'},
         {"threads", required_argument, 0, 'j'},
         {"ignore-eos", no_argument, 0, 'e'},
         {"no-repack", no_argument, 0, 'N'},
@@ -220,6 +221,9 @@ int cli_run(int argc, char **argv)
     int64_t max_tokens = 256, threads = 0, seed = 0;
     int ignore_eos = 0, no_repack = 0, n_stop = 0, special = 0, chat = 0;
     const char *system = NULL;
+    const char *stop_ids_arg = NULL;
+    int32_t *stop_ids = NULL;
+    int64_t n_stop_ids = 0;
     const char *stops[STOP_MAX];
     int c;
     optind = 1;
@@ -250,6 +254,7 @@ int cli_run(int argc, char **argv)
             }
             stops[n_stop++] = optarg;
             break;
+        case 'I': stop_ids_arg = optarg; break;
         case 'j': if (cli_parse_int("--threads", optarg, 0, 1024, &threads)) return 2; break;
         case 'e': ignore_eos = 1; break;
         case 'N': no_repack = 1; break;
@@ -266,6 +271,7 @@ int cli_run(int argc, char **argv)
                  "  --presence-penalty X --frequency-penalty X --repetition-penalty X\n"
                  "  --seed N               reproducible sampling\n"
                  "  --stop STR             stop before this text (up to 4)\n"
+                 "  --stop-token-ids IDS   also stop at these token ids (comma-separated)\n"
                  "  --ignore-eos           do not stop at the end-of-sequence token\n"
                  "  --chat                 PROMPT is a user message: apply the model's chat template\n"
                  "  --system TEXT          with --chat, a system message first\n"
@@ -282,6 +288,13 @@ int cli_run(int argc, char **argv)
         cli_error("run: expected [MODEL] PROMPT (see inferd run --help)");
         return 2;
     }
+    if (system && !chat) {
+        cli_error("--system needs --chat");
+        return 2;
+    }
+    /* the last allocation before the cleanup path below */
+    if (stop_ids_arg && cli_parse_ids("--stop-token-ids", stop_ids_arg, &stop_ids, &n_stop_ids))
+        return 2;
     char defbuf[4096];
     const char *path = npos == 2 ? argv[optind] : default_model(defbuf, sizeof(defbuf));
     const char *prompt = argv[argc - 1];
@@ -304,14 +317,10 @@ int cli_run(int argc, char **argv)
     if (npos == 1 && stat(path, &sb) != 0) {
         cli_error("no model given and %s does not exist: run deploy/setup.sh run, or name a "
                   "model (inferd run MODEL PROMPT)", path);
-        return 1;
+        goto done;
     }
     double t0 = now_s();
     struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack};
-    if (system && !chat) {
-        cli_error("--system needs --chat");
-        return 2;
-    }
     if (model_load(path, &mo, &m, err, sizeof(err)) ||
         !(tok = open_tokenizer(path, chat, &tmpl, err, sizeof(err)))) {
         cli_error("%s", err);
@@ -400,6 +409,13 @@ int cli_run(int argc, char **argv)
             why = "eos";
             break;
         }
+        int stop_id = 0;
+        for (int64_t k = 0; k < n_stop_ids; k++)
+            stop_id |= stop_ids[k] == next;
+        if (stop_id) {
+            why = "stop_token";
+            break;
+        }
         size_t pl, ol;
         const char *piece = tok_stream_push(ts, next, &pl), *o;
         if (!piece) {
@@ -444,6 +460,7 @@ int cli_run(int argc, char **argv)
             n_gen > 1 ? (double)(n_gen - 1) / t_dec : 0.0);
     rc = 0;
 done:
+    free(stop_ids);
     free(tmpl);
     free(rendered);
     free(ids);

@@ -48,6 +48,19 @@ def test_seeded_sampling_is_reproducible(inferd):
     assert len(set(outs[1:])) > 1  # other seeds give other text
 
 
+def test_stop_token_ids(inferd_any):
+    """Generation ends at a listed token id (here: every id of the fixture's
+    256-token vocabulary, so at the first token), and the list is checked."""
+    base = [GGUF, "hello", "--max-tokens", "6", "--ignore-eos"]
+    r = run(inferd_any, *base)
+    assert stats(r)[1:] == (6, "max_tokens")
+    r = run(inferd_any, *base, "--stop-token-ids", ",".join(str(i) for i in range(256)))
+    assert r.returncode == 0, r.stderr.decode()
+    assert stats(r)[1:] == (1, "stop_token")
+    r = run(inferd_any, *base, "--stop-token-ids", "1,x")
+    assert r.returncode == 2
+
+
 def test_stop_string_is_not_emitted(inferd):
     full = run(inferd, GGUF, "abc", "--max-tokens", "24", "--ignore-eos").stdout.decode()
     text = full.rstrip("\n")
