@@ -1,9 +1,10 @@
 /* sampler.c: logit processing, truncation and the draw, per request.
  * Engine thread only. The penalty counts are a small open-addressing hash
  * (token -> counts), so a request costs memory for the distinct tokens it
- * has seen, not n_vocab ints. Truncation never sorts the whole vocabulary
- * unless top_p needs it: the top candidates are picked with a bounded heap
- * and only those are sorted. */
+ * has seen, not n_vocab ints. Truncation never sorts the whole vocabulary:
+ * top_k picks its candidates with a bounded heap and sorts only those;
+ * top_p alone finds its cut and its draw with histograms over the
+ * probabilities and sorts only the one bucket each lands in. */
 #include "engine/sampler.h"
 
 #include <math.h>
@@ -73,6 +74,22 @@ struct samp_cand {
     int32_t id;
 };
 
+/* top_p's histograms: TP_NB buckets per level, up to TP_LEVELS levels,
+ * each level splitting one bucket of the level above into TP_NB. A
+ * bucket holds the tokens whose (max - logit) / t falls in a fixed slice
+ * of [0, TP_RANGE); everything further down (weight < e^-64) shares the
+ * last one. Level 1 resolves 1/16 of a nat, level 3 about 6e-8;
+ * a flat distribution spans a nat or two, so one split is usually enough. */
+#define TP_NB 1024
+#define TP_LEVELS 3
+#define TP_RANGE 64.0
+#define TP_SMALL 256 /* a bucket this small is sorted, not split */
+
+struct tp_hist {
+    double mass[TP_NB]; /* sum of exp((logit - max) / t), in id order */
+    uint32_t cnt[TP_NB];
+};
+
 struct sampler {
     struct samp_params p; /* p.logit_bias points at bias */
     struct samp_bias *bias;
@@ -82,6 +99,9 @@ struct sampler {
     uint32_t cap, used;
     struct samp_cand *cand; /* (cand_cap) top candidates, grown on demand */
     size_t cand_cap;
+    /* (TP_LEVELS + 1) top_p histograms, allocated on first use: level 1,
+     * level 1 restricted to min_p's bar, then one per deeper level. */
+    struct tp_hist *tp;
 };
 
 struct samp_params samp_params_default(void)
@@ -200,6 +220,7 @@ void samp_destroy(struct sampler *s)
 {
     if (!s)
         return;
+    free(s->tp);
     free(s->cand);
     free(s->tab);
     free(s->bias);
@@ -397,20 +418,284 @@ static void fill_logprobs(const struct sampler *s, const float *x, double max,
     }
 }
 
-/* Draws one of cand[0..n) with weights exp((logit - max) / t). */
-static int32_t draw_cands(struct sampler *s, const struct samp_cand *c, size_t n,
-                          double max, double t)
+/* Draws one of cand[0..n) with weights exp((logit - max) / t), given the
+ * request's uniform r in [0, 1). */
+static int32_t draw_cands(const struct samp_cand *c, size_t n, double max, double t, double r)
 {
     double z = 0.0;
     for (size_t j = 0; j < n; j++)
         z += exp(((double)c[j].logit - max) / t);
-    double u = rng_uniform(s->rng) * z, acc = 0.0;
+    double u = r * z, acc = 0.0;
     for (size_t j = 0; j < n; j++) {
         acc += exp(((double)c[j].logit - max) / t);
         if (acc > u)
             return c[j].id;
     }
     return c[n - 1].id; /* rounding left u just above the sum */
+}
+
+/* top_k, and top_p whenever top_p_fast is unsure: sorts candidates by
+ * rank and cuts the sorted list. The reference top_p_fast reproduces. */
+static int32_t truncate_sorted(struct sampler *s, const float *logits, double m, double t,
+                               double cut, int top_k_on, int top_p_on, double r)
+{
+    const int64_t n = s->n_vocab;
+    /* top_k: exactly k candidates. top_p alone: start with a few and
+     * widen until their mass reaches top_p; a flat distribution ends
+     * in a sort of the whole vocabulary, a peaked one never does. */
+    size_t want = top_k_on ? (size_t)s->p.top_k : (size_t)(n < 64 ? n : 64);
+    double z_all = -1.0; /* softmax denominator over the vocabulary */
+    size_t keep;
+    for (;;) {
+        struct samp_cand *c = cand_buf(s, want);
+        size_t k = select_top(logits, n, want, c);
+        keep = k;
+        if (!top_p_on)
+            break;
+        double z = 0.0;
+        if (top_k_on) {
+            for (size_t j = 0; j < k; j++)
+                z += exp(((double)c[j].logit - m) / t);
+        } else {
+            if (z_all < 0.0) {
+                z_all = 0.0;
+                for (int64_t i = 0; i < n; i++)
+                    if (logits[i] > -INFINITY) /* skips NaN too */
+                        z_all += exp(((double)logits[i] - m) / t);
+            }
+            z = z_all;
+        }
+        /* The smallest prefix whose mass reaches top_p. */
+        double target = (double)s->p.top_p * z, acc = 0.0;
+        int reached = 0;
+        for (size_t j = 0; j < k; j++) {
+            acc += exp(((double)c[j].logit - m) / t);
+            if (acc >= target) {
+                keep = j + 1;
+                reached = 1;
+                break;
+            }
+        }
+        if (reached || top_k_on || k < want || want >= (size_t)n)
+            break;
+        want = want * 8 < (size_t)n ? want * 8 : (size_t)n;
+    }
+    const struct samp_cand *c = s->cand;
+    while (keep > 1 && ((double)c[keep - 1].logit - m) / t < cut)
+        keep--;
+    return draw_cands(c, keep, m, t, r);
+}
+
+/* ---------------------------------------------------------------- top_p */
+
+/* top_p alone without the sort. The ranking (logit desc, id asc) is also
+ * the order of the key (max - logit) * scale, so a histogram of keys with
+ * the weight in each bucket says which bucket a running sum crosses a bar
+ * in; only that bucket is sorted (or, when large, split again), and every
+ * bucket before it is passed by its sum. Sums come out in a different
+ * order than the sort's, so a few ulps apart: a crossing closer to its bar
+ * than the worst-case rounding of either (margin) is left to
+ * truncate_sorted, which happens about once in 1e4 steps on a flat
+ * 152k vocabulary and makes the result identical to it in every case. */
+struct tp_ctx {
+    const float *x;
+    int64_t n;
+    double m, t, cut;
+    double scale[TP_LEVELS + 1]; /* key units per unit of max - logit */
+    double nkeys[TP_LEVELS + 1]; /* TP_NB^level */
+    int use_cut;                 /* only tokens at or above min_p's bar */
+    int bounded;                 /* only tokens ranked at or before bound */
+    struct samp_cand bound;
+    double target;
+    int strict;                  /* the crossing is acc > target, else >= */
+    /* the crossing, once found */
+    struct samp_cand hit;
+    double acc_prev, acc_at;
+};
+
+/* Bucket of logit v at a level. Levels agree (key at level L + 1 divided
+ * by TP_NB is the key at L) because scales differ by powers of two, which
+ * multiply exactly. -inf and NaN land in the last bucket; tp_in drops them. */
+static int64_t tp_key(const struct tp_ctx *c, float v, int level)
+{
+    double k = (c->m - (double)v) * c->scale[level];
+    return k < c->nkeys[level] ? (int64_t)k : (int64_t)c->nkeys[level] - 1;
+}
+
+static int tp_in(const struct tp_ctx *c, float v, int32_t id)
+{
+    if (!(v > -INFINITY))
+        return 0;
+    if (c->use_cut && ((double)v - c->m) / c->t < c->cut)
+        return 0;
+    struct samp_cand me = {v, id};
+    return !(c->bounded && cand_better(c->bound, me));
+}
+
+static int tp_crosses(const struct tp_ctx *c, double acc)
+{
+    return c->strict ? acc > c->target : acc >= c->target;
+}
+
+/* Histogram at level of the tokens in bucket parent of the level above. */
+static void tp_hist_pass(const struct tp_ctx *c, int level, int64_t parent, struct tp_hist *h)
+{
+    memset(h, 0, sizeof(*h));
+    for (int64_t i = 0; i < c->n; i++) {
+        float v = c->x[i];
+        if (tp_key(c, v, level - 1) != parent || !tp_in(c, v, (int32_t)i))
+            continue;
+        int64_t b = tp_key(c, v, level) - parent * TP_NB;
+        h->mass[b] += exp(((double)v - c->m) / c->t);
+        h->cnt[b]++;
+    }
+}
+
+/* Sorts the at most cap tokens of bucket key and walks them from *acc. */
+static int tp_collect(struct sampler *s, struct tp_ctx *c, int level, int64_t key,
+                      uint32_t cap, double *acc)
+{
+    struct samp_cand *cd = cand_buf(s, cap > 0 ? cap : 1);
+    size_t k = 0;
+    for (int64_t i = 0; i < c->n && k < cap; i++) {
+        float v = c->x[i];
+        if (tp_key(c, v, level) != key || !tp_in(c, v, (int32_t)i))
+            continue;
+        cd[k].logit = v;
+        cd[k++].id = (int32_t)i;
+    }
+    /* Ties (a flat distribution) arrive in id order, already sorted. */
+    size_t j = 1;
+    while (j < k && !cand_better(cd[j], cd[j - 1]))
+        j++;
+    if (j < k)
+        qsort(cd, k, sizeof(*cd), cand_cmp);
+    for (j = 0; j < k; j++) {
+        double prev = *acc;
+        *acc += exp(((double)cd[j].logit - c->m) / c->t);
+        if (tp_crosses(c, *acc)) {
+            c->hit = cd[j];
+            c->acc_prev = prev;
+            c->acc_at = *acc;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Walks the buckets of h (the children of parent) in rank order, adding
+ * their weight to *acc, and descends into the first whose sum crosses the
+ * bar; a bucket that does not hold the crossing after all (rounding) is
+ * passed and the walk goes on. Bucket last (-1: none) is where the bounded
+ * set ends and its weight in h is not the set's: it is always entered and
+ * the walk stops there. Returns 1 at the crossing, 0 when exhausted. */
+static int tp_walk(struct sampler *s, struct tp_ctx *c, int level, int64_t parent,
+                   const struct tp_hist *h, int last, double *acc)
+{
+    int end = last >= 0 ? last : TP_NB - 1;
+    for (int b = 0; b <= end; b++) {
+        if (h->cnt[b] == 0)
+            continue;
+        double next = *acc + h->mass[b];
+        if (b != last && !tp_crosses(c, next)) {
+            *acc = next;
+            continue;
+        }
+        int64_t key = parent * TP_NB + b;
+        int found;
+        if (level < TP_LEVELS && h->cnt[b] > TP_SMALL) {
+            struct tp_hist *sub = &s->tp[level + 1];
+            tp_hist_pass(c, level + 1, key, sub);
+            found = tp_walk(s, c, level + 1, key, sub, -1, acc);
+        } else {
+            found = tp_collect(s, c, level, key, h->cnt[b], acc);
+        }
+        if (found)
+            return 1;
+    }
+    return 0;
+}
+
+/* top_p (then min_p) and the draw with uniform r, as truncate_sorted
+ * would: returns the token, or -1 when a sum came within rounding of its
+ * bar and the caller must sort. */
+static int32_t top_p_fast(struct sampler *s, const float *logits, double m, double t,
+                          double cut, double r)
+{
+    const int64_t n = s->n_vocab;
+    if (!s->tp)
+        s->tp = samp_xrealloc(NULL, (TP_LEVELS + 1) * sizeof(*s->tp));
+    struct tp_ctx c;
+    memset(&c, 0, sizeof(c));
+    c.x = logits;
+    c.n = n;
+    c.m = m;
+    c.t = t;
+    c.cut = cut;
+    c.scale[1] = (TP_NB / TP_RANGE) / t;
+    c.nkeys[1] = TP_NB;
+    for (int l = 2; l <= TP_LEVELS; l++) {
+        c.scale[l] = c.scale[l - 1] * TP_NB;
+        c.nkeys[l] = c.nkeys[l - 1] * TP_NB;
+    }
+    /* Level 1 for everything, and for what min_p keeps. z_all is summed
+     * exactly as truncate_sorted sums it, so the bar is the same double. */
+    struct tp_hist *h1 = &s->tp[0], *h1cut = &s->tp[1];
+    const int min_p_on = cut > -INFINITY;
+    memset(h1, 0, sizeof(*h1));
+    if (min_p_on)
+        memset(h1cut, 0, sizeof(*h1cut));
+    double z_all = 0.0, z_cut = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        float v = logits[i];
+        if (!(v > -INFINITY))
+            continue;
+        double e = ((double)v - m) / t, w = exp(e);
+        z_all += w;
+        int64_t b = tp_key(&c, v, 1);
+        h1->mass[b] += w;
+        h1->cnt[b]++;
+        if (min_p_on && e >= cut) {
+            z_cut += w;
+            h1cut->mass[b] += w;
+            h1cut->cnt[b]++;
+        }
+    }
+    /* Any two sums of the same positive terms, in any order and grouping
+     * of depth d, differ by at most 2 d 2^-53 of the total; d here is at
+     * most 2n + TP_NB * TP_LEVELS. Eight times that, to spare a proof. */
+    const double margin = z_all * (2.0 * (double)n + TP_NB * TP_LEVELS) * 0x1p-49;
+
+    /* top_p: the first token at which the running sum reaches the bar. */
+    double acc = 0.0;
+    c.target = (double)s->p.top_p * z_all;
+    int found = tp_walk(s, &c, 1, 0, h1, -1, &acc);
+    if (found ? !(c.acc_prev < c.target - margin && c.acc_at >= c.target + margin)
+              : !(acc < c.target - margin))
+        return -1;
+    /* What is kept: the prefix through the hit (all of it when the bar was
+     * never reached), less min_p's tail. */
+    double z_keep;
+    if (min_p_on && (!found || ((double)c.hit.logit - m) / t < cut)) {
+        c.use_cut = 1;
+        z_keep = z_cut;
+    } else {
+        c.bounded = found;
+        c.bound = c.hit;
+        z_keep = found ? c.acc_at : acc;
+    }
+
+    /* The draw: the first kept token whose running sum passes r * z. */
+    c.target = r * z_keep;
+    c.strict = 1;
+    acc = 0.0;
+    const struct tp_hist *h = c.use_cut ? h1cut : h1;
+    int last = c.bounded ? (int)tp_key(&c, c.bound.logit, 1) : -1;
+    if (!tp_walk(s, &c, 1, 0, h, last, &acc))
+        return -1;
+    if (!(c.acc_prev < c.target - 2.0 * margin && c.acc_at > c.target + 2.0 * margin))
+        return -1;
+    return c.hit.id;
 }
 
 int32_t samp_sample(struct sampler *s, float *logits, struct samp_result *out)
@@ -463,50 +748,14 @@ int32_t samp_sample(struct sampler *s, float *logits, struct samp_result *out)
             }
         }
     } else {
-        /* top_k: exactly k candidates. top_p alone: start with a few and
-         * widen until their mass reaches top_p; a flat distribution ends
-         * in a sort of the whole vocabulary, a peaked one never does. */
-        size_t want = top_k_on ? (size_t)s->p.top_k : (size_t)(n < 64 ? n : 64);
-        double z_all = -1.0; /* softmax denominator over the vocabulary */
-        size_t keep;
-        for (;;) {
-            struct samp_cand *c = cand_buf(s, want);
-            size_t k = select_top(logits, n, want, c);
-            keep = k;
-            if (!top_p_on)
-                break;
-            double z = 0.0;
-            if (top_k_on) {
-                for (size_t j = 0; j < k; j++)
-                    z += exp(((double)c[j].logit - m) / t);
-            } else {
-                if (z_all < 0.0) {
-                    z_all = 0.0;
-                    for (int64_t i = 0; i < n; i++)
-                        if (logits[i] > -INFINITY) /* skips NaN too */
-                            z_all += exp(((double)logits[i] - m) / t);
-                }
-                z = z_all;
-            }
-            /* The smallest prefix whose mass reaches top_p. */
-            double target = (double)s->p.top_p * z, acc = 0.0;
-            int reached = 0;
-            for (size_t j = 0; j < k; j++) {
-                acc += exp(((double)c[j].logit - m) / t);
-                if (acc >= target) {
-                    keep = j + 1;
-                    reached = 1;
-                    break;
-                }
-            }
-            if (reached || top_k_on || k < want || want >= (size_t)n)
-                break;
-            want = want * 8 < (size_t)n ? want * 8 : (size_t)n;
-        }
-        const struct samp_cand *c = s->cand;
-        while (keep > 1 && ((double)c[keep - 1].logit - m) / t < cut)
-            keep--;
-        tok = draw_cands(s, c, keep, m, t);
+        /* One uniform per draw whichever path takes it, so the fast path
+         * and the sort agree token for token. */
+        double r = rng_uniform(s->rng);
+        tok = -1;
+        if (top_p_on && !top_k_on && isfinite(m))
+            tok = top_p_fast(s, logits, m, t, cut, r);
+        if (tok < 0)
+            tok = truncate_sorted(s, logits, m, t, cut, top_k_on, top_p_on, r);
     }
 
     out->token = tok;
