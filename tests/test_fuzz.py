@@ -1,5 +1,5 @@
-"""Short libFuzzer runs over the model-file parsers (json, gguf,
-safetensors), as DESIGN.md asks of CI. The fuzz build (clang, ASan, UBSan)
+"""Short libFuzzer runs over the parsers of untrusted bytes (json, gguf,
+safetensors, the tokenizer, chat templates), as DESIGN.md asks of CI. The fuzz build (clang, ASan, UBSan)
 is made by deploy/setup.sh test; without clang these tests are skipped.
 Each run starts from the committed seed corpus, writes new inputs to a
 temporary directory only, and must end without a crash."""
@@ -15,7 +15,7 @@ FUZZ_BUILD = ROOT / os.environ.get("INFERD_FUZZ_BUILD_DIR", "build-fuzz")
 SECONDS = int(os.environ.get("INFERD_FUZZ_SECONDS", "20"))
 
 
-@pytest.mark.parametrize("target", ["json", "gguf", "safetensors"])
+@pytest.mark.parametrize("target", ["json", "gguf", "safetensors", "tokenizer", "chat_template"])
 def test_fuzz_parser(target, tmp_path):
     exe = FUZZ_BUILD / "tests" / "fuzz" / f"fuzz_{target}"
     if not exe.exists():
