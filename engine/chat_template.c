@@ -2026,7 +2026,8 @@ static void emit(struct rctx *r, int line, const char *s, size_t n)
         r->out = np;
         r->out_cap = nc;
     }
-    memcpy(r->out + r->out_n, s, n);
+    if (n) /* an undefined variable prints nothing, from s == NULL */
+        memcpy(r->out + r->out_n, s, n);
     r->out_n += n;
     r->steps += n / 64;
 }

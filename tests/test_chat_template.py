@@ -226,6 +226,10 @@ SNIPPETS = [
     "{% generation %}gen text{% endgeneration %}",
     "{{ raise_exception('custom failure: ' ~ messages | length) }}",
     "{{ dict(a=1, b='x') }} {{ namespace(a=1).a }}",
+    # undefined variables print nothing (a fuzzer found this handing
+    # memcpy a NULL source; the sanitizer build runs it below too)
+    "{{ content }}",
+    "{% for m in messages %}[{{ content }}]{% endfor %}",
 ]
 
 
