@@ -1,12 +1,16 @@
-/* kv_cache.c: block allocator, block tables and the K/V slab.
- * Engine thread only. The slab is one allocation of
- * n_layer x 2 x n_blocks x KV_BLOCK_TOKENS x n_kv_heads x head_dim floats. */
+/* kv_cache.c: block allocator, block tables, the K/V slab and the prefix
+ * cache (a chained hash index of published blocks plus an LRU list of the
+ * cached blocks no sequence holds). Engine thread only. The slab is one
+ * allocation of n_layer x 2 x n_blocks x KV_BLOCK_TOKENS x n_kv_heads x
+ * head_dim floats. */
 #include "engine/kv_cache.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 struct kv_seq {
     int open;
@@ -14,6 +18,18 @@ struct kv_seq {
     int64_t len;     /* positions stored */
     int32_t *blocks; /* block table, n_blocks entries used */
     int64_t n_blocks, cap_blocks;
+    int64_t n_pub;     /* leading blocks published or attached */
+    uint64_t last_key; /* content key of block n_pub - 1 (0 when none) */
+};
+
+/* What a cached block holds, compared in full on lookup. */
+struct kv_meta {
+    uint64_t key, parent;
+    int32_t tokens[KV_BLOCK_TOKENS];
+    int32_t rope_long;
+    int32_t hnext;             /* next block in the same index bucket, -1 ends */
+    int32_t lru_prev, lru_next; /* unheld cached blocks, oldest first */
+    int indexed;
 };
 
 struct kv_cache {
@@ -26,7 +42,78 @@ struct kv_cache {
     int32_t *refs;        /* (n_blocks) reference counts */
     struct kv_seq *seqs;  /* (max_seqs) */
     int max_seqs;
+    struct kv_meta *meta; /* (n_blocks) prefix cache state per block */
+    int32_t *buckets;     /* (n_buckets) first block of each chain, -1 empty */
+    uint64_t n_buckets;   /* power of two >= n_blocks */
+    int32_t lru_head, lru_tail; /* oldest / newest unheld cached block */
+    int64_t n_idle;       /* cached blocks with refs == 0 (in the LRU) */
+    uint64_t sip_k0, sip_k1; /* per-process secret */
+    uint64_t key_mask;    /* all ones except in collision tests */
+    struct kv_stats stats;
 };
+
+/* ---- SipHash-2-4 (Aumasson and Bernstein), 64-bit output ---- */
+
+#define ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                        \
+    do {                                                                \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);       \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                          \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                          \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);       \
+    } while (0)
+
+static uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t x = 0;
+    for (int i = 7; i >= 0; i--)
+        x = (x << 8) | p[i];
+    return x;
+}
+
+static uint64_t siphash24(uint64_t k0, uint64_t k1, const uint8_t *m, size_t len)
+{
+    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+    size_t end = len - len % 8;
+    for (size_t i = 0; i < end; i += 8) {
+        uint64_t w = load_le64(m + i);
+        v3 ^= w;
+        SIPROUND;
+        SIPROUND;
+        v0 ^= w;
+    }
+    uint64_t b = (uint64_t)len << 56;
+    for (size_t i = 0; i < len % 8; i++)
+        b |= (uint64_t)m[end + i] << (8 * i);
+    v3 ^= b;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* Key of a block: parent key, rope_long and the token ids, serialised
+ * little-endian so the key does not depend on the host. */
+static uint64_t block_key(const struct kv_cache *kv, uint64_t parent, int rope_long,
+                          const int32_t *tokens)
+{
+    uint8_t m[8 + 4 + 4 * KV_BLOCK_TOKENS];
+    for (int i = 0; i < 8; i++)
+        m[i] = (uint8_t)(parent >> (8 * i));
+    uint32_t r = (uint32_t)rope_long;
+    for (int i = 0; i < 4; i++)
+        m[8 + i] = (uint8_t)(r >> (8 * i));
+    for (int t = 0; t < KV_BLOCK_TOKENS; t++)
+        for (int i = 0; i < 4; i++)
+            m[12 + 4 * t + i] = (uint8_t)((uint32_t)tokens[t] >> (8 * i));
+    return siphash24(kv->sip_k0, kv->sip_k1, m, sizeof(m)) & kv->key_mask;
+}
 
 int64_t kv_bytes_per_token(const struct kv_geom *g)
 {
@@ -59,8 +146,33 @@ struct kv_cache *kv_create(const struct kv_geom *g, int64_t n_blocks,
     kv->free_list = malloc((size_t)n_blocks * sizeof(int32_t));
     kv->refs = calloc((size_t)n_blocks, sizeof(int32_t));
     kv->seqs = calloc((size_t)max_seqs, sizeof(struct kv_seq));
-    if (!kv->free_list || !kv->refs || !kv->seqs)
+    kv->meta = calloc((size_t)n_blocks, sizeof(struct kv_meta));
+    kv->n_buckets = 1;
+    while (kv->n_buckets < (uint64_t)n_blocks)
+        kv->n_buckets *= 2;
+    kv->buckets = malloc(kv->n_buckets * sizeof(int32_t));
+    if (!kv->free_list || !kv->refs || !kv->seqs || !kv->meta || !kv->buckets)
         goto oom;
+    for (uint64_t i = 0; i < kv->n_buckets; i++)
+        kv->buckets[i] = -1;
+    kv->lru_head = kv->lru_tail = -1;
+    kv->key_mask = ~(uint64_t)0;
+    uint8_t secret[16];
+    size_t got = 0;
+    while (got < sizeof(secret)) {
+        ssize_t n = getrandom(secret + got, sizeof(secret) - got, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            snprintf(err, errlen, "KV cache: getrandom failed for the prefix cache key: %s",
+                     strerror(errno));
+            kv_destroy(kv);
+            return NULL;
+        }
+        got += (size_t)n;
+    }
+    kv->sip_k0 = load_le64(secret);
+    kv->sip_k1 = load_le64(secret + 8);
     /* Stack order: block 0 is handed out first. */
     for (int64_t i = 0; i < n_blocks; i++)
         kv->free_list[i] = (int32_t)(n_blocks - 1 - i);
@@ -82,6 +194,8 @@ void kv_destroy(struct kv_cache *kv)
         for (int i = 0; i < kv->max_seqs; i++)
             free(kv->seqs[i].blocks);
     free(kv->seqs);
+    free(kv->buckets);
+    free(kv->meta);
     free(kv->refs);
     free(kv->free_list);
     free(kv->slab);
@@ -89,7 +203,86 @@ void kv_destroy(struct kv_cache *kv)
 }
 
 int64_t kv_n_blocks(const struct kv_cache *kv) { return kv->n_blocks; }
-int64_t kv_free_blocks(const struct kv_cache *kv) { return kv->n_free; }
+int64_t kv_free_blocks(const struct kv_cache *kv) { return kv->n_free + kv->n_idle; }
+int64_t kv_cached_blocks(const struct kv_cache *kv) { return kv->n_idle; }
+int64_t kv_used_blocks(const struct kv_cache *kv) { return kv->n_blocks - kv->n_free - kv->n_idle; }
+int32_t kv_block_refs(const struct kv_cache *kv, int32_t b) { return kv->refs[b]; }
+
+void kv_get_stats(const struct kv_cache *kv, struct kv_stats *out) { *out = kv->stats; }
+
+void kv_test_set_key_mask(struct kv_cache *kv, uint64_t mask)
+{
+    kv->key_mask = mask;
+}
+
+/* ---- prefix index and LRU ---- */
+
+static void lru_remove(struct kv_cache *kv, int32_t b)
+{
+    struct kv_meta *m = &kv->meta[b];
+    if (m->lru_prev >= 0)
+        kv->meta[m->lru_prev].lru_next = m->lru_next;
+    else
+        kv->lru_head = m->lru_next;
+    if (m->lru_next >= 0)
+        kv->meta[m->lru_next].lru_prev = m->lru_prev;
+    else
+        kv->lru_tail = m->lru_prev;
+    kv->n_idle--;
+}
+
+static void lru_push_newest(struct kv_cache *kv, int32_t b)
+{
+    struct kv_meta *m = &kv->meta[b];
+    m->lru_prev = kv->lru_tail;
+    m->lru_next = -1;
+    if (kv->lru_tail >= 0)
+        kv->meta[kv->lru_tail].lru_next = b;
+    else
+        kv->lru_head = b;
+    kv->lru_tail = b;
+    kv->n_idle++;
+}
+
+/* The cached block with exactly this content, or -1. */
+static int32_t index_find(const struct kv_cache *kv, uint64_t key, uint64_t parent,
+                          int rope_long, const int32_t *tokens)
+{
+    for (int32_t b = kv->buckets[key & (kv->n_buckets - 1)]; b >= 0; b = kv->meta[b].hnext) {
+        const struct kv_meta *m = &kv->meta[b];
+        if (m->key == key && m->parent == parent && m->rope_long == rope_long &&
+            memcmp(m->tokens, tokens, sizeof(m->tokens)) == 0)
+            return b;
+    }
+    return -1;
+}
+
+static void index_insert(struct kv_cache *kv, int32_t b, uint64_t key, uint64_t parent,
+                         int rope_long, const int32_t *tokens)
+{
+    struct kv_meta *m = &kv->meta[b];
+    assert(!m->indexed);
+    m->key = key;
+    m->parent = parent;
+    m->rope_long = rope_long;
+    memcpy(m->tokens, tokens, sizeof(m->tokens));
+    uint64_t h = key & (kv->n_buckets - 1);
+    m->hnext = kv->buckets[h];
+    kv->buckets[h] = b;
+    m->indexed = 1;
+}
+
+static void index_remove(struct kv_cache *kv, int32_t b)
+{
+    struct kv_meta *m = &kv->meta[b];
+    int32_t *link = &kv->buckets[m->key & (kv->n_buckets - 1)];
+    while (*link != b) {
+        assert(*link >= 0);
+        link = &kv->meta[*link].hnext;
+    }
+    *link = m->hnext;
+    m->indexed = 0;
+}
 
 int kv_seq_open(struct kv_cache *kv, int rope_long)
 {
@@ -99,6 +292,8 @@ int kv_seq_open(struct kv_cache *kv, int rope_long)
             kv->seqs[i].rope_long = rope_long;
             kv->seqs[i].n_blocks = 0;
             kv->seqs[i].len = 0;
+            kv->seqs[i].n_pub = 0;
+            kv->seqs[i].last_key = 0;
             return i;
         }
     }
@@ -107,18 +302,42 @@ int kv_seq_open(struct kv_cache *kv, int rope_long)
 
 static void block_unref(struct kv_cache *kv, int32_t b)
 {
-    if (--kv->refs[b] == 0)
+    assert(kv->refs[b] > 0);
+    if (--kv->refs[b] > 0)
+        return;
+    if (kv->meta[b].indexed)
+        lru_push_newest(kv, b);
+    else
         kv->free_list[kv->n_free++] = b;
 }
 
 void kv_seq_close(struct kv_cache *kv, int seq)
 {
     struct kv_seq *s = &kv->seqs[seq];
-    for (int64_t i = 0; i < s->n_blocks; i++)
+    /* Last block first: the tail of a prefix turns older in the LRU than its
+     * head, so eviction never strands a reachable-looking tail. */
+    for (int64_t i = s->n_blocks - 1; i >= 0; i--)
         block_unref(kv, s->blocks[i]);
     s->n_blocks = 0;
     s->len = 0;
+    s->n_pub = 0;
+    s->last_key = 0;
     s->open = 0;
+}
+
+static int seq_grow(struct kv_seq *s, int64_t need)
+{
+    if (need <= s->cap_blocks)
+        return 0;
+    int64_t cap = s->cap_blocks ? s->cap_blocks : 8;
+    while (cap < need)
+        cap *= 2;
+    int32_t *nb = realloc(s->blocks, (size_t)cap * sizeof(int32_t));
+    if (!nb)
+        return -1;
+    s->blocks = nb;
+    s->cap_blocks = cap;
+    return 0;
 }
 
 int kv_seq_rope_long(const struct kv_cache *kv, int seq)
@@ -132,24 +351,84 @@ int kv_seq_reserve(struct kv_cache *kv, int seq, int64_t n_tokens)
     int64_t need = (n_tokens + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS;
     if (need <= s->n_blocks)
         return 0;
-    if (need - s->n_blocks > kv->n_free)
+    /* The next write lands at position len: its block must be ours alone. */
+    assert(s->len >= s->n_blocks * KV_BLOCK_TOKENS ||
+           (kv->refs[s->blocks[s->len / KV_BLOCK_TOKENS]] == 1 &&
+            !kv->meta[s->blocks[s->len / KV_BLOCK_TOKENS]].indexed));
+    if (need - s->n_blocks > kv->n_free + kv->n_idle)
         return -1;
-    if (need > s->cap_blocks) {
-        int64_t cap = s->cap_blocks ? s->cap_blocks : 8;
-        while (cap < need)
-            cap *= 2;
-        int32_t *nb = realloc(s->blocks, (size_t)cap * sizeof(int32_t));
-        if (!nb)
-            return -1;
-        s->blocks = nb;
-        s->cap_blocks = cap;
-    }
+    if (seq_grow(s, need) != 0)
+        return -1;
     while (s->n_blocks < need) {
-        int32_t b = kv->free_list[--kv->n_free];
+        int32_t b;
+        if (kv->n_free > 0) {
+            b = kv->free_list[--kv->n_free];
+        } else {
+            b = kv->lru_head;
+            lru_remove(kv, b);
+            index_remove(kv, b);
+            kv->stats.evictions++;
+        }
+        assert(kv->refs[b] == 0 && !kv->meta[b].indexed);
         kv->refs[b] = 1;
         s->blocks[s->n_blocks++] = b;
     }
     return 0;
+}
+
+int64_t kv_seq_attach_prefix(struct kv_cache *kv, int seq, const int32_t *tokens,
+                             int64_t n_tokens)
+{
+    struct kv_seq *s = &kv->seqs[seq];
+    assert(s->open && s->n_blocks == 0 && s->len == 0);
+    if (s->n_blocks != 0 || s->len != 0 || n_tokens <= 0)
+        return 0;
+    /* Keep the last prompt token to compute: the caller needs its logits. */
+    int64_t max_blocks = (n_tokens - 1) / KV_BLOCK_TOKENS;
+    kv->stats.query_tokens += n_tokens;
+    kv->stats.query_blocks += max_blocks;
+    if (max_blocks == 0 || seq_grow(s, max_blocks) != 0)
+        return 0;
+    uint64_t parent = 0;
+    int64_t n = 0;
+    while (n < max_blocks) {
+        const int32_t *t = tokens + n * KV_BLOCK_TOKENS;
+        uint64_t key = block_key(kv, parent, s->rope_long, t);
+        int32_t b = index_find(kv, key, parent, s->rope_long, t);
+        if (b < 0)
+            break;
+        if (kv->refs[b]++ == 0)
+            lru_remove(kv, b);
+        s->blocks[n++] = b;
+        parent = key;
+    }
+    s->n_blocks = n;
+    s->n_pub = n;
+    s->last_key = parent;
+    s->len = n * KV_BLOCK_TOKENS;
+    kv->stats.hit_blocks += n;
+    kv->stats.hit_tokens += n * KV_BLOCK_TOKENS;
+    return n * KV_BLOCK_TOKENS;
+}
+
+void kv_seq_publish(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t n_tokens)
+{
+    struct kv_seq *s = &kv->seqs[seq];
+    int64_t stored = n_tokens < s->len ? n_tokens : s->len;
+    int64_t full = stored / KV_BLOCK_TOKENS;
+    assert(full <= s->n_blocks);
+    for (int64_t i = s->n_pub; i < full; i++) {
+        const int32_t *t = tokens + i * KV_BLOCK_TOKENS;
+        int32_t b = s->blocks[i];
+        assert(kv->refs[b] == 1 && !kv->meta[b].indexed);
+        uint64_t key = block_key(kv, s->last_key, s->rope_long, t);
+        /* Already cached under another block (computed twice at once): keep
+         * that one; this copy stays private and is freed at close. */
+        if (index_find(kv, key, s->last_key, s->rope_long, t) < 0)
+            index_insert(kv, b, key, s->last_key, s->rope_long, t);
+        s->last_key = key;
+        s->n_pub = i + 1;
+    }
 }
 
 int64_t kv_seq_len(const struct kv_cache *kv, int seq)

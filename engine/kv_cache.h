@@ -2,9 +2,27 @@
  *
  * Keys and values live in fixed blocks of KV_BLOCK_TOKENS tokens carved
  * once from one slab; each sequence owns a block table mapping its token
- * positions to blocks. Blocks are reference counted so that a later prefix
- * cache can share them between sequences. Owned and used by the engine
- * thread only; no locking.
+ * positions to blocks. Blocks are reference counted so that sequences
+ * with a common prompt prefix share its blocks (the prefix cache below).
+ * Owned and used by the engine thread only; no locking.
+ *
+ * Prefix cache. A full block (KV_BLOCK_TOKENS stored tokens) can be
+ * published under a content key: a keyed hash of (the parent block's key,
+ * its own token ids, the sequence's rope_long flag, which changes the stored
+ * keys for the same tokens). A later sequence whose prompt starts with the
+ * same blocks attaches them read-only instead of recomputing them. The hash
+ * is SipHash-2-4 with a 128-bit secret drawn from getrandom(2) at
+ * kv_create, so a client cannot craft a prompt whose blocks collide with
+ * another request's; and because a 64-bit key could still collide by
+ * chance, each cached block also keeps its token ids, parent key and
+ * rope_long, which a lookup compares in full: a collision costs a miss,
+ * never another prompt's K/V. Published blocks whose last sequence closed
+ * stay cached (counted as free) until kv_seq_reserve, with the plain free
+ * list empty, evicts them least recently used first.
+ *
+ * Shared blocks are never written: attach hands out only full blocks in
+ * front of the sequence's stored length, and reserve only appends, so
+ * writes always land in blocks the sequence owns alone.
  */
 #ifndef INFERD_KV_CACHE_H
 #define INFERD_KV_CACHE_H
@@ -33,17 +51,28 @@ struct kv_cache *kv_create(const struct kv_geom *g, int64_t n_blocks,
 void kv_destroy(struct kv_cache *kv);
 
 int64_t kv_n_blocks(const struct kv_cache *kv);
+/* Blocks a reserve can have: never used plus cached ones no sequence holds
+ * (evictable). kv_free_blocks + kv_used_blocks == kv_n_blocks. */
 int64_t kv_free_blocks(const struct kv_cache *kv);
+/* Of kv_free_blocks, those that still hold a published prefix. */
+int64_t kv_cached_blocks(const struct kv_cache *kv);
+/* Blocks held by at least one open sequence. */
+int64_t kv_used_blocks(const struct kv_cache *kv);
+/* Reference count of block b: how many open sequences hold it. */
+int32_t kv_block_refs(const struct kv_cache *kv, int32_t b);
 
 /* Opens an empty sequence; returns its id (>= 0) or -1 when max_seqs are
  * open. rope_long records the per-sequence choice of long RoPE factors
  * (LongRoPE models), fixed for the sequence's life so its keys agree. */
 int kv_seq_open(struct kv_cache *kv, int rope_long);
-/* Releases the sequence's blocks and its id. */
+/* Releases the sequence's blocks and its id. Published blocks stay cached;
+ * they are released last block first, so eviction takes a prefix's tail
+ * before its head. */
 void kv_seq_close(struct kv_cache *kv, int seq);
 int kv_seq_rope_long(const struct kv_cache *kv, int seq);
 /* Ensures blocks exist for positions [0, n_tokens). All or nothing: returns
- * 0, or -1 (and allocates nothing) when too few blocks are free. */
+ * 0, or -1 (and allocates nothing) when too few blocks are free. Takes
+ * never-used blocks first, then evicts unheld cached blocks, oldest first. */
 int kv_seq_reserve(struct kv_cache *kv, int seq, int64_t n_tokens);
 /* Tokens whose keys and values are stored: positions [0, len). */
 int64_t kv_seq_len(const struct kv_cache *kv, int seq);
@@ -54,6 +83,39 @@ int kv_seq_valid(const struct kv_cache *kv, int seq);
 int kv_max_seqs(const struct kv_cache *kv);
 /* Positions the sequence has blocks for (a multiple of KV_BLOCK_TOKENS). */
 int64_t kv_seq_capacity(const struct kv_cache *kv, int seq);
+
+/* Prefix cache lookup for a freshly opened, empty sequence (no blocks, no
+ * stored tokens; asserted). tokens: (n_tokens) the prompt, borrowed. Finds
+ * the longest run of cached blocks matching the prompt's leading full
+ * blocks under the sequence's rope_long, appends them to its block table
+ * (shared, reference +1) and sets its stored length to match. Returns the
+ * tokens reused: a multiple of KV_BLOCK_TOKENS, at most
+ * (n_tokens - 1) / KV_BLOCK_TOKENS blocks, so at least one prompt token is
+ * left to compute and the caller gets logits. 0 on a miss or when the
+ * table cannot grow. Counts in kv_stats. */
+int64_t kv_seq_attach_prefix(struct kv_cache *kv, int seq, const int32_t *tokens,
+                             int64_t n_tokens);
+/* Publishes the sequence's full blocks not yet published, so later
+ * sequences can attach them. tokens: (n_tokens) the sequence's token ids
+ * from position 0, borrowed; the caller has stored K/V for [0, n_tokens)
+ * (only blocks inside the stored length are published). A block whose
+ * content is already cached under another block id stays private. */
+void kv_seq_publish(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t n_tokens);
+
+struct kv_stats {
+    int64_t query_tokens;  /* prompt tokens offered to kv_seq_attach_prefix */
+    int64_t hit_tokens;    /* of those, reused from the cache */
+    int64_t query_blocks;  /* full blocks that could have been reused */
+    int64_t hit_blocks;    /* blocks attached */
+    int64_t evictions;     /* cached blocks evicted by reserve */
+};
+/* Cumulative counters since kv_create. */
+void kv_get_stats(const struct kv_cache *kv, struct kv_stats *out);
+
+/* Tests only: ANDs every content key with mask (0 makes all blocks
+ * collide) to check that lookups compare contents. Call before any
+ * publish. */
+void kv_test_set_key_mask(struct kv_cache *kv, uint64_t mask);
 
 /* The block table of seq: *n entries, block ids in position order. Owned
  * by kv, valid until the next reserve or close. */
