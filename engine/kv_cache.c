@@ -18,13 +18,19 @@ struct kv_seq {
     int64_t len;     /* positions stored */
     int32_t *blocks; /* block table, n_blocks entries used */
     int64_t n_blocks, cap_blocks;
-    int64_t n_pub;     /* leading blocks published or attached */
-    uint64_t last_key; /* content key of block n_pub - 1 (0 when none) */
+    int64_t n_pub;        /* leading blocks published or attached */
+    uint64_t last_serial; /* serial of the cached block with the content of
+                           * block n_pub - 1 (0 when none) */
 };
 
-/* What a cached block holds, compared in full on lookup. */
+/* What a cached block holds, compared in full on lookup. The chain goes
+ * through serials, not hash keys: a serial names one published content and
+ * is never reused, so equal (parent serial, tokens, rope_long) means equal
+ * prefix by induction, whatever the hash does. */
 struct kv_meta {
-    uint64_t key, parent;
+    uint64_t key;           /* bucket hash of the fields below */
+    uint64_t serial;        /* unique per publication, from 1 */
+    uint64_t parent_serial; /* the previous block's serial, 0 for the first */
     int32_t tokens[KV_BLOCK_TOKENS];
     int32_t rope_long;
     int32_t hnext;             /* next block in the same index bucket, -1 ends */
@@ -49,6 +55,7 @@ struct kv_cache {
     int64_t n_idle;       /* cached blocks with refs == 0 (in the LRU) */
     uint64_t sip_k0, sip_k1; /* per-process secret */
     uint64_t key_mask;    /* all ones except in collision tests */
+    uint64_t next_serial;
     struct kv_stats stats;
 };
 
@@ -98,8 +105,9 @@ static uint64_t siphash24(uint64_t k0, uint64_t k1, const uint8_t *m, size_t len
     return v0 ^ v1 ^ v2 ^ v3;
 }
 
-/* Key of a block: parent key, rope_long and the token ids, serialised
- * little-endian so the key does not depend on the host. */
+/* Key of a block: parent serial, rope_long and the token ids, serialised
+ * little-endian. Keyed so that crafted prompts cannot pile into one bucket
+ * (lookups would turn linear); correctness never rests on it. */
 static uint64_t block_key(const struct kv_cache *kv, uint64_t parent, int rope_long,
                           const int32_t *tokens)
 {
@@ -157,6 +165,7 @@ struct kv_cache *kv_create(const struct kv_geom *g, int64_t n_blocks,
         kv->buckets[i] = -1;
     kv->lru_head = kv->lru_tail = -1;
     kv->key_mask = ~(uint64_t)0;
+    kv->next_serial = 1;
     uint8_t secret[16];
     size_t got = 0;
     while (got < sizeof(secret)) {
@@ -250,7 +259,7 @@ static int32_t index_find(const struct kv_cache *kv, uint64_t key, uint64_t pare
 {
     for (int32_t b = kv->buckets[key & (kv->n_buckets - 1)]; b >= 0; b = kv->meta[b].hnext) {
         const struct kv_meta *m = &kv->meta[b];
-        if (m->key == key && m->parent == parent && m->rope_long == rope_long &&
+        if (m->key == key && m->parent_serial == parent && m->rope_long == rope_long &&
             memcmp(m->tokens, tokens, sizeof(m->tokens)) == 0)
             return b;
     }
@@ -263,7 +272,8 @@ static void index_insert(struct kv_cache *kv, int32_t b, uint64_t key, uint64_t 
     struct kv_meta *m = &kv->meta[b];
     assert(!m->indexed);
     m->key = key;
-    m->parent = parent;
+    m->serial = kv->next_serial++;
+    m->parent_serial = parent;
     m->rope_long = rope_long;
     memcpy(m->tokens, tokens, sizeof(m->tokens));
     uint64_t h = key & (kv->n_buckets - 1);
@@ -293,7 +303,7 @@ int kv_seq_open(struct kv_cache *kv, int rope_long)
             kv->seqs[i].n_blocks = 0;
             kv->seqs[i].len = 0;
             kv->seqs[i].n_pub = 0;
-            kv->seqs[i].last_key = 0;
+            kv->seqs[i].last_serial = 0;
             return i;
         }
     }
@@ -321,7 +331,7 @@ void kv_seq_close(struct kv_cache *kv, int seq)
     s->n_blocks = 0;
     s->len = 0;
     s->n_pub = 0;
-    s->last_key = 0;
+    s->last_serial = 0;
     s->open = 0;
 }
 
@@ -400,11 +410,11 @@ int64_t kv_seq_attach_prefix(struct kv_cache *kv, int seq, const int32_t *tokens
         if (kv->refs[b]++ == 0)
             lru_remove(kv, b);
         s->blocks[n++] = b;
-        parent = key;
+        parent = kv->meta[b].serial;
     }
     s->n_blocks = n;
     s->n_pub = n;
-    s->last_key = parent;
+    s->last_serial = parent;
     s->len = n * KV_BLOCK_TOKENS;
     kv->stats.hit_blocks += n;
     kv->stats.hit_tokens += n * KV_BLOCK_TOKENS;
@@ -421,12 +431,16 @@ void kv_seq_publish(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t
         const int32_t *t = tokens + i * KV_BLOCK_TOKENS;
         int32_t b = s->blocks[i];
         assert(kv->refs[b] == 1 && !kv->meta[b].indexed);
-        uint64_t key = block_key(kv, s->last_key, s->rope_long, t);
+        uint64_t key = block_key(kv, s->last_serial, s->rope_long, t);
         /* Already cached under another block (computed twice at once): keep
-         * that one; this copy stays private and is freed at close. */
-        if (index_find(kv, key, s->last_key, s->rope_long, t) < 0)
-            index_insert(kv, b, key, s->last_key, s->rope_long, t);
-        s->last_key = key;
+         * that one and chain on from it; this copy stays private and is freed
+         * at close. */
+        int32_t have = index_find(kv, key, s->last_serial, s->rope_long, t);
+        if (have < 0) {
+            index_insert(kv, b, key, s->last_serial, s->rope_long, t);
+            have = b;
+        }
+        s->last_serial = kv->meta[have].serial;
         s->n_pub = i + 1;
     }
 }

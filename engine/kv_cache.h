@@ -7,18 +7,20 @@
  * Owned and used by the engine thread only; no locking.
  *
  * Prefix cache. A full block (KV_BLOCK_TOKENS stored tokens) can be
- * published under a content key: a keyed hash of (the parent block's key,
- * its own token ids, the sequence's rope_long flag, which changes the stored
- * keys for the same tokens). A later sequence whose prompt starts with the
- * same blocks attaches them read-only instead of recomputing them. The hash
- * is SipHash-2-4 with a 128-bit secret drawn from getrandom(2) at
- * kv_create, so a client cannot craft a prompt whose blocks collide with
- * another request's; and because a 64-bit key could still collide by
- * chance, each cached block also keeps its token ids, parent key and
- * rope_long, which a lookup compares in full: a collision costs a miss,
- * never another prompt's K/V. Published blocks whose last sequence closed
- * stay cached (counted as free) until kv_seq_reserve, with the plain free
- * list empty, evicts them least recently used first.
+ * published under a content key: a keyed hash of (its parent block, its own
+ * token ids, the sequence's rope_long flag, which changes the stored keys
+ * for the same tokens). A later sequence whose prompt starts with the same
+ * blocks attaches them read-only instead of recomputing them. The hash is
+ * SipHash-2-4 with a 128-bit secret drawn from getrandom(2) at kv_create,
+ * so a client cannot craft prompts that collide (into one slow bucket, or
+ * into another request's cache). Correctness does not even rest on that:
+ * each cached block keeps its token ids, rope_long and its parent's
+ * publication serial (unique, never reused), and a lookup compares them in
+ * full, so a hash collision costs a miss, never another prompt's K/V.
+ * Published blocks whose last sequence closed stay cached (counted as free)
+ * until kv_seq_reserve, with the plain free list empty, evicts them least
+ * recently used first; a cached block whose parent was evicted can no
+ * longer be reached and simply ages out.
  *
  * Shared blocks are never written: attach hands out only full blocks in
  * front of the sequence's stored length, and reserve only appends, so
@@ -43,8 +45,9 @@ struct kv_cache;
 /* Bytes one token of cache takes (K and V, all layers). */
 int64_t kv_bytes_per_token(const struct kv_geom *g);
 
-/* Allocates n_blocks blocks for up to max_seqs sequences. Returns NULL with
- * a message in err when the memory cannot be had. Caller owns the result. */
+/* Allocates n_blocks blocks for up to max_seqs sequences and draws the
+ * prefix cache's secret. Returns NULL with a message in err when the memory
+ * or the secret (getrandom) cannot be had. Caller owns the result. */
 struct kv_cache *kv_create(const struct kv_geom *g, int64_t n_blocks,
                            int max_seqs, char *err, size_t errlen);
 /* Frees everything. Accepts NULL. */
@@ -93,8 +96,7 @@ int64_t kv_seq_capacity(const struct kv_cache *kv, int seq);
  * (n_tokens - 1) / KV_BLOCK_TOKENS blocks, so at least one prompt token is
  * left to compute and the caller gets logits. 0 on a miss or when the
  * table cannot grow. Counts in kv_stats. */
-int64_t kv_seq_attach_prefix(struct kv_cache *kv, int seq, const int32_t *tokens,
-                             int64_t n_tokens);
+int64_t kv_seq_attach_prefix(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t n_tokens);
 /* Publishes the sequence's full blocks not yet published, so later
  * sequences can attach them. tokens: (n_tokens) the sequence's token ids
  * from position 0, borrowed; the caller has stored K/V for [0, n_tokens)
@@ -103,11 +105,11 @@ int64_t kv_seq_attach_prefix(struct kv_cache *kv, int seq, const int32_t *tokens
 void kv_seq_publish(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t n_tokens);
 
 struct kv_stats {
-    int64_t query_tokens;  /* prompt tokens offered to kv_seq_attach_prefix */
-    int64_t hit_tokens;    /* of those, reused from the cache */
-    int64_t query_blocks;  /* full blocks that could have been reused */
-    int64_t hit_blocks;    /* blocks attached */
-    int64_t evictions;     /* cached blocks evicted by reserve */
+    int64_t query_tokens; /* prompt tokens offered to kv_seq_attach_prefix */
+    int64_t hit_tokens;   /* of those, reused from the cache */
+    int64_t query_blocks; /* full blocks that could have been reused */
+    int64_t hit_blocks;   /* blocks attached */
+    int64_t evictions;    /* cached blocks evicted by reserve */
 };
 /* Cumulative counters since kv_create. */
 void kv_get_stats(const struct kv_cache *kv, struct kv_stats *out);

@@ -206,6 +206,26 @@ static void test_collisions(void)
     kv_seq_close(kv, c);
     kv_seq_close(kv, d);
     kv_seq_close(kv, e);
+
+    /* [X, B] is cached and so is Y: the prompt [Y, B] may reuse Y only, as
+     * B's K/V were computed after X. Every key collides, so only the parent
+     * check tells the two second blocks apart. */
+    int32_t xb2[33], yb2[33];
+    for (int i = 0; i < 33; i++)
+        xb2[i] = yb2[i] = i < 16 ? x[i] : 300 + i;
+    memcpy(yb2, y, 16 * sizeof(int32_t));
+    a = kv_seq_open(kv, 0);
+    CHECK(kv_seq_attach_prefix(kv, a, xb2, 33) == 16); /* X */
+    CHECK(compute(kv, a, xb2, 33) == 0);
+    b = kv_seq_open(kv, 0);
+    CHECK(kv_seq_attach_prefix(kv, b, yb2, 33) == 16);
+    CHECK(kv_seq_blocks(kv, b, &n)[0] == yb);
+    kv_seq_close(kv, a);
+    a = kv_seq_open(kv, 0);
+    CHECK(kv_seq_attach_prefix(kv, a, xb2, 33) == 32); /* [X, B] itself hits */
+    kv_seq_close(kv, a);
+    kv_seq_close(kv, b);
+    CHECK(kv_free_blocks(kv) == 8);
     kv_destroy(kv);
 
     /* With the real hash: the same second block under another first block. */
@@ -234,6 +254,7 @@ struct st_seq {
     int open, rope;
     int32_t toks[ST_MAXTOK];
     int64_t n_toks, len, n_pub;
+    uint64_t last_serial;
 };
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
@@ -268,6 +289,10 @@ static void test_stress(void)
     memset(seqs, 0, sizeof(seqs));
     uint64_t fp[ST_BLOCKS] = {0}; /* model: content of a cached block */
     int cached[ST_BLOCKS] = {0};  /* model: block is in the prefix index */
+    /* model: a cached block is found through its parent's publication, so
+     * once a parent is evicted its cached children are out of reach even
+     * if the parent's content is published again. */
+    uint64_t serial[ST_BLOCKS] = {0}, parent[ST_BLOCKS] = {0}, next_serial = 1;
     int32_t base[3][64];
     for (int k = 0; k < 3; k++)
         for (int i = 0; i < 64; i++)
@@ -293,16 +318,17 @@ static void test_stress(void)
             /* Expected: the longest chain of cached fingerprints. */
             int32_t want[ST_MAXTOK / KV_BLOCK_TOKENS];
             int64_t n_want = 0, max_blocks = (s->n_toks - 1) / KV_BLOCK_TOKENS;
-            uint64_t f = 0;
+            uint64_t f = 0, ps = 0;
             while (n_want < max_blocks) {
                 f = fp_block(f, s->rope, s->toks + n_want * KV_BLOCK_TOKENS);
                 int32_t hit = -1;
                 for (int32_t b = 0; b < ST_BLOCKS; b++)
-                    if (cached[b] && fp[b] == f)
+                    if (cached[b] && fp[b] == f && parent[b] == ps)
                         hit = b;
                 if (hit < 0)
                     break;
                 want[n_want++] = hit;
+                ps = serial[hit];
             }
             int64_t got = kv_seq_attach_prefix(kv, seq, s->toks, s->n_toks);
             CHECK(got == n_want * KV_BLOCK_TOKENS);
@@ -316,6 +342,7 @@ static void test_stress(void)
             }
             s->len = got;
             s->n_pub = n_want;
+            s->last_serial = n_want ? serial[want[n_want - 1]] : 0;
             hits += got;
         } else if (kind < 2) {
             kv_seq_close(kv, si);
@@ -370,13 +397,18 @@ static void test_stress(void)
                     f = fp_block(f, s->rope, s->toks + i * KV_BLOCK_TOKENS);
                     if (i < s->n_pub)
                         continue;
-                    int dup = 0;
+                    int32_t have = -1;
                     for (int32_t b = 0; b < ST_BLOCKS; b++)
-                        dup |= cached[b] && fp[b] == f;
-                    if (!dup) {
-                        cached[t[i]] = 1;
-                        fp[t[i]] = f;
+                        if (cached[b] && fp[b] == f && parent[b] == s->last_serial)
+                            have = b;
+                    if (have < 0) {
+                        have = t[i];
+                        cached[have] = 1;
+                        fp[have] = f;
+                        parent[have] = s->last_serial;
+                        serial[have] = next_serial++;
                     }
+                    s->last_serial = serial[have];
                 }
                 s->n_pub = target / KV_BLOCK_TOKENS;
             }
