@@ -106,7 +106,7 @@ case "$MODE" in
     if command -v clang >/dev/null; then
       [ -f "$FUZZ/build.ninja" ] || CC=clang meson setup "$FUZZ" --buildtype=debugoptimized >/dev/null
       log "building $FUZZ (fuzz targets)"
-      ninja -C "$FUZZ" tests/fuzz/fuzz_json tests/fuzz/fuzz_gguf tests/fuzz/fuzz_safetensors tests/fuzz/fuzz_tokenizer tests/fuzz/fuzz_chat_template >/dev/null
+      ninja -C "$FUZZ" tests/fuzz/fuzz_json tests/fuzz/fuzz_gguf tests/fuzz/fuzz_safetensors tests/fuzz/fuzz_tokenizer tests/fuzz/fuzz_tokenizer_json tests/fuzz/fuzz_chat_template >/dev/null
     fi
     export INFERD_BUILD_DIR="$BUILD" INFERD_ASAN_BUILD_DIR="$ASAN" INFERD_FUZZ_BUILD_DIR="$FUZZ"
     cd "$ROOT"

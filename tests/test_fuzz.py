@@ -15,7 +15,8 @@ FUZZ_BUILD = ROOT / os.environ.get("INFERD_FUZZ_BUILD_DIR", "build-fuzz")
 SECONDS = int(os.environ.get("INFERD_FUZZ_SECONDS", "20"))
 
 
-@pytest.mark.parametrize("target", ["json", "gguf", "safetensors", "tokenizer", "chat_template"])
+@pytest.mark.parametrize("target", ["json", "gguf", "safetensors", "tokenizer", "tokenizer_json",
+                                    "chat_template"])
 def test_fuzz_parser(target, tmp_path):
     exe = FUZZ_BUILD / "tests" / "fuzz" / f"fuzz_{target}"
     if not exe.exists():
