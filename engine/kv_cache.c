@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 
 struct kv_seq {
@@ -43,6 +44,7 @@ struct kv_cache {
     int64_t n_blocks;
     int64_t block_floats; /* floats in one block of one layer's K (or V) */
     float *slab;          /* (n_layer, 2, n_blocks, 16, n_kv_heads, head_dim) */
+    size_t slab_bytes;
     int32_t *free_list;   /* stack of free block ids */
     int64_t n_free;
     int32_t *refs;        /* (n_blocks) reference counts */
@@ -145,12 +147,15 @@ struct kv_cache *kv_create(const struct kv_geom *g, int64_t n_blocks,
     kv->max_seqs = max_seqs;
     kv->block_floats = KV_BLOCK_TOKENS * g->n_kv_heads * g->head_dim;
     size_t floats = (size_t)g->n_layer * 2 * (size_t)n_blocks * (size_t)kv->block_floats;
-    /* 64-byte alignment for the SIMD loads of attention. */
-    if (posix_memalign((void **)&kv->slab, 64, floats * sizeof(float)) != 0) {
-        kv->slab = NULL;
+    /* Anonymous pages: page-aligned for the SIMD loads of attention, and
+     * committed only when first written, so a large budget costs nothing at
+     * start (inferd starts in about a second whatever --kv-cache-memory). */
+    kv->slab_bytes = floats * sizeof(float);
+    void *slab = mmap(NULL, kv->slab_bytes, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (slab == MAP_FAILED)
         goto oom;
-    }
-    memset(kv->slab, 0, floats * sizeof(float));
+    kv->slab = slab;
     kv->free_list = malloc((size_t)n_blocks * sizeof(int32_t));
     kv->refs = calloc((size_t)n_blocks, sizeof(int32_t));
     kv->seqs = calloc((size_t)max_seqs, sizeof(struct kv_seq));
@@ -207,7 +212,8 @@ void kv_destroy(struct kv_cache *kv)
     free(kv->meta);
     free(kv->refs);
     free(kv->free_list);
-    free(kv->slab);
+    if (kv->slab)
+        munmap(kv->slab, kv->slab_bytes);
     free(kv);
 }
 
@@ -443,6 +449,52 @@ void kv_seq_publish(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t
         s->last_serial = kv->meta[have].serial;
         s->n_pub = i + 1;
     }
+}
+
+int kv_seq_fork(struct kv_cache *kv, int src)
+{
+    struct kv_seq *s = &kv->seqs[src];
+    assert(s->open);
+    int64_t shared = s->n_pub;
+    int64_t need = (s->len + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS;
+    if (need < shared)
+        need = shared;
+    if (need - shared > kv->n_free + kv->n_idle)
+        return -1;
+    int d = kv_seq_open(kv, s->rope_long);
+    if (d < 0)
+        return -1;
+    struct kv_seq *c = &kv->seqs[d];
+    if (seq_grow(c, need) != 0) {
+        kv_seq_close(kv, d);
+        return -1;
+    }
+    /* Published (or attached) blocks are read-only: share them. */
+    for (int64_t i = 0; i < shared; i++) {
+        int32_t b = s->blocks[i];
+        kv->refs[b]++;
+        c->blocks[i] = b;
+    }
+    c->n_blocks = shared;
+    c->n_pub = shared;
+    c->last_serial = s->last_serial;
+    c->len = shared * KV_BLOCK_TOKENS;
+    if (kv_seq_reserve(kv, d, s->len) != 0) {
+        kv_seq_close(kv, d);
+        return -1;
+    }
+    /* The rest may still be written by src: copy what is stored. */
+    for (int64_t i = shared; i < need; i++) {
+        int64_t lo = i * KV_BLOCK_TOKENS;
+        int64_t n = s->len - lo < KV_BLOCK_TOKENS ? s->len - lo : KV_BLOCK_TOKENS;
+        size_t bytes = (size_t)n * (size_t)(kv->block_floats / KV_BLOCK_TOKENS) * sizeof(float);
+        for (int64_t l = 0; l < kv->g.n_layer; l++) {
+            memcpy(kv_block_k(kv, l, c->blocks[i]), kv_block_k(kv, l, s->blocks[i]), bytes);
+            memcpy(kv_block_v(kv, l, c->blocks[i]), kv_block_v(kv, l, s->blocks[i]), bytes);
+        }
+    }
+    c->len = s->len;
+    return d;
 }
 
 int64_t kv_seq_len(const struct kv_cache *kv, int seq)

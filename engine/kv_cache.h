@@ -104,6 +104,13 @@ int64_t kv_seq_attach_prefix(struct kv_cache *kv, int seq, const int32_t *tokens
  * content is already cached under another block id stays private. */
 void kv_seq_publish(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t n_tokens);
 
+/* Opens a copy of sequence src (n > 1 samples of one prompt): the new
+ * sequence shares src's published or attached blocks and gets its own copy
+ * of the stored tokens after them, so both can go on writing. Returns the
+ * new id, or -1 (nothing changed) when no sequence id or too few blocks are
+ * free. Call kv_seq_publish on src first to share the most. */
+int kv_seq_fork(struct kv_cache *kv, int src);
+
 struct kv_stats {
     int64_t query_tokens; /* prompt tokens offered to kv_seq_attach_prefix */
     int64_t hit_tokens;   /* of those, reused from the cache */

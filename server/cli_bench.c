@@ -254,6 +254,8 @@ int cli_bench(int argc, char **argv)
 {
     if (argc >= 2 && !strcmp(argv[1], "engine"))
         return bench_engine(argc - 1, argv + 1);
-    cli_error("bench: expected 'engine' (usage: inferd bench engine MODEL [options])");
+    if (argc >= 2 && !strcmp(argv[1], "load"))
+        return cli_bench_load(argc - 1, argv + 1);
+    cli_error("bench: expected 'engine' or 'load' (usage: inferd bench engine|load MODEL [options])");
     return 2;
 }

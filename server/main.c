@@ -41,6 +41,34 @@ int cli_parse_int(const char *flag, const char *s, int64_t lo, int64_t hi, int64
     return 0;
 }
 
+int cli_parse_size(const char *flag, const char *s, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    double mult = 1;
+    if (end != s && *end) {
+        switch (*end) {
+        case 'k': case 'K': mult = 1024.0; break;
+        case 'm': case 'M': mult = 1048576.0; break;
+        case 'g': case 'G': mult = 1073741824.0; break;
+        case 't': case 'T': mult = 1099511627776.0; break;
+        default: mult = -1; break;
+        }
+        end++;
+        if (*end == 'i' || *end == 'I')
+            end++;
+        if (*end == 'b' || *end == 'B')
+            end++;
+    }
+    if (end == s || *end || errno || mult < 0 || !(v >= 0) || v * mult > 9.0e18) {
+        cli_error("%s: expected a size such as 4G, 512M or 1073741824, got '%s'", flag, s);
+        return -1;
+    }
+    *out = (int64_t)(v * mult);
+    return 0;
+}
+
 int cli_parse_ids(const char *flag, const char *s, int32_t **ids, int64_t *n)
 {
     int64_t cap = 16, cnt = 0;
@@ -89,6 +117,7 @@ static void usage(FILE *f)
           "  generate MODEL --tokens IDS [...] greedy generation from token ids\n"
           "  logits MODEL --tokens IDS [...]   print the logits of a token sequence (JSON)\n"
           "  bench engine MODEL [...]          offline prefill/decode throughput vs the machine's ceilings\n"
+          "  bench load MODEL --workload F     concurrent requests through the batching engine\n"
           "\n"
           "MODEL is a Hugging Face directory (config.json + *.safetensors) or a .gguf file.\n"
           "Run 'inferd <command> --help' for a command's options.\n", f);
