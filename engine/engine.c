@@ -87,10 +87,20 @@ static int set_limits(struct engine *e, const struct engine_opts *o, char *err, 
         return -1;
     }
     if (budget == 0) {
+        /* MemAvailable counts the page cache, where the mmapped weights
+         * live: take them off, as they must stay resident. */
+        struct model_stats ms;
+        model_get_stats(e->m, &ms);
         int64_t avail = mem_available();
+        int64_t mapped = ms.weight_bytes - ms.repacked_bytes;
         budget = ENGINE_KV_DEFAULT_CAP_BYTES;
-        if (avail > 0 && avail / 2 < budget)
-            budget = avail / 2;
+        if (avail > 0) {
+            int64_t left = avail - (mapped > 0 ? mapped : 0);
+            if (left / 2 < budget)
+                budget = left / 2;
+            if (budget < block_bytes)
+                budget = block_bytes;
+        }
     }
     int64_t n_blocks = budget / block_bytes;
     if (n_blocks > INT32_MAX / 2)

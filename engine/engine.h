@@ -30,8 +30,10 @@
 #define ENGINE_MAX_STOP_TOKENS 64  /* stop_token_ids per request */
 #define ENGINE_HIST_BUCKETS 16
 
-/* Default cap on the KV cache when --kv-cache-memory is not given: half of
- * the memory available after the weights are loaded, at most this. */
+/* The KV cache when --kv-cache-memory is not given: half of the memory
+ * available (MemAvailable, less the mmapped weights, which must stay
+ * resident) once the model is loaded, at most this cap. The slab is
+ * mapped lazily: pages cost memory only once sequences write them. */
 #define ENGINE_KV_DEFAULT_CAP_BYTES (4LL << 30)
 
 struct engine_opts {
