@@ -238,6 +238,7 @@ int cli_bench_load(int argc, char **argv)
         {"kv-cache-memory", required_argument, 0, 'k'},
         {"max-seqs", required_argument, 0, 's'},
         {"max-batched-tokens", required_argument, 0, 'b'},
+        {"max-queue", required_argument, 0, 'q'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -263,6 +264,11 @@ int cli_bench_load(int argc, char **argv)
                 return 2;
             eo.max_batched_tokens = v;
             break;
+        case 'q':
+            if (cli_parse_int("--max-queue", optarg, 1, 1 << 24, &v))
+                return 2;
+            eo.max_queue = (int)v;
+            break;
         case 'h':
             puts("usage: inferd bench load MODEL --workload FILE [options]\n"
                  "  --workload FILE          runs of concurrent prompts (JSON, see tests/bench/bench_concurrency.py)\n"
@@ -270,7 +276,8 @@ int cli_bench_load(int argc, char **argv)
                  "  --threads N              CPU threads (default: one per CPU)\n"
                  "  --kv-cache-memory SIZE   KV cache budget, e.g. 2G\n"
                  "  --max-seqs N             most sequences resident at once (default 64)\n"
-                 "  --max-batched-tokens N   most token rows per step (default 256)");
+                 "  --max-batched-tokens N   most token rows per step (default 256)\n"
+                 "  --max-queue N            most requests waiting for admission (default 1024)");
             return 0;
         default:
             return 2;
