@@ -208,6 +208,10 @@ void engine_post(struct engine *e, struct engine_req *r, const struct engine_eve
     }
     r->q[(r->q_head + r->q_len) % r->q_cap] = *ev;
     r->q_len++;
+    /* DONE lets go of the engine in the same breath: a caller that reads it
+     * and cancels or releases at once no longer reaches the engine. */
+    if (ev->kind == ENGINE_EV_DONE)
+        r->e = NULL;
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
     if (!r->touched && e) {
@@ -227,9 +231,7 @@ static void engine_drop(struct engine *e, struct engine_req *r)
             break;
         }
     }
-    pthread_mutex_lock(&r->mu);
-    r->e = NULL;
-    pthread_mutex_unlock(&r->mu);
+    r->dropped = 1;
     if (!r->touched)
         req_unref(r);
     /* else: the touched list still points at r; dropped after notify. */
@@ -250,6 +252,8 @@ void engine_finish_seq(struct engine *e, struct seq *s, enum engine_finish reaso
     s->state = SEQ_FINISHED;
     if (reason == ENGINE_FINISH_ERROR)
         r->failed = 1;
+    if (reason == ENGINE_FINISH_CANCELLED)
+        r->cancelled = 1;
     struct engine_event ev;
     memset(&ev, 0, sizeof(ev));
     ev.kind = ENGINE_EV_FINISH;
@@ -269,9 +273,9 @@ void engine_finish_seq(struct engine *e, struct seq *s, enum engine_finish reaso
     ev.completion_tokens = r->completion_tokens;
     ev.cached_tokens = r->cached_tokens;
     engine_post(e, r, &ev);
-    if (reason == ENGINE_FINISH_ERROR || r->failed)
+    if (r->failed)
         e->w.requests_failed++;
-    else if (atomic_load(&r->cancel))
+    else if (r->cancelled)
         e->w.requests_cancelled++;
     else
         e->w.requests_finished++;
@@ -353,7 +357,11 @@ static struct engine_req *req_build(struct engine *e, const struct engine_params
     if (!r)
         goto oom;
     pthread_mutex_init(&r->mu, NULL);
-    pthread_cond_init(&r->cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* engine_wait's timeouts */
+    pthread_cond_init(&r->cv, &ca);
+    pthread_condattr_destroy(&ca);
     r->refs = 2;
     r->n_prompt = p->n_prompt;
     r->max_tokens = p->max_tokens;
@@ -470,7 +478,7 @@ int engine_poll(struct engine_req *r, struct engine_event *ev, int max)
 int engine_wait(struct engine_req *r, struct engine_event *ev, int max, int timeout_ms)
 {
     struct timespec dl;
-    clock_gettime(CLOCK_REALTIME, &dl);
+    clock_gettime(CLOCK_MONOTONIC, &dl);
     if (timeout_ms >= 0) {
         dl.tv_sec += timeout_ms / 1000;
         dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
@@ -508,6 +516,9 @@ void engine_release(struct engine_req *r)
 {
     if (!r)
         return;
+    pthread_mutex_lock(&r->mu);
+    r->released = 1;
+    pthread_mutex_unlock(&r->mu);
     engine_cancel(r);
     req_unref(r);
 }
@@ -583,12 +594,13 @@ static void flush_touched(struct engine *e)
         list = r->next;
         r->next = NULL;
         r->touched = 0;
-        if (r->notify)
-            r->notify(r->notify_arg);
+        /* Under r->mu, so that once engine_release returns no notify runs
+         * or will run: notify_arg may die with the caller's handle. */
         pthread_mutex_lock(&r->mu);
-        int dropped = r->e == NULL;
+        if (r->notify && !r->released)
+            r->notify(r->notify_arg);
         pthread_mutex_unlock(&r->mu);
-        if (dropped)
+        if (r->dropped)
             req_unref(r);
     }
     if (any && e->wake)
@@ -668,6 +680,9 @@ static void *engine_main(void *arg)
         }
         struct engine_req *inbox = e->inbox_head;
         e->inbox_head = e->inbox_tail = NULL;
+        /* They wait in the scheduler now: still counted against
+         * max_queue until publish_stats recounts. */
+        e->n_waiting_reqs += e->n_inbox;
         e->n_inbox = 0;
         int cancels = e->cancel_pending;
         e->cancel_pending = 0;

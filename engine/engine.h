@@ -100,8 +100,10 @@ struct engine_params {
     const int32_t *stop_token_ids;
     int n_stop_token_ids;
     /* Optional: called on the engine thread after events for this request
-     * were posted in a step (at most once per step). Must not block or call
-     * back into the engine except engine_poll. */
+     * were posted in a step (at most once per step), with the request's
+     * lock held: it must not block nor call any engine function (append to
+     * a queue and wake a loop). Never called once engine_release returned,
+     * so notify_arg need only live as long as the handle. */
     void (*notify)(void *arg);
     void *notify_arg;
 };

@@ -41,7 +41,7 @@ struct engine_req {
     pthread_mutex_t mu; /* guards refs, e, the event queue, cancel */
     pthread_cond_t cv;
     int refs;           /* caller + engine */
-    int released;       /* the caller gave up its handle */
+    int released;       /* the caller gave up its handle: no more notify */
     atomic_int cancel;
     /* Event queue (ring). */
     struct engine_event *q; /* (q_cap) */
@@ -64,6 +64,8 @@ struct engine_req {
     int forked;         /* samples 1..n-1 were born */
     int admitted_once;
     int failed;         /* a sample ended with ERROR */
+    int cancelled;      /* a sample ended CANCELLED */
+    int dropped;        /* DONE posted; the engine's reference goes after notify */
     int64_t completion_tokens, cached_tokens;
     int touched;        /* events posted this step */
     uint64_t stamp;     /* gauge counting */
