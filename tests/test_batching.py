@@ -75,3 +75,20 @@ def test_bad_engine_flags_are_clear(inferd, tmp_path):
     r = subprocess.run([inferd, "bench", "load", str(MODEL), "--workload", str(wl),
                         "--kv-cache-memory", "100"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "less than one block" in r.stderr
+
+
+def test_burst_with_one_system_prompt_computes_it_once(inferd_any, tmp_path):
+    """Eight requests with one 96-token prefix arriving together: the first
+    computes the prefix, the others wait for it and attach it, so the prefill
+    rows run are about one prefix plus eight suffixes, not eight prefixes."""
+    rnd = random.Random(3)
+    prefix = [rnd.randrange(0, 254) for _ in range(96)]
+    prompts = [prefix + [rnd.randrange(0, 254) for _ in range(8)] for _ in range(8)]
+    wl = tmp_path / "burst.json"
+    wl.write_text(json.dumps({"runs": [{"name": "burst", "concurrency": 8, "max_tokens": 8,
+                                        "warm_first": False, "prompts": prompts}]}))
+    res, _ = bench_load(inferd_any, wl, tmp_path / "out.json", "--max-batched-tokens", "32")
+    run = res["runs"][0]
+    assert run["output_tokens"] == 64
+    assert run["cached_tokens"] >= 7 * 96
+    assert run["prompt_tokens_computed"] <= 96 + 8 * 16
