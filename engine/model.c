@@ -62,7 +62,7 @@ struct model {
     float *rope_cs;  /* (rows, rope_dim/2, 2) cos, sin */
     void *mm_scratch;
     size_t mm_scratch_bytes;
-    float *att_scores; /* (n_threads, n_ctx) */
+    float *att_scores; /* (n_threads, n_head / n_head_kv, n_ctx) */
 };
 
 /* ---------------------------------------------------------------- helpers */
@@ -484,7 +484,8 @@ static int ensure_rows(struct model *m, int64_t rows)
     m->rope_cs = xmalloc_aligned(r * (size_t)c->rope_dim * sizeof(float));
     m->mm_scratch_bytes = max_mm_scratch(m, rows);
     m->mm_scratch = xmalloc_aligned(m->mm_scratch_bytes);
-    m->att_scores = xmalloc_aligned((size_t)k_pool_size(m->pool) * (size_t)c->n_ctx * sizeof(float));
+    m->att_scores = xmalloc_aligned((size_t)k_pool_size(m->pool) * (size_t)(c->n_head / c->n_head_kv) *
+                                    (size_t)c->n_ctx * sizeof(float));
     if (!m->x || !m->h || !m->qkv || !m->att || !m->gu || !m->act || !m->rope_cs ||
         !m->mm_scratch || !m->att_scores) {
         free_activations(m);
@@ -525,8 +526,12 @@ struct attn_job {
     int64_t layer;
 };
 
-/* One (row, head) pair per task unit, spread over the pool in a fixed
- * split; each unit's arithmetic is the same whatever the split. */
+/* Task units of sub query heads of one row that share a KV head (GQA),
+ * spread over the pool in a fixed split. With sub > 1 each block of keys
+ * and values is read once for all sub heads while it is in L1, instead of
+ * once per head; every head's arithmetic (the calls and their order) is
+ * the same for any sub, so the choice, made from the batch size, never
+ * changes a bit. */
 static void attn_worker(void *ctx, int ith, int nth)
 {
     struct attn_job *j = ctx;
@@ -535,24 +540,26 @@ static void attn_worker(void *ctx, int ith, int nth)
     int64_t hd = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
     int64_t group = nh / nkv;
     int64_t nqkv = (nh + 2 * nkv) * hd;
-    int64_t units = j->n_rows * nh;
+    /* Whole groups when there are enough of them to keep every thread
+     * busy (prefill, large batches); single heads otherwise (decode). */
+    int64_t sub = j->n_rows * nkv >= 2 * (int64_t)nth ? group : 1;
+    int64_t per_row = nh / sub;
+    int64_t units = j->n_rows * per_row;
     int64_t per = (units + nth - 1) / nth;
     int64_t u0 = per * ith, u1 = u0 + per < units ? u0 + per : units;
-    float *scores = m->att_scores + (size_t)ith * (size_t)c->n_ctx;
+    float *scores = m->att_scores + (size_t)ith * (size_t)group * (size_t)c->n_ctx;
     float scale = (float)(1.0 / sqrt((double)hd));
 
     for (int64_t u = u0; u < u1; u++) {
-        int64_t r = u / nh, h = u % nh, kvh = h / group;
+        int64_t r = u / per_row, h0 = (u % per_row) * sub, kvh = h0 / group;
         const struct model_row *row = &j->rows[r];
-        const float *q = m->qkv + r * nqkv + h * hd;
-        float *out = m->att + r * nh * hd + h * hd;
         int64_t nb;
         const int32_t *table = kv_seq_blocks(j->kv, row->seq, &nb);
         int64_t start = 0;
         if (c->sliding_window > 0 && row->pos + 1 > c->sliding_window)
             start = row->pos + 1 - c->sliding_window;
-        /* one kernel call per KV block: its tokens of head kvh are
-         * nkv * hd floats apart */
+        /* one kernel call per KV block and head: a block's tokens of head
+         * kvh are nkv * hd floats apart */
         int64_t n_att = row->pos + 1 - start;
         for (int64_t p = start; p <= row->pos;) {
             int64_t in = p % KV_BLOCK_TOKENS, cnt = KV_BLOCK_TOKENS - in;
@@ -560,20 +567,28 @@ static void attn_worker(void *ctx, int ith, int nth)
                 cnt = row->pos + 1 - p;
             const float *k = kv_block_k(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
                              (in * nkv + kvh) * hd;
-            k_dot_rows_f32(q, k, nkv * hd, cnt, hd, scores + (p - start));
+            for (int64_t h = 0; h < sub; h++)
+                k_dot_rows_f32(m->qkv + r * nqkv + (h0 + h) * hd, k, nkv * hd, cnt, hd,
+                               scores + (size_t)h * (size_t)c->n_ctx + (p - start));
             p += cnt;
         }
-        for (int64_t i = 0; i < n_att; i++)
-            scores[i] *= scale;
-        k_softmax_f32(scores, n_att);
-        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int64_t h = 0; h < sub; h++) {
+            float *sc = scores + (size_t)h * (size_t)c->n_ctx;
+            for (int64_t i = 0; i < n_att; i++)
+                sc[i] *= scale;
+            k_softmax_f32(sc, n_att);
+            memset(m->att + r * nh * hd + (h0 + h) * hd, 0, (size_t)hd * sizeof(float));
+        }
         for (int64_t p = start; p <= row->pos;) {
             int64_t in = p % KV_BLOCK_TOKENS, cnt = KV_BLOCK_TOKENS - in;
             if (cnt > row->pos + 1 - p)
                 cnt = row->pos + 1 - p;
             const float *v = kv_block_v(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
                              (in * nkv + kvh) * hd;
-            k_axpy_rows_f32(out, scores + (p - start), v, nkv * hd, cnt, hd);
+            for (int64_t h = 0; h < sub; h++)
+                k_axpy_rows_f32(m->att + r * nh * hd + (h0 + h) * hd,
+                                scores + (size_t)h * (size_t)c->n_ctx + (p - start), v,
+                                nkv * hd, cnt, hd);
             p += cnt;
         }
     }

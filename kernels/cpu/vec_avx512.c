@@ -20,10 +20,33 @@ float kc_dot_avx512(const float *a, const float *b, int64_t n)
     return kc_tree16_zmm(acc);
 }
 
+/* Four rows at a time: each row's fma chain and final tree are exactly
+ * kc_dot_avx512's (same bits), but four independent chains hide the fma
+ * latency that one chain of n / 16 steps is bound by (attention scores,
+ * n = head_dim: 3-4x faster). */
 void kc_dot_rows_avx512(const float *a, const float *b, int64_t stride,
                         int64_t count, int64_t n, float *out)
 {
-    for (int64_t t = 0; t < count; t++)
+    int64_t t = 0;
+    if (n % 16 == 0) {
+        for (; t + 4 <= count; t += 4) {
+            const float *b0 = b + t * stride, *b1 = b0 + stride;
+            const float *b2 = b1 + stride, *b3 = b2 + stride;
+            __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+            for (int64_t i = 0; i < n; i += 16) {
+                const __m512 va = _mm512_loadu_ps(a + i);
+                c0 = _mm512_fmadd_ps(va, _mm512_loadu_ps(b0 + i), c0);
+                c1 = _mm512_fmadd_ps(va, _mm512_loadu_ps(b1 + i), c1);
+                c2 = _mm512_fmadd_ps(va, _mm512_loadu_ps(b2 + i), c2);
+                c3 = _mm512_fmadd_ps(va, _mm512_loadu_ps(b3 + i), c3);
+            }
+            out[t] = kc_tree16_zmm(c0);
+            out[t + 1] = kc_tree16_zmm(c1);
+            out[t + 2] = kc_tree16_zmm(c2);
+            out[t + 3] = kc_tree16_zmm(c3);
+        }
+    }
+    for (; t < count; t++)
         out[t] = kc_dot_avx512(a, b + t * stride, n);
 }
 
@@ -32,7 +55,23 @@ void kc_dot_rows_avx512(const float *a, const float *b, int64_t stride,
 void kc_axpy_rows_avx512(float *y, const float *w, const float *x,
                          int64_t stride, int64_t count, int64_t n)
 {
-    for (int64_t i = 0; i < n; i += 64) {
+    int64_t i0 = 0;
+    /* 128 elements (a whole head of 128) in 8 independent chains: twice
+     * the chains of the loop below, so the fma ports stay busy. */
+    for (; i0 + 128 <= n; i0 += 128) {
+        __m512 v[8];
+        for (int q = 0; q < 8; q++)
+            v[q] = _mm512_loadu_ps(y + i0 + 16 * q);
+        for (int64_t t = 0; t < count; t++) {
+            const __m512 wt = _mm512_set1_ps(w[t]);
+            const float *xt = x + t * stride + i0;
+            for (int q = 0; q < 8; q++)
+                v[q] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(xt + 16 * q), v[q]);
+        }
+        for (int q = 0; q < 8; q++)
+            _mm512_storeu_ps(y + i0 + 16 * q, v[q]);
+    }
+    for (int64_t i = i0; i < n; i += 64) {
         __mmask16 k[4];
         __m512 v[4];
         for (int q = 0; q < 4; q++) {

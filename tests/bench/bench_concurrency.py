@@ -115,7 +115,7 @@ def run_inferd(args, runs, tmp):
                     "prompts": r["prompts"]} for r in runs]}
     wl_path.write_text(json.dumps(wl))
     cmd = [str(exe), "bench", "load", args.model, "--workload", str(wl_path),
-           "--json", str(out_path), "--threads", str(args.threads)]
+           "--json", str(out_path), "--threads", str(args.threads)] + args.inferd_args
     log("inferd: " + " ".join(cmd))
     # inferd's own output goes to stderr so the tables on stdout stay clean.
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr,
@@ -486,6 +486,9 @@ def main():
     ap.add_argument("--llama-args", default="",
                     help="extra llama-server arguments, space-separated "
                          "(write --llama-args='-fa off' when they start with '-')")
+    ap.add_argument("--inferd-args", default="",
+                    help="extra inferd bench load arguments, space-separated "
+                         "(--inferd-args='--max-batched-tokens 64')")
     ap.add_argument("--json", help="write config, workload, raw and summary results here")
     ap.add_argument("--workload-out", help="keep inferd's workload file at this path")
     ap.add_argument("--startup-timeout", type=float, default=300.0,
@@ -496,6 +499,7 @@ def main():
                     help="seconds the whole inferd run may take")
     args = ap.parse_args()
     args.llama_args = args.llama_args.split()
+    args.inferd_args = args.inferd_args.split()
     for k in ("max_tokens", "prompt_tokens", "shared_tokens", "suffix_tokens", "threads"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be at least 1")
