@@ -1035,6 +1035,117 @@ static void test_cancel_twice(struct model *m)
     engine_destroy(e);
 }
 
+static atomic_int order_seq;
+static void order_cb(void *arg)
+{
+    atomic_store((atomic_int *)arg, atomic_fetch_add(&order_seq, 1) + 1);
+}
+/* Stamps only the first notify: the step of a request's first event. */
+static void first_cb(void *arg)
+{
+    int zero = 0;
+    atomic_compare_exchange_strong((atomic_int *)arg, &zero, atomic_fetch_add(&order_seq, 1) + 1);
+}
+
+/* Priority: a lower value is admitted first whatever the arrival order,
+ * and the preemption victim is the highest value, not the newest. */
+static void test_priority(struct model *m)
+{
+    uint64_t rng = 4242;
+    struct spec a, b, c;
+    memset(&a, 0, sizeof(a));
+    a.n_prompt = 8;
+    random_tokens(&rng, a.prompt, 8);
+    a.max_tokens = 30;
+    a.n = 1;
+    a.ignore_eos = 1;
+    a.top_p = 1.0f;
+    b = c = a;
+    random_tokens(&rng, b.prompt, 8);
+    random_tokens(&rng, c.prompt, 8);
+    /* Admission: one sequence at a time; the blocker runs, then B
+     * (priority 5) and C (priority -1) wait; C must go first. */
+    struct engine *e = make_engine(m, 64, 1, 0, 0, NULL);
+    struct engine_req *ra = submit_ok(e, &a, NULL, "priority blocker");
+    struct engine_event ev;
+    CHECK(engine_wait(ra, &ev, 1, WAIT_MS) == 1);
+    struct engine_params pb = spec_params(&b, NULL), pc = spec_params(&c, NULL);
+    pb.priority = 5;
+    pc.priority = -1;
+    /* B's first event must come in a later step than C's last. */
+    atomic_int b_first = 0, c_last = 0;
+    pb.notify = first_cb;
+    pb.notify_arg = &b_first;
+    pc.notify = order_cb;
+    pc.notify_arg = &c_last;
+    char err[256];
+    struct engine_req *rb = NULL, *rc = NULL;
+    CHECK(engine_submit(e, &pb, &rb, err, sizeof(err)) == ENGINE_OK);
+    CHECK(engine_submit(e, &pc, &rc, err, sizeof(err)) == ENGINE_OK);
+    struct req_out ob, oc;
+    out_init(&ob, &b);
+    out_init(&oc, &c);
+    collect_rest(rb, &b, &ob, "priority b");
+    collect_rest(rc, &c, &oc, "priority c");
+    out_free(&ob);
+    out_free(&oc);
+    for (int t = 0; t < 200 && (atomic_load(&b_first) == 0 || atomic_load(&c_last) == 0); t++)
+        sleep_us(10000);
+    if (!(atomic_load(&c_last) > 0 && atomic_load(&b_first) > atomic_load(&c_last)))
+        fail("priority: the priority 5 request ran before the priority -1 one (%d, %d)",
+             atomic_load(&b_first), atomic_load(&c_last));
+    engine_release(ra);
+    engine_release(rb);
+    engine_release(rc);
+    engine_destroy(e);
+
+    /* Preemption: B (priority 5) arrives first, A (priority 0) second; six
+     * blocks cannot hold both to their 5 blocks each, so one is preempted:
+     * B, so A finishes first. (With equal priorities A, the newest, would
+     * be the victim.) */
+    for (int prio = 0; prio < 2; prio++) {
+        struct spec x = a, y = b;
+        x.n_prompt = y.n_prompt = 16;
+        random_tokens(&rng, x.prompt, 16);
+        random_tokens(&rng, y.prompt, 16);
+        x.max_tokens = y.max_tokens = 60;
+        e = make_engine(m, 6, 2, 0, 0, NULL);
+        struct engine_params px = spec_params(&x, NULL), py = spec_params(&y, NULL);
+        py.priority = prio ? 5 : 0;
+        /* Finish order, robust to polling: each request's notify stamps a
+         * global sequence; the last stamp is its DONE's step. */
+        atomic_int lx = 0, ly = 0;
+        px.notify = order_cb;
+        px.notify_arg = &lx;
+        py.notify = order_cb;
+        py.notify_arg = &ly;
+        struct engine_req *rx = NULL, *ry = NULL;
+        CHECK(engine_submit(e, &py, &ry, err, sizeof(err)) == ENGINE_OK);
+        CHECK(engine_submit(e, &px, &rx, err, sizeof(err)) == ENGINE_OK);
+        struct spec sx = x, sy = y;
+        struct req_out ox, oy;
+        out_init(&ox, &sx);
+        out_init(&oy, &sy);
+        collect_rest(rx, &sx, &ox, "preemption order x");
+        collect_rest(ry, &sy, &oy, "preemption order y");
+        out_free(&ox);
+        out_free(&oy);
+        int first;
+        struct engine_stats st;
+        idle_stats(e, &st);
+        CHECK(st.preemptions > 0);
+        for (int t = 0; t < 200 && (atomic_load(&lx) == 0 || atomic_load(&ly) == 0); t++)
+            sleep_us(10000);
+        first = atomic_load(&lx) < atomic_load(&ly) ? 'x' : 'y';
+        if (first != (prio ? 'x' : 'y'))
+            fail("preemption with %s priorities: %c finished first", prio ? "different" : "equal",
+                 first ? first : '?');
+        engine_release(rx);
+        engine_release(ry);
+        engine_destroy(e);
+    }
+}
+
 /* engine_destroy with requests still live and unreleased: they stay
  * readable, and each ends in DONE. */
 static void test_destroy_live(struct model *m)
@@ -1099,6 +1210,7 @@ static void run_suite(const char *path, const char *name)
     test_errors(m);
     test_queue_full(m);
     test_cancel_twice(m);
+    test_priority(m);
     test_destroy_live(m);
     test_prefix_cache(m);
     test_preemption(m);
