@@ -474,3 +474,97 @@ done:
     model_destroy(m);
     return rc;
 }
+
+/* `inferd tokenize [MODEL] [TEXT]`: the model's token ids for TEXT as a JSON
+ * array; without TEXT, one JSON string per line of stdin, one array per
+ * line of stdout (so a script tokenizes many texts with one load). Special
+ * tokens written in the text stay plain text unless --special. */
+int cli_tokenize(int argc, char **argv)
+{
+    int special = 0, add_special = 0, c;
+    static const struct option opts[] = {
+        {"special", no_argument, 0, 's'},
+        {"add-special", no_argument, 0, 'a'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case 's': special = 1; break;
+        case 'a': add_special = 1; break;
+        case 'h':
+            puts("usage: inferd tokenize [MODEL] [TEXT] [--special] [--add-special]\n"
+                 "  without TEXT: reads one JSON string per line, writes one JSON array per line");
+            return 0;
+        default:
+            return 2;
+        }
+    }
+    char buf[4096], err[512];
+    const char *path = NULL, *text = NULL;
+    int left = argc - optind;
+    if (left == 2) {
+        path = argv[optind];
+        text = argv[optind + 1];
+    } else if (left == 1) {
+        struct stat st;
+        if (stat(argv[optind], &st) == 0)
+            path = argv[optind];
+        else
+            text = argv[optind];
+    } else if (left > 2) {
+        cli_error("tokenize: usage: inferd tokenize [MODEL] [TEXT]");
+        return 2;
+    }
+    if (!path)
+        path = default_model(buf, sizeof(buf));
+    char *tmpl_unused = NULL;
+    struct tokenizer *tok = open_tokenizer(path, 0, &tmpl_unused, err, sizeof(err));
+    if (!tok) {
+        cli_error("%s", err);
+        return 1;
+    }
+    int rc = 0;
+    char *line = NULL;
+    size_t cap = 0;
+    for (;;) {
+        const char *s = text;
+        size_t len = text ? strlen(text) : 0;
+        struct json *j = NULL;
+        if (!text) {
+            ssize_t n = getline(&line, &cap, stdin);
+            if (n < 0)
+                break;
+            j = json_parse(line, (size_t)n, err, sizeof(err));
+            s = j ? json_string(j, &len) : NULL;
+            if (!s) {
+                cli_error("tokenize: each input line must be one JSON string%s%s", j ? "" : ": ",
+                          j ? "" : err);
+                json_free(j);
+                rc = 1;
+                break;
+            }
+        }
+        int32_t *ids = NULL;
+        size_t n_ids = 0;
+        if (tokenizer_encode(tok, s, len, add_special, special, &ids, &n_ids, err, sizeof(err))) {
+            cli_error("tokenize: %s", err);
+            json_free(j);
+            rc = 1;
+            break;
+        }
+        putchar('[');
+        for (size_t i = 0; i < n_ids; i++)
+            printf("%s%d", i ? ", " : "", ids[i]);
+        puts("]");
+        free(ids);
+        json_free(j);
+        if (text)
+            break;
+    }
+    fflush(stdout);
+    free(line);
+    tokenizer_destroy(tok);
+    return rc;
+}

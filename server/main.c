@@ -118,6 +118,7 @@ static void usage(FILE *f)
           "  logits MODEL --tokens IDS [...]   print the logits of a token sequence (JSON)\n"
           "  bench engine MODEL [...]          offline prefill/decode throughput vs the machine's ceilings\n"
           "  bench load MODEL --workload F     concurrent requests through the batching engine\n"
+          "  tokenize [MODEL] [TEXT]           the model's token ids for TEXT (or each JSON line of stdin)\n"
           "\n"
           "MODEL is a Hugging Face directory (config.json + *.safetensors) or a .gguf file.\n"
           "Run 'inferd <command> --help' for a command's options.\n", f);
@@ -144,6 +145,8 @@ int main(int argc, char **argv)
         return cli_logits(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate"))
         return cli_generate(argc - 1, argv + 1);
+    if (!strcmp(cmd, "tokenize"))
+        return cli_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench"))
         return cli_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "run"))

@@ -4,13 +4,13 @@
 with llama.cpp's llama-server over HTTP, on the same GGUF file and the same
 token-id prompts. A benchmark, not a test (run by hand; Python stdlib only).
 
-Workload (deterministic from --seed; token ids uniform in [300, 100000), clear
-of the special tokens of the Qwen2.5 vocabulary); every request is greedy,
+Workload (deterministic from --seed; real text: slices of README.md behind
+per-request tags, tokenized by `inferd tokenize`); every request is greedy,
 ignores EOS and produces exactly --max-tokens tokens:
 
   plain   at concurrency c, c requests with their own --prompt-tokens prompt,
           all submitted at once.
-  shared  a fresh random --shared-tokens prefix per level; request i is
+  shared  a fresh --shared-tokens prefix per level; request i is
           prefix + its own --suffix-tokens suffix. Request 0 is submitted
           alone; the other c-1 when request 0 receives its first token
           ("warm_first"). Reports the first TTFT, the median and max TTFT of
@@ -43,7 +43,6 @@ import threading
 import time
 from pathlib import Path
 
-TOKEN_LO, TOKEN_HI = 300, 100000
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,24 +59,58 @@ def log(msg):
 
 # ---------------------------------------------------------------- workload --
 
+def tokenize_all(args, texts):
+    """Token ids of each text with the model's own tokenizer, one
+    `inferd tokenize` process for all of them."""
+    exe = Path(args.inferd) / "inferd"
+    stdin = "".join(json.dumps(t) + "\n" for t in texts)
+    p = subprocess.run([str(exe), "tokenize", args.model], input=stdin, capture_output=True,
+                       text=True, timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError(f"inferd tokenize failed: {p.stderr.strip()}")
+    out = [json.loads(line) for line in p.stdout.splitlines()]
+    if len(out) != len(texts):
+        raise RuntimeError("inferd tokenize: one line per text expected")
+    return out
+
+
 def make_workload(args):
-    """One run per (mode, level). Each run has its own RNG stream, seeded from
-    (seed, mode, level), so its prompts do not depend on which other modes or
-    levels were selected; shared-mode prefixes are fresh per level (the inferd
-    prefix cache persists across runs)."""
-    runs = []
+    """One run per (mode, level). Prompts are real text, so that both engines
+    continue it with ordinary text (llama-server's output parser rejects some
+    of what random token ids make the model say): slices of this project's
+    README at offsets drawn from an RNG seeded by (seed, mode, level), each
+    behind a tag naming the run and request, so prompts of different runs or
+    requests share no leading block. Shared-mode prefixes are fresh per level
+    (the inferd prefix cache persists across runs)."""
+    corpus = (ROOT / "README.md").read_text()
+    runs, texts = [], [corpus]
+    for mode in args.modes:
+        for c in args.concurrency:
+            texts.append(f"Shared context {args.seed}-{c}:\n")
+            texts += [f"Request {mode}-{args.seed}-{c}-{i}:\n" for i in range(c)]
+            texts += [f"\nQuestion {i}: " for i in range(c)]
+    ids = tokenize_all(args, texts)
+    body, k = ids[0], 1
+    if len(body) < 64:
+        raise RuntimeError("README.md is too short to slice prompts from")
+
+    def piece(rng, n):
+        """n consecutive corpus tokens from a random offset, wrapping."""
+        o = rng.randrange(len(body))
+        return [body[(o + i) % len(body)] for i in range(n)]
+
     for mode in args.modes:
         for c in args.concurrency:
             rng = random.Random(f"bench_concurrency/{args.seed}/{mode}/{c}")
-
-            def draw(n):
-                return [rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(n)]
-
+            shared_tag, req_tags, q_tags = ids[k], ids[k + 1:k + 1 + c], ids[k + 1 + c:k + 1 + 2 * c]
+            k += 1 + 2 * c
             if mode == "plain":
-                prompts = [draw(args.prompt_tokens) for _ in range(c)]
+                n = args.prompt_tokens
+                prompts = [(req_tags[i] + piece(rng, n))[:n] for i in range(c)]
             else:
-                prefix = draw(args.shared_tokens)
-                prompts = [prefix + draw(args.suffix_tokens) for _ in range(c)]
+                prefix = (shared_tag + piece(rng, args.shared_tokens))[:args.shared_tokens]
+                n = args.suffix_tokens
+                prompts = [prefix + (q_tags[i] + piece(rng, n))[:n] for i in range(c)]
             runs.append({"name": f"{mode}-c{c}", "mode": mode, "concurrency": c,
                          "max_tokens": args.max_tokens, "warm_first": mode == "shared",
                          "prompts": prompts})
