@@ -35,6 +35,7 @@ struct kv_meta {
     int32_t tokens[KV_BLOCK_TOKENS];
     int32_t rope_long;
     int32_t hnext;             /* next block in the same index bucket, -1 ends */
+    int32_t pnext;             /* next block in the same parent bucket, -1 ends */
     int32_t lru_prev, lru_next; /* unheld cached blocks, oldest first */
     int indexed;
 };
@@ -52,6 +53,7 @@ struct kv_cache {
     int max_seqs;
     struct kv_meta *meta; /* (n_blocks) prefix cache state per block */
     int32_t *buckets;     /* (n_buckets) first block of each chain, -1 empty */
+    int32_t *pbuckets;    /* (n_buckets) cached blocks by parent serial */
     uint64_t n_buckets;   /* power of two >= n_blocks */
     int32_t lru_head, lru_tail; /* oldest / newest unheld cached block */
     int64_t n_idle;       /* cached blocks with refs == 0 (in the LRU) */
@@ -164,10 +166,11 @@ struct kv_cache *kv_create(const struct kv_geom *g, int64_t n_blocks,
     while (kv->n_buckets < (uint64_t)n_blocks)
         kv->n_buckets *= 2;
     kv->buckets = malloc(kv->n_buckets * sizeof(int32_t));
-    if (!kv->free_list || !kv->refs || !kv->seqs || !kv->meta || !kv->buckets)
+    kv->pbuckets = malloc(kv->n_buckets * sizeof(int32_t));
+    if (!kv->free_list || !kv->refs || !kv->seqs || !kv->meta || !kv->buckets || !kv->pbuckets)
         goto oom;
     for (uint64_t i = 0; i < kv->n_buckets; i++)
-        kv->buckets[i] = -1;
+        kv->buckets[i] = kv->pbuckets[i] = -1;
     kv->lru_head = kv->lru_tail = -1;
     kv->key_mask = ~(uint64_t)0;
     kv->next_serial = 1;
@@ -209,6 +212,7 @@ void kv_destroy(struct kv_cache *kv)
             free(kv->seqs[i].blocks);
     free(kv->seqs);
     free(kv->buckets);
+    free(kv->pbuckets);
     free(kv->meta);
     free(kv->refs);
     free(kv->free_list);
@@ -272,6 +276,13 @@ static int32_t index_find(const struct kv_cache *kv, uint64_t key, uint64_t pare
     return -1;
 }
 
+/* Bucket of the children of a parent serial. Serials are ours, not the
+ * client's, so a plain multiplicative mix spreads them. */
+static uint64_t parent_bucket(const struct kv_cache *kv, uint64_t parent)
+{
+    return (parent * 0x9e3779b97f4a7c15ULL >> 20) & (kv->n_buckets - 1);
+}
+
 static void index_insert(struct kv_cache *kv, int32_t b, uint64_t key, uint64_t parent,
                          int rope_long, const int32_t *tokens)
 {
@@ -285,6 +296,9 @@ static void index_insert(struct kv_cache *kv, int32_t b, uint64_t key, uint64_t 
     uint64_t h = key & (kv->n_buckets - 1);
     m->hnext = kv->buckets[h];
     kv->buckets[h] = b;
+    uint64_t ph = parent_bucket(kv, parent);
+    m->pnext = kv->pbuckets[ph];
+    kv->pbuckets[ph] = b;
     m->indexed = 1;
 }
 
@@ -297,6 +311,12 @@ static void index_remove(struct kv_cache *kv, int32_t b)
         link = &kv->meta[*link].hnext;
     }
     *link = m->hnext;
+    link = &kv->pbuckets[parent_bucket(kv, m->parent_serial)];
+    while (*link != b) {
+        assert(*link >= 0);
+        link = &kv->meta[*link].pnext;
+    }
+    *link = m->pnext;
     m->indexed = 0;
 }
 
@@ -425,6 +445,55 @@ int64_t kv_seq_attach_prefix(struct kv_cache *kv, int seq, const int32_t *tokens
     kv->stats.hit_blocks += n;
     kv->stats.hit_tokens += n * KV_BLOCK_TOKENS;
     return n * KV_BLOCK_TOKENS;
+}
+
+int64_t kv_seq_attach_partial(struct kv_cache *kv, int seq, const int32_t *tokens,
+                              int64_t n_tokens)
+{
+    struct kv_seq *s = &kv->seqs[seq];
+    int64_t at = s->n_blocks * KV_BLOCK_TOKENS;
+    if (s->len != at || s->n_pub != s->n_blocks || n_tokens - 1 <= at)
+        return 0;
+    /* Leave the last prompt token to compute. */
+    int64_t want = n_tokens - 1 - at;
+    if (want > KV_BLOCK_TOKENS - 1)
+        want = KV_BLOCK_TOKENS - 1;
+    const int32_t *t = tokens + at;
+    int32_t best = -1;
+    int64_t best_len = 0;
+    int scanned = 0;
+    /* Bounded: a parent with very many children costs at most this much. */
+    for (int32_t b = kv->pbuckets[parent_bucket(kv, s->last_serial)]; b >= 0 && scanned < 64;
+         b = kv->meta[b].pnext, scanned++) {
+        const struct kv_meta *m = &kv->meta[b];
+        if (m->parent_serial != s->last_serial || m->rope_long != s->rope_long)
+            continue;
+        int64_t l = 0;
+        while (l < want && m->tokens[l] == t[l])
+            l++;
+        if (l > best_len) {
+            best_len = l;
+            best = b;
+        }
+    }
+    if (best < 0)
+        return 0;
+    /* Hold the source so that the reserve below cannot evict it. */
+    if (kv->refs[best]++ == 0)
+        lru_remove(kv, best);
+    int ok = kv_seq_reserve(kv, seq, at + best_len) == 0;
+    if (ok) {
+        int32_t d = s->blocks[s->n_blocks - 1];
+        size_t bytes = (size_t)best_len * (size_t)(kv->block_floats / KV_BLOCK_TOKENS) * sizeof(float);
+        for (int64_t l = 0; l < kv->g.n_layer; l++) {
+            memcpy(kv_block_k(kv, l, d), kv_block_k(kv, l, best), bytes);
+            memcpy(kv_block_v(kv, l, d), kv_block_v(kv, l, best), bytes);
+        }
+        s->len = at + best_len;
+        kv->stats.hit_tokens += best_len;
+    }
+    block_unref(kv, best);
+    return ok ? best_len : 0;
 }
 
 void kv_seq_publish(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t n_tokens)

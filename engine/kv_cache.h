@@ -97,6 +97,16 @@ int64_t kv_seq_capacity(const struct kv_cache *kv, int seq);
  * left to compute and the caller gets logits. 0 on a miss or when the
  * table cannot grow. Counts in kv_stats. */
 int64_t kv_seq_attach_prefix(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t n_tokens);
+/* Extends a kv_seq_attach_prefix hit by part of a block: when a cached
+ * block follows the attached run (its parent is the run's last block, same
+ * rope_long) and its first L tokens equal the prompt's next L, copies those
+ * L tokens' keys and values into a new block of the sequence's own (so a
+ * prompt that shares a system prompt ending mid-block recomputes only what
+ * differs). L < KV_BLOCK_TOKENS and at least one prompt token is left to
+ * compute. Call right after kv_seq_attach_prefix, on its full-block run.
+ * Returns L, or 0 (nothing changed) when no cached block matches or no
+ * block is free. Counts L in kv_stats.hit_tokens. */
+int64_t kv_seq_attach_partial(struct kv_cache *kv, int seq, const int32_t *tokens, int64_t n_tokens);
 /* Publishes the sequence's full blocks not yet published, so later
  * sequences can attach them. tokens: (n_tokens) the sequence's token ids
  * from position 0, borrowed; the caller has stored K/V for [0, n_tokens)

@@ -228,6 +228,7 @@ static void plan(struct engine *e)
         if (kvid < 0)
             break;
         int64_t hit = kv_seq_attach_prefix(e->kv, kvid, w->tokens, w->n_tokens);
+        hit += kv_seq_attach_partial(e->kv, kvid, w->tokens, w->n_tokens);
         w->kv = kvid;
         w->computed = hit;
         int64_t pending = w->n_tokens - hit;

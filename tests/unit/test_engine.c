@@ -193,8 +193,7 @@ static void out_feed(struct req_out *o, const struct spec *sp, const struct engi
         if (e->completion_tokens != want)
             fail("%s: completion_tokens %lld, want %lld", what, (long long)e->completion_tokens,
                  (long long)want);
-        if (e->cached_tokens < 0 || e->cached_tokens >= sp->n_prompt ||
-            e->cached_tokens % BLOCK_TOKENS)
+        if (e->cached_tokens < 0 || e->cached_tokens >= sp->n_prompt)
             fail("%s: cached_tokens %lld of a %lld-token prompt", what,
                  (long long)e->cached_tokens, (long long)sp->n_prompt);
         return;
@@ -795,6 +794,7 @@ static void test_prefix_cache(struct model *m)
     struct engine *e = make_engine(m, 64, 8, 0, 0, NULL);
     uint64_t rng = 4242;
     static const int64_t lens[] = {40, 32};
+    int64_t hits = 0;
     for (int k = 0; k < 2; k++) {
         struct spec sp;
         memset(&sp, 0, sizeof(sp));
@@ -813,20 +813,22 @@ static void test_prefix_cache(struct model *m)
         r = submit_ok(e, &sp, NULL, "prefix B");
         collect(r, &sp, &b, "prefix B");
         engine_release(r);
-        /* 40 tokens: two full blocks; 32: the last token is recomputed,
-         * so only the first block. */
-        if (b.cached_tokens != (sp.n_prompt - 1) / BLOCK_TOKENS * BLOCK_TOKENS)
+        /* 40 tokens: two full blocks, 32: the first (the last token is
+         * always recomputed); then, when A filled and published the next
+         * block, the part of it that B's prompt shares (all but the last
+         * token): 39 and 31. */
+        int64_t full = (sp.n_prompt - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
+        if (b.cached_tokens != full && b.cached_tokens != sp.n_prompt - 1)
             fail("prefix: B's cached_tokens %lld of %lld", (long long)b.cached_tokens,
                  (long long)sp.n_prompt);
-        CHECK(b.cached_tokens > 0 && b.cached_tokens < sp.n_prompt &&
-              b.cached_tokens % BLOCK_TOKENS == 0);
+        hits += b.cached_tokens;
         compare(&b, &a, 0, "prefix: B against A");
         out_free(&a);
         out_free(&b);
     }
     struct engine_stats st;
     idle_stats(e, &st);
-    CHECK(st.prefix_hit_tokens == 32 + 16);
+    CHECK(st.prefix_hit_tokens == hits && hits >= 32 + 16);
     engine_destroy(e);
 }
 

@@ -257,6 +257,70 @@ struct st_seq {
     uint64_t last_serial;
 };
 
+/* kv_seq_attach_partial: the leading tokens of a cached block that follows
+ * the attached run are copied (keys and values, every layer) into a block
+ * of the sequence's own; the source stays cached and unchanged, is never
+ * evicted by the copy, and the last prompt token is always left. */
+static void test_partial_reuse(void)
+{
+    struct kv_cache *kv = make_kv(4, 4);
+    int32_t p[32], q[32];
+    for (int i = 0; i < 32; i++)
+        p[i] = q[i] = 500 + i;
+    for (int i = 21; i < 32; i++)
+        q[i] = 900 + i; /* q shares p's first 21 tokens: block 0 and 5 of block 1 */
+    int a = kv_seq_open(kv, 0);
+    CHECK(compute(kv, a, p, 32) == 0);
+    int64_t n;
+    int32_t src = kv_seq_blocks(kv, a, &n)[1];
+    /* Mark each stored token's K and V (one layer, one head, 2 dims). */
+    for (int t = 0; t < 32; t++) {
+        int32_t b = kv_seq_blocks(kv, a, &n)[t / KV_BLOCK_TOKENS];
+        kv_block_k(kv, 0, b)[2 * (t % KV_BLOCK_TOKENS)] = (float)t;
+        kv_block_v(kv, 0, b)[2 * (t % KV_BLOCK_TOKENS) + 1] = -(float)t;
+    }
+    kv_seq_close(kv, a); /* both blocks now cached, unheld */
+    CHECK(kv_cached_blocks(kv) == 2);
+
+    int b = kv_seq_open(kv, 0);
+    CHECK(kv_seq_attach_prefix(kv, b, q, 32) == 16);
+    /* Two blocks free besides the two cached: the copy must take a free one,
+     * not evict its own source. */
+    CHECK(kv_seq_attach_partial(kv, b, q, 32) == 5);
+    CHECK(kv_seq_len(kv, b) == 21);
+    const int32_t *tb = kv_seq_blocks(kv, b, &n);
+    CHECK(n == 2 && tb[1] != src);
+    for (int t = 16; t < 21; t++) {
+        CHECK(kv_block_k(kv, 0, tb[1])[2 * (t - 16)] == (float)t);
+        CHECK(kv_block_v(kv, 0, tb[1])[2 * (t - 16) + 1] == -(float)t);
+    }
+    CHECK(kv_block_refs(kv, src) == 0 && kv_cached_blocks(kv) == 1);
+    /* The copy is private: b goes on writing from position 21. */
+    CHECK(kv_block_refs(kv, tb[1]) == 1);
+    CHECK(kv_seq_reserve(kv, b, 32) == 0);
+    check_accounting(kv);
+
+    /* The same prompt as the cached one: all but its last token. */
+    int c = kv_seq_open(kv, 0);
+    CHECK(kv_seq_attach_prefix(kv, c, p, 32) == 16);
+    CHECK(kv_seq_attach_partial(kv, c, p, 32) == 15);
+    kv_seq_close(kv, c);
+    /* A prompt that ends inside the shared block leaves its last token. */
+    int d = kv_seq_open(kv, 0);
+    CHECK(kv_seq_attach_prefix(kv, d, p, 20) == 16);
+    CHECK(kv_seq_attach_partial(kv, d, p, 20) == 3);
+    kv_seq_close(kv, d);
+    /* Nothing follows a diverging token, and rope_long must agree. */
+    int f = kv_seq_open(kv, 1);
+    CHECK(kv_seq_attach_prefix(kv, f, p, 32) == 0);
+    CHECK(kv_seq_attach_partial(kv, f, p, 32) == 0);
+    kv_seq_close(kv, f);
+    kv_seq_close(kv, b);
+    check_accounting(kv);
+    CHECK(kv_used_blocks(kv) == 0);
+    kv_destroy(kv);
+}
+
 static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
 static uint64_t rnd(void)
 {
@@ -452,6 +516,7 @@ static void test_stress(void)
 
 int main(void)
 {
+    test_partial_reuse();
     char err[256];
     struct kv_geom g = {3, 2, 8};
     CHECK(kv_bytes_per_token(&g) == 2 * 3 * 2 * 8 * 4);
