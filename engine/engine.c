@@ -243,6 +243,13 @@ void engine_finish_seq(struct engine *e, struct seq *s, enum engine_finish reaso
     struct engine_req *r = s->r;
     if (s->state == SEQ_FINISHED)
         return;
+    if (s->index == 0 && r->n > 1 && !r->forked) {
+        /* Sample 0 ends (an error or a cancel) before the others were born
+         * from its prompt: they never will be; end them all with it. */
+        r->forked = 1;
+        engine_end_request(e, r, reason, message);
+        return;
+    }
     if (s->state == SEQ_RUNNING || s->state == SEQ_WAITING)
         sched_unlink(e, s);
     if (s->kv >= 0) {
@@ -363,6 +370,12 @@ static struct engine_req *req_build(struct engine *e, const struct engine_params
     pthread_cond_init(&r->cv, &ca);
     pthread_condattr_destroy(&ca);
     r->refs = 2;
+    /* Slots reserved now, so that the last events (a FINISH per sample and
+     * DONE, which replaces the oldest when memory runs out) always fit. */
+    r->q_cap = 16;
+    r->q = malloc(r->q_cap * sizeof(*r->q));
+    if (!r->q)
+        goto oom;
     r->n_prompt = p->n_prompt;
     r->max_tokens = p->max_tokens;
     r->n = n;
@@ -584,7 +597,7 @@ void engine_get_limits(const struct engine *e, struct engine_limits *out)
 
 /* Calls each touched request's notify once, then the engine's wake once,
  * and drops the references that engine_drop deferred. */
-static void flush_touched(struct engine *e)
+static void flush_touched(struct engine *e, int wake)
 {
     struct engine_req *list = e->touched;
     e->touched = NULL;
@@ -603,7 +616,7 @@ static void flush_touched(struct engine *e)
         if (r->dropped)
             req_unref(r);
     }
-    if (any && e->wake)
+    if (any && wake && e->wake)
         e->wake(e->wake_arg);
 }
 
@@ -621,6 +634,28 @@ static int live_add(struct engine *e, struct engine_req *r)
     return 0;
 }
 
+/* Ends a request the engine could not even list (out of memory): every
+ * sample finishes with an error, then DONE, and the engine's reference
+ * goes. Its events are queued in the slots reserved at submit. */
+static void end_unlisted(struct engine_req *r, const char *why)
+{
+    struct engine_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.kind = ENGINE_EV_FINISH;
+    ev.finish = ENGINE_FINISH_ERROR;
+    ev.stop_token = -1;
+    snprintf(ev.message, sizeof(ev.message), "%s", why);
+    for (int i = 0; i < r->n; i++) {
+        ev.index = i;
+        engine_post(NULL, r, &ev);
+    }
+    ev.kind = ENGINE_EV_DONE;
+    ev.index = -1;
+    ev.prompt_tokens = r->n_prompt;
+    engine_post(NULL, r, &ev);
+    req_unref(r);
+}
+
 /* New requests join the waiting list; cancelled ones end. */
 static void take_inbox(struct engine *e, struct engine_req *inbox, int cancels)
 {
@@ -629,25 +664,7 @@ static void take_inbox(struct engine *e, struct engine_req *inbox, int cancels)
         inbox = r->next;
         r->next = NULL;
         if (live_add(e, r) != 0) {
-            /* Not even a slot in the live list: end it alone, at once. */
-            struct engine_event ev;
-            memset(&ev, 0, sizeof(ev));
-            ev.kind = ENGINE_EV_FINISH;
-            ev.finish = ENGINE_FINISH_ERROR;
-            ev.stop_token = -1;
-            snprintf(ev.message, sizeof(ev.message), "out of memory admitting the request");
-            for (int i = 0; i < r->n; i++) {
-                ev.index = i;
-                engine_post(NULL, r, &ev);
-            }
-            ev.kind = ENGINE_EV_DONE;
-            ev.index = -1;
-            ev.prompt_tokens = r->n_prompt;
-            engine_post(NULL, r, &ev);
-            pthread_mutex_lock(&r->mu);
-            r->e = NULL;
-            pthread_mutex_unlock(&r->mu);
-            req_unref(r);
+            end_unlisted(r, "out of memory admitting the request");
             continue;
         }
         if (sched_wait(e, &r->seqs[0]) != 0)
@@ -691,7 +708,7 @@ static void *engine_main(void *arg)
         take_inbox(e, inbox, cancels);
         sched_step(e);
         publish_stats(e);
-        flush_touched(e);
+        flush_touched(e, 1);
     }
     return NULL;
 }
@@ -769,17 +786,16 @@ void engine_destroy(struct engine *e)
         struct engine_req *r = inbox;
         inbox = r->next;
         r->next = NULL;
-        if (live_add(e, r) != 0) {
-            pthread_mutex_lock(&r->mu);
-            r->e = NULL;
-            pthread_mutex_unlock(&r->mu);
-            req_unref(r);
-        }
+        if (live_add(e, r) != 0)
+            end_unlisted(r, "out of memory stopping the engine");
     }
     while (e->n_live > 0)
         engine_end_request(e, e->live[e->n_live - 1], ENGINE_FINISH_CANCELLED,
                            "the engine stopped");
-    flush_touched(e);
+    /* Not the engine thread: notify (which the header allows anywhere
+     * with the request's lock) but no wake, which it promises to run on
+     * the engine thread. */
+    flush_touched(e, 0);
     kv_destroy(e->kv);
     free(e->live);
     free(e->running);
