@@ -1,0 +1,1 @@
+/* tls.c: the SSL_CTX for HTTPS listeners (see http.h). */
