@@ -60,6 +60,7 @@ struct json_doc {
 struct json_parser {
     const unsigned char *s;
     size_t len, pos;
+    int max_depth;
     struct json_doc *doc;
     char *err;
     size_t errlen;
@@ -695,8 +696,8 @@ static struct json *parse_value(struct json_parser *p, int depth)
     }
     unsigned char c = p->s[p->pos];
     /* depth counts the arrays and objects around this value */
-    if ((c == '[' || c == '{') && depth >= JSON_MAX_DEPTH) {
-        perr(p, "nesting deeper than %d", JSON_MAX_DEPTH);
+    if ((c == '[' || c == '{') && depth >= p->max_depth) {
+        perr(p, "nesting deeper than %d", p->max_depth);
         return NULL;
     }
     struct json *v;
@@ -738,9 +739,16 @@ static struct json *parse_value(struct json_parser *p, int depth)
 
 struct json *json_parse(const char *text, size_t len, char *err, size_t errlen)
 {
+    return json_parse_depth(text, len, JSON_MAX_DEPTH, err, errlen);
+}
+
+struct json *json_parse_depth(const char *text, size_t len, int max_depth, char *err,
+                              size_t errlen)
+{
     struct json_parser p = {
         .s = (const unsigned char *)text,
         .len = len,
+        .max_depth = max_depth < 1 ? 1 : max_depth > JSON_MAX_DEPTH ? JSON_MAX_DEPTH : max_depth,
         .err = err,
         .errlen = errlen,
     };

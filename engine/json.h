@@ -21,6 +21,11 @@ struct json;
  * NULL and writes a message with the byte offset into err. The caller owns
  * the result and frees it with json_free. */
 struct json *json_parse(const char *text, size_t len, char *err, size_t errlen);
+/* As json_parse, refusing arrays and objects nested deeper than max_depth
+ * (clamped to [1, 128], json_parse's own cap): for client requests, whose
+ * depth the server bounds far below what model files need. */
+struct json *json_parse_depth(const char *text, size_t len, int max_depth, char *err,
+                              size_t errlen);
 /* Frees a tree returned by json_parse. Accepts NULL. */
 void json_free(struct json *root);
 

@@ -20,129 +20,13 @@
 #include "engine/stop.h"
 #include "engine/tokenizer.h"
 #include "server/cli.h"
+#include "server/model_text.h"
 
 static double now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* The model used when none is named: $INFERD_MODEL, else the one
- * deploy/setup.sh installs. Writes the path to buf. */
-static const char *default_model(char *buf, size_t n)
-{
-    const char *env = getenv("INFERD_MODEL");
-    if (env && *env)
-        return env;
-    const char *data = getenv("XDG_DATA_HOME"), *home = getenv("HOME");
-    if (data && *data)
-        snprintf(buf, n, "%s/inferd/default.gguf", data);
-    else
-        snprintf(buf, n, "%s/.local/share/inferd/default.gguf", home ? home : "");
-    return buf;
-}
-
-/* A file's whole contents (NUL-terminated), or NULL. */
-static char *slurp(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    char *buf = NULL;
-    size_t cap = 0, n = 0, got;
-    do {
-        if (n + 65536 + 1 > cap) {
-            cap = 2 * cap + 65536 + 1;
-            char *nb = realloc(buf, cap);
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                return NULL;
-            }
-            buf = nb;
-        }
-        got = fread(buf + n, 1, cap - n - 1, f);
-        n += got;
-    } while (got > 0);
-    fclose(f);
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
-
-/* The model's tokenizer (its GGUF metadata, or tokenizer.json beside the
- * weights of a Hugging Face directory) and, when want_template, its chat
- * template source (tokenizer.chat_template, or tokenizer_config.json's
- * chat_template) into *tmpl (malloc'd; NULL when the model has none). */
-static struct tokenizer *open_tokenizer(const char *path, int want_template, char **tmpl,
-                                        char *err, size_t errlen)
-{
-    struct tokenizer *t = NULL;
-    struct stat sb;
-    *tmpl = NULL;
-    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
-        char p[4096];
-        if ((size_t)snprintf(p, sizeof(p), "%s/tokenizer_config.json", path) >= sizeof(p)) {
-            snprintf(err, errlen, "the model path is too long (%zu bytes)", strlen(path));
-            return NULL;
-        }
-        size_t len;
-        char *cfg = want_template ? slurp(p, &len) : NULL;
-        if (cfg) {
-            char jerr[256];
-            struct json *j = json_parse(cfg, len, jerr, sizeof(jerr));
-            const struct json *ct = json_get(j, "chat_template");
-            /* a list of named templates: the one named "default" */
-            for (size_t i = 0; json_type(ct) == JSON_ARRAY && i < json_len(ct); i++) {
-                const char *name = json_string(json_get(json_at(ct, i), "name"), NULL);
-                if (name && strcmp(name, "default") == 0) {
-                    ct = json_get(json_at(ct, i), "template");
-                    break;
-                }
-            }
-            size_t tl;
-            const char *src = json_string(ct, &tl);
-            if (src) {
-                *tmpl = malloc(tl + 1);
-                if (*tmpl) {
-                    memcpy(*tmpl, src, tl);
-                    (*tmpl)[tl] = 0;
-                }
-            }
-            json_free(j);
-            free(cfg);
-        }
-        if ((size_t)snprintf(p, sizeof(p), "%s/tokenizer.json", path) < sizeof(p))
-            tokenizer_load_hf(p, &t, err, errlen);
-        return t;
-    }
-    struct gguf_file *g;
-    if (gguf_open(path, &g, err, errlen))
-        return NULL;
-    tokenizer_load_gguf(g, path, &t, err, errlen);
-    size_t tl;
-    const char *src = want_template ? gguf_get_str(g, "tokenizer.chat_template", &tl) : NULL;
-    if (src && (*tmpl = malloc(tl + 1))) {
-        memcpy(*tmpl, src, tl);
-        (*tmpl)[tl] = 0;
-    }
-    gguf_close(g);
-    return t;
-}
-
-/* The text of token id (empty when none). */
-static char *token_text(const struct tokenizer *t, int64_t id)
-{
-    size_t l = 0;
-    const char *b = id >= 0 ? tokenizer_token_bytes(t, (int32_t)id, &l) : NULL;
-    char *s = malloc(l + 1);
-    if (s) {
-        if (b)
-            memcpy(s, b, l);
-        s[l] = 0;
-    }
-    return s;
 }
 
 /* PROMPT as the user's message of a conversation (after an optional
@@ -153,7 +37,7 @@ static char *render_chat(const char *src, const struct tokenizer *tok,
                          char *err, size_t errlen)
 {
     struct chat_template *ct = NULL;
-    char *out = NULL, *bos = token_text(tok, cf->bos_id), *eos = token_text(tok, cf->eos_id);
+    char *out = NULL, *bos = mt_token_text(tok, cf->bos_id), *eos = mt_token_text(tok, cf->eos_id);
     char cerr[400];
     if (!bos || !eos) {
         snprintf(err, errlen, "out of memory");
@@ -296,7 +180,7 @@ int cli_run(int argc, char **argv)
     if (stop_ids_arg && cli_parse_ids("--stop-token-ids", stop_ids_arg, &stop_ids, &n_stop_ids))
         return 2;
     char defbuf[4096];
-    const char *path = npos == 2 ? argv[optind] : default_model(defbuf, sizeof(defbuf));
+    const char *path = npos == 2 ? argv[optind] : mt_default_model(defbuf, sizeof(defbuf));
     const char *prompt = argv[argc - 1];
 
     char err[512];
@@ -322,7 +206,7 @@ int cli_run(int argc, char **argv)
     double t0 = now_s();
     struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack};
     if (model_load(path, &mo, &m, err, sizeof(err)) ||
-        !(tok = open_tokenizer(path, chat, &tmpl, err, sizeof(err)))) {
+        !(tok = mt_open_tokenizer(path, chat, &tmpl, err, sizeof(err)))) {
         cli_error("%s", err);
         goto done;
     }
@@ -518,9 +402,9 @@ int cli_tokenize(int argc, char **argv)
         return 2;
     }
     if (!path)
-        path = default_model(buf, sizeof(buf));
+        path = mt_default_model(buf, sizeof(buf));
     char *tmpl_unused = NULL;
-    struct tokenizer *tok = open_tokenizer(path, 0, &tmpl_unused, err, sizeof(err));
+    struct tokenizer *tok = mt_open_tokenizer(path, 0, &tmpl_unused, err, sizeof(err));
     if (!tok) {
         cli_error("%s", err);
         return 1;
