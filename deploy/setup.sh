@@ -2,7 +2,7 @@
 # setup.sh: installs everything inferd needs on a Debian machine, builds it,
 # and then does one job:
 #   deploy/setup.sh            set up and build only
-#   deploy/setup.sh run        ... then run the default model
+#   deploy/setup.sh run        ... then serve the default model on 127.0.0.1:8000
 #   deploy/setup.sh test       ... then run every test (C unit + Python)
 # Idempotent: packages already present are not reinstalled, an existing
 # build directory is reused. Needs root (or sudo) only to install packages.
@@ -23,6 +23,7 @@ DEB_PACKAGES=(
 PY_PACKAGES=(
   "pytest>=7,<10" "numpy>=1.24,<3" "gguf>=0.10,<1" "safetensors>=0.4,<1"
   "jinja2>=3.1,<4" "tokenizers>=0.20,<1"
+  "openai>=1.40,<3" "jsonschema>=4.18,<5" "pyyaml>=6,<7" "openapi-spec-validator>=0.7,<1"
 )
 
 log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
@@ -84,14 +85,11 @@ case "$MODE" in
   run)
     shift || true
     install_model
-    # Until the HTTP server lands: one completion, printed as it is made.
-    # Arguments after `run` are inferd run's (a prompt, flags).
-    log "running $MODEL_PATH (the HTTP server arrives with its own issue)"
-    if [ $# -eq 0 ]; then
-      set -- --special --max-tokens 32 \
-        $'<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n'
-    fi
-    exec "$BUILD/inferd" run "$MODEL_PATH" "$@"
+    # The daemon on 127.0.0.1:8000, serving the default model. Arguments
+    # after `run` are inferd serve's (e.g. --port 9000 --api-key KEY).
+    log "serving $MODEL_PATH on http://127.0.0.1:8000 (Ctrl-C to stop)"
+    exec "$BUILD/inferd" serve "$MODEL_PATH" --host 127.0.0.1 --port 8000 \
+      --served-model-name "${INFERD_SERVED_NAME:-qwen2.5-coder-1.5b-instruct}" "$@"
     ;;
   test)
     install_python
