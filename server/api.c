@@ -562,7 +562,7 @@ struct api *api_create(const struct api_opts *o, struct event_base *base, char *
     snprintf(a->served_name, sizeof(a->served_name), "%s", o->served_name);
     a->created = (int64_t)time(NULL);
     a->trust_request_template = o->trust_request_chat_template;
-    a->max_prompt_bytes = o->max_prompt_bytes > 0 ? o->max_prompt_bytes : 4 << 20;
+    a->max_prompt_bytes = o->max_prompt_bytes > 0 ? o->max_prompt_bytes : 1 << 20;
     a->ping_interval_s = o->ping_interval_s > 0 ? o->ping_interval_s : 15;
     a->n_eot = mt_end_of_turn_ids(o->tok, cf->eos_id, a->eot_ids, 16);
     a->bos_text = mt_token_text(o->tok, cf->bos_id);

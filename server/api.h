@@ -35,7 +35,7 @@ struct api_opts {
     int trust_request_chat_template; /* accept "chat_template" in requests */
     const char *const *api_keys;   /* n_api_keys keys, copied; 0: no auth */
     int n_api_keys;
-    int64_t max_prompt_bytes;      /* 0: 4 MiB of prompt text per request */
+    int64_t max_prompt_bytes;      /* 0: 1 MiB of prompt text per request (all prompts) */
     double ping_interval_s;        /* 0: 15 s between SSE keep-alive pings */
 };
 

@@ -80,6 +80,7 @@ struct api_gen_spec {
     int32_t **prompt_ids;      /* (n_prompts) arrays */
     size_t *prompt_len;
     char **prompt_text;        /* for echo (completions), else NULL */
+    int64_t prompt_bytes;      /* text tokenized so far (max_prompt_bytes) */
 };
 
 void api_spec_free(struct api_gen_spec *s);

@@ -365,10 +365,14 @@ static int add_prompt(struct api_gen_spec *s, int32_t *ids, size_t n, char *text
 static int add_text_prompt(struct api *a, struct api_gen_spec *s, const char *text, size_t len,
                            int add_special, const char *param, struct api_err *e)
 {
-    if ((int64_t)len > a->max_prompt_bytes) {
+    /* Tokenizing runs on the event loop: the text of one request is
+     * bounded, so no request can hold the loop for long. */
+    s->prompt_bytes += (int64_t)len;
+    if (s->prompt_bytes > a->max_prompt_bytes) {
         api_err_set(e, 400, param, "context_length_exceeded",
-                    "the prompt is %zu bytes long, the limit is %lld bytes", len,
-                    (long long)a->max_prompt_bytes);
+                    "the prompt text is %lld bytes long, the limit is %lld bytes "
+                    "(--max-prompt-bytes)",
+                    (long long)s->prompt_bytes, (long long)a->max_prompt_bytes);
         return -1;
     }
     int32_t *ids = NULL;

@@ -50,6 +50,7 @@ struct serve_args {
     double drain_timeout;
     struct http_limits lim;
     int64_t max_prompt_bytes;
+    double ping_interval;
 };
 
 struct serve {
@@ -211,13 +212,14 @@ static void usage(FILE *f)
           "limits:\n"
           "  --max-header-bytes N       request line + headers (default 16K) -> 431\n"
           "  --max-body-bytes N         request body (default 8M) -> 413\n"
-          "  --max-prompt-bytes N       prompt text per request (default 4M) -> 400\n"
+          "  --max-prompt-bytes N       prompt text per request (default 1M) -> 400\n"
           "  --header-timeout S         to receive the headers (default 10) -> 408\n"
           "  --body-timeout S           between reads of a body (default 10) -> 408\n"
           "  --idle-timeout S           idle keep-alive connection (default 75)\n"
           "  --send-timeout S           client not reading (default 60): cancelled\n"
           "  --max-connections N        open connections (default 4096) -> 503\n"
           "  --max-stream-buffer N      output queued per connection (default 1M): cancelled\n"
+          "  --sse-ping-interval S      ': ping' on a stream silent this long (default 15)\n"
           "lifecycle:\n"
           "  --drain-timeout S          on SIGTERM, let streams finish this long (default 30)\n"
           "  --log-level L              debug, info, warn or error (default info)\n",
@@ -271,7 +273,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 {
     enum { O_HOST = 256, O_PORT, O_NAME, O_KEY, O_KEYFILE, O_CERT, O_TLSKEY, O_TMPL, O_TRUST,
            O_THREADS, O_KV, O_SEQS, O_BATCH, O_QUEUE, O_MLEN, O_DRAIN, O_HDR, O_BODY, O_PROMPT,
-           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_LOG, O_HELP };
+           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_HELP };
     static const struct option opts[] = {
         {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT},
@@ -298,6 +300,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         {"send-timeout", required_argument, 0, O_STO},
         {"max-connections", required_argument, 0, O_CONNS},
         {"max-stream-buffer", required_argument, 0, O_SBUF},
+        {"sse-ping-interval", required_argument, 0, O_PING},
         {"log-level", required_argument, 0, O_LOG},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
@@ -366,6 +369,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
             rc = cli_parse_size("--max-stream-buffer", optarg, &v);
             a->lim.max_output_bytes = (size_t)v;
             break;
+        case O_PING: rc = parse_seconds("--sse-ping-interval", optarg, &a->ping_interval); break;
         case O_LOG: {
             int l = log_parse_level(optarg);
             if (l < 0) {
@@ -473,6 +477,7 @@ int cli_serve(int argc, char **argv)
         .api_keys = a.keys,
         .n_api_keys = a.n_keys,
         .max_prompt_bytes = a.max_prompt_bytes,
+        .ping_interval_s = a.ping_interval,
     };
     if (!(s.api = api_create(&ao, s.base, err, sizeof(err)))) {
         cli_error("%s", err);
