@@ -1,7 +1,10 @@
 /* cli_bench.c: `inferd bench engine MODEL`: offline prefill and decode
  * throughput at several batch sizes, printed next to this machine's
  * memory-bandwidth and compute ceilings measured in the same run (in the
- * style of `vllm bench throughput`; a benchmark, not a test). Main thread. */
+ * style of `vllm bench throughput`; a benchmark, not a test). Also
+ * dispatches `bench load` (cli_load.c) and `bench serve`, the online load
+ * generator against any OpenAI-compatible server (cli_bench_serve.c).
+ * Main thread. */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -256,6 +259,9 @@ int cli_bench(int argc, char **argv)
         return bench_engine(argc - 1, argv + 1);
     if (argc >= 2 && !strcmp(argv[1], "load"))
         return cli_bench_load(argc - 1, argv + 1);
-    cli_error("bench: expected 'engine' or 'load' (usage: inferd bench engine|load MODEL [options])");
+    if (argc >= 2 && !strcmp(argv[1], "serve"))
+        return cli_bench_serve(argc - 1, argv + 1);
+    cli_error("bench: expected 'engine', 'load' or 'serve' (usage: inferd bench engine|load MODEL"
+              " [options], inferd bench serve [--base-url URL] [options])");
     return 2;
 }

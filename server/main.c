@@ -118,6 +118,7 @@ static void usage(FILE *f)
           "  logits MODEL --tokens IDS [...]   print the logits of a token sequence (JSON)\n"
           "  bench engine MODEL [...]          offline prefill/decode throughput vs the machine's ceilings\n"
           "  bench load MODEL --workload F     concurrent requests through the batching engine\n"
+          "  bench serve [--base-url URL ...]  load an OpenAI-compatible server over HTTP (TTFT, ITL, tok/s)\n"
           "  tokenize [MODEL] [TEXT]           the model's token ids for TEXT (or each JSON line of stdin)\n"
           "\n"
           "MODEL is a Hugging Face directory (config.json + *.safetensors) or a .gguf file.\n"
