@@ -2511,7 +2511,7 @@ static struct val from_json(struct rctx *r, const struct json *j, int depth)
     }
     case JSON_STRING: {
         size_t n;
-        const char *s = json_string(j, &n);
+        const char *s = json_str(j, &n);
         return mkstr_ref(r, 0, s, n);
     }
     case JSON_ARRAY: {

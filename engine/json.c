@@ -869,7 +869,7 @@ int json_int64(const struct json *v, int64_t *out)
     return 0;
 }
 
-const char *json_string(const struct json *v, size_t *len)
+const char *json_str(const struct json *v, size_t *len)
 {
     if (!v || v->type != JSON_STRING)
         return NULL;

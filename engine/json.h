@@ -51,7 +51,7 @@ double json_number(const struct json *v);
 int json_int64(const struct json *v, int64_t *out);
 /* String contents (NUL-terminated, may contain embedded NULs: use *len),
  * owned by the tree; NULL when not a string. len may be NULL. */
-const char *json_string(const struct json *v, size_t *len);
+const char *json_str(const struct json *v, size_t *len);
 /* 1 for true, 0 for false or not a bool. */
 int json_bool(const struct json *v);
 

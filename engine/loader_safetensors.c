@@ -163,7 +163,7 @@ static int st_check_entry(const char *path, const char *name, const struct json 
 
     /* dtype: a closed set */
     size_t dl;
-    const char *ds = json_string(json_get(e, "dtype"), &dl);
+    const char *ds = json_str(json_get(e, "dtype"), &dl);
     if (!ds)
         return le_err(err, errlen, path, "tensor '%s': dtype is not a string", tn);
     int esize = 0;
@@ -478,7 +478,7 @@ static int st_open_index(struct st_model *m, const char *dir, const char *ipath,
             goto done;
         }
         size_t fl;
-        const char *f = json_string(json_at(map, i), &fl);
+        const char *f = json_str(json_at(map, i), &fl);
         if (!f) {
             le_err(err, errlen, ipath, "weight_map: value for tensor '%s' is not a string",
                    le_show(tname, tl, nb, sizeof(nb)));
@@ -521,7 +521,7 @@ static int st_open_index(struct st_model *m, const char *dir, const char *ipath,
     while (a < n || b < m->n_tensors) {
         int c = a == n ? 1 : b == m->n_tensors ? -1 : strcmp(wm[a].name, m->by_name[b].name);
         if (c < 0) {
-            const char *f = json_string(json_at(map, wm[a].idx), &len);
+            const char *f = json_str(json_at(map, wm[a].idx), &len);
             le_err(err, errlen, ipath, "weight_map lists tensor '%s' in %s, which does not contain it",
                    le_show(wm[a].name, strlen(wm[a].name), nb, sizeof(nb)),
                    le_show(f, len, sb, sizeof(sb)));
@@ -534,7 +534,7 @@ static int st_open_index(struct st_model *m, const char *dir, const char *ipath,
                    le_show(tn, strlen(tn), nb, sizeof(nb)), sh->path);
             goto done;
         }
-        const char *f = json_string(json_at(map, wm[a].idx), &len);
+        const char *f = json_str(json_at(map, wm[a].idx), &len);
         const char *base = strrchr(sh->path, '/') + 1;
         if (strlen(base) != len || memcmp(base, f, len) != 0) {
             le_err(err, errlen, ipath, "weight_map says tensor '%s' is in %s but it is in %s",

@@ -157,9 +157,9 @@ static int hf_rope(const struct json *cfg, struct model_config *c, const char *p
 
     const char *type = "default";
     if (rs && json_type(rs) == JSON_OBJECT) {
-        const char *t = json_string(json_get(rs, "rope_type"), NULL);
+        const char *t = json_str(json_get(rs, "rope_type"), NULL);
         if (!t)
-            t = json_string(json_get(rs, "type"), NULL);
+            t = json_str(json_get(rs, "type"), NULL);
         if (t)
             type = t;
     }
@@ -241,7 +241,7 @@ int mc_from_hf(const struct json *cfg, const char *path, struct model_config *c,
     c->format = FORMAT_HF;
     if (json_type(cfg) != JSON_OBJECT)
         CFG_ERR("%s: not a JSON object", path);
-    const char *mt = json_string(json_get(cfg, "model_type"), NULL);
+    const char *mt = json_str(json_get(cfg, "model_type"), NULL);
     if (!mt)
         CFG_ERR("%s: missing \"model_type\"", path);
     if (!strcmp(mt, "llama"))

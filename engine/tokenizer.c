@@ -284,7 +284,7 @@ static int add_split(struct tokenizer *t, const char *pattern, size_t plen, int 
 static int load_pretok_step(struct tokenizer *t, const struct json *p, const char *path,
                             char *err, size_t errlen)
 {
-    const char *type = json_string(json_get(p, "type"), NULL);
+    const char *type = json_str(json_get(p, "type"), NULL);
     if (!type)
         return fail(err, errlen, path, "pre_tokenizer step without a type");
     if (strcmp(type, "ByteLevel") == 0) {
@@ -296,10 +296,10 @@ static int load_pretok_step(struct tokenizer *t, const struct json *p, const cha
     }
     if (strcmp(type, "Split") == 0) {
         size_t plen;
-        const char *pat = json_string(json_get(json_get(p, "pattern"), "Regex"), &plen);
+        const char *pat = json_str(json_get(json_get(p, "pattern"), "Regex"), &plen);
         if (!pat)
             return fail(err, errlen, path, "pre_tokenizer Split: only Regex patterns are supported");
-        const char *beh = json_string(json_get(p, "behavior"), NULL);
+        const char *beh = json_str(json_get(p, "behavior"), NULL);
         int isolated = beh && strcmp(beh, "Isolated") == 0;
         if (!beh || (!isolated && strcmp(beh, "Removed") != 0))
             return fail(err, errlen, path, "pre_tokenizer Split: only Isolated and Removed behaviors are supported");
@@ -312,7 +312,7 @@ static int load_pretok_step(struct tokenizer *t, const struct json *p, const cha
 static int load_post(struct tokenizer *t, const struct json *pp, const char *path, char *err,
                      size_t errlen)
 {
-    const char *type = json_string(json_get(pp, "type"), NULL);
+    const char *type = json_str(json_get(pp, "type"), NULL);
     if (!type)
         return 0;
     if (strcmp(type, "Sequence") == 0) {
@@ -338,7 +338,7 @@ static int load_post(struct tokenizer *t, const struct json *pp, const char *pat
             seen_a = 1;
             continue;
         }
-        const char *name = json_string(json_get(st, "id"), NULL);
+        const char *name = json_str(json_get(st, "id"), NULL);
         const struct json *ids = json_get(json_get(special, name ? name : ""), "ids");
         if (!name || json_len(ids) != 1)
             return fail(err, errlen, path, "post_processor: a special token without one id");
@@ -517,7 +517,7 @@ static int load_model(struct tokenizer *t, const struct json *root, const char *
                       size_t errlen)
 {
     const struct json *model = json_get(root, "model");
-    const char *type = json_string(json_get(model, "type"), NULL);
+    const char *type = json_str(json_get(model, "type"), NULL);
     if (!type || strcmp(type, "BPE") != 0)
         return fail(err, errlen, path, "model.type: only BPE is supported");
     const struct json *vocab = json_get(model, "vocab");
@@ -554,7 +554,7 @@ static int load_model(struct tokenizer *t, const struct json *root, const char *
     for (size_t i = 0; i < json_len(added); i++) {
         const struct json *a = json_at(added, i);
         size_t len;
-        const char *content = json_string(json_get(a, "content"), &len);
+        const char *content = json_str(json_get(a, "content"), &len);
         int64_t id;
         json_int64(json_get(a, "id"), &id);
         if (!content)
@@ -571,7 +571,7 @@ static int load_model(struct tokenizer *t, const struct json *root, const char *
         size_t la, lb;
         if (json_type(e) == JSON_STRING) {
             size_t l;
-            a = json_string(e, &l);
+            a = json_str(e, &l);
             if (split_merge(a, l, &la)) {
                 free(buf);
                 return fail(err, errlen, path, "model.merges: an entry without a space");
@@ -579,8 +579,8 @@ static int load_model(struct tokenizer *t, const struct json *root, const char *
             b = a + la + 1;
             lb = l - la - 1;
         } else {
-            a = json_string(json_at(e, 0), &la);
-            b = json_string(json_at(e, 1), &lb);
+            a = json_str(json_at(e, 0), &la);
+            b = json_str(json_at(e, 1), &lb);
             if (json_len(e) != 2 || !a || !b) {
                 free(buf);
                 return fail(err, errlen, path, "model.merges: an entry is not a pair of strings");
@@ -599,9 +599,9 @@ static int load_model(struct tokenizer *t, const struct json *root, const char *
 /* 1 when j is {"type": "Replace", "pattern": {"String": from}, "content": to}. */
 static int is_replace(const struct json *j, const char *from, const char *to)
 {
-    const char *ty = json_string(json_get(j, "type"), NULL);
-    const char *f = json_string(json_get(json_get(j, "pattern"), "String"), NULL);
-    const char *c = json_string(json_get(j, "content"), NULL);
+    const char *ty = json_str(json_get(j, "type"), NULL);
+    const char *f = json_str(json_get(json_get(j, "pattern"), "String"), NULL);
+    const char *c = json_str(json_get(j, "content"), NULL);
     return ty && f && c && !strcmp(ty, "Replace") && !strcmp(f, from) && !strcmp(c, to);
 }
 
@@ -614,8 +614,8 @@ static int load_spm_rules(struct tokenizer *t, const struct json *norm, const st
                           const struct json *dec, const char *path, char *err, size_t errlen)
 {
     static const char meta[] = "\xe2\x96\x81";
-    const char *nt = json_string(json_get(norm, "type"), NULL);
-    const char *pt = json_string(json_get(pre, "type"), NULL);
+    const char *nt = json_str(json_get(norm, "type"), NULL);
+    const char *pt = json_str(json_get(pre, "type"), NULL);
     if (nt) {
         /* a Sequence of steps, or one step alone (Gemma: the Replace) */
         int seq = strcmp(nt, "Sequence") == 0;
@@ -624,8 +624,8 @@ static int load_spm_rules(struct tokenizer *t, const struct json *norm, const st
         size_t n_steps = seq ? json_len(steps) : 1;
         for (size_t i = 0; ok && i < n_steps; i++) {
             const struct json *st = seq ? json_at(steps, i) : norm;
-            const char *ty = json_string(json_get(st, "type"), NULL);
-            const char *pp = json_string(json_get(st, "prepend"), NULL);
+            const char *ty = json_str(json_get(st, "type"), NULL);
+            const char *pp = json_str(json_get(st, "prepend"), NULL);
             if (ty && !strcmp(ty, "Prepend") && pp && !strcmp(pp, meta))
                 prepend = 1;
             else if (is_replace(st, " ", meta))
@@ -646,8 +646,8 @@ static int load_spm_rules(struct tokenizer *t, const struct json *norm, const st
         t->spm = 1;
         t->spm_prepend = prepend;
     } else if (pt && !strcmp(pt, "Metaspace")) {
-        const char *rep = json_string(json_get(pre, "replacement"), NULL);
-        const char *scheme = json_string(json_get(pre, "prepend_scheme"), NULL);
+        const char *rep = json_str(json_get(pre, "replacement"), NULL);
+        const char *scheme = json_str(json_get(pre, "prepend_scheme"), NULL);
         const struct json *split = json_get(pre, "split");
         if (!rep || strcmp(rep, meta) || (split && json_bool(split))) {
             snprintf(err, errlen, "%s: pre_tokenizer Metaspace: only replacement '\u2581' "
@@ -663,9 +663,9 @@ static int load_spm_rules(struct tokenizer *t, const struct json *norm, const st
     }
     if (!t->spm)
         return 0;
-    const char *dt = json_string(json_get(dec, "type"), NULL);
+    const char *dt = json_str(json_get(dec, "type"), NULL);
     if (dt && !strcmp(dt, "Metaspace")) {
-        const char *ds = json_string(json_get(dec, "prepend_scheme"), NULL);
+        const char *ds = json_str(json_get(dec, "prepend_scheme"), NULL);
         t->spm_meta_decode = ds ? strcmp(ds, "never") != 0 : json_bool(json_get(dec, "add_prefix_space"));
         return 0;
     }
@@ -673,7 +673,7 @@ static int load_spm_rules(struct tokenizer *t, const struct json *norm, const st
     int ok = dt && !strcmp(dt, "Sequence");
     for (size_t i = 0; ok && i < json_len(steps); i++) {
         const struct json *st = json_at(steps, i);
-        const char *ty = json_string(json_get(st, "type"), NULL);
+        const char *ty = json_str(json_get(st, "type"), NULL);
         if (ty && !strcmp(ty, "ByteFallback")) {
             t->spm_byte_decode = 1;
             continue;
@@ -681,7 +681,7 @@ static int load_spm_rules(struct tokenizer *t, const struct json *norm, const st
         if (is_replace(st, meta, " ") || (ty && !strcmp(ty, "Fuse")))
             continue;
         int64_t start, stop;
-        const char *c = json_string(json_get(st, "content"), NULL);
+        const char *c = json_str(json_get(st, "content"), NULL);
         if (ty && !strcmp(ty, "Strip") && c && !strcmp(c, " ") &&
             !json_int64(json_get(st, "start"), &start) && start <= 1 &&
             !json_int64(json_get(st, "stop"), &stop) && stop == 0) {
@@ -747,7 +747,7 @@ int tokenizer_load_hf(const char *path, struct tokenizer **out, char *err, size_
         goto fail;
     }
     const struct json *pre = json_get(root, "pre_tokenizer");
-    const char *pt = json_string(json_get(pre, "type"), NULL);
+    const char *pt = json_str(json_get(pre, "type"), NULL);
     if (load_spm_rules(t, json_get(root, "normalizer"), pre, json_get(root, "decoder"), path, err,
                        errlen))
         goto fail;
@@ -755,7 +755,7 @@ int tokenizer_load_hf(const char *path, struct tokenizer **out, char *err, size_
         goto fail;
     if (t->spm) {
         size_t ul;
-        const char *unk = json_string(json_get(json_get(root, "model"), "unk_token"), &ul);
+        const char *unk = json_str(json_get(json_get(root, "model"), "unk_token"), &ul);
         t->unk_id = unk ? vocab_find(t, unk, ul) : -1;
     } else if (pt && strcmp(pt, "Sequence") == 0) {
         const struct json *steps = json_get(pre, "pretokenizers");
@@ -767,7 +767,7 @@ int tokenizer_load_hf(const char *path, struct tokenizer **out, char *err, size_
             goto fail;
     }
     const struct json *dec = json_get(root, "decoder");
-    const char *dt = json_string(json_get(dec, "type"), NULL);
+    const char *dt = json_str(json_get(dec, "type"), NULL);
     if (!t->spm && dt && strcmp(dt, "ByteLevel") != 0) {
         snprintf(err, errlen, "%s: decoder '%s' is not supported yet", path, dt);
         goto fail;

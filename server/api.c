@@ -267,7 +267,7 @@ static void route_tokenize(struct api *a, struct http_req *req)
     size_t tl;
     int special;
     if (json_type(prompt) == JSON_STRING && !msgs) {
-        const char *t = json_string(prompt, &tl);
+        const char *t = json_str(prompt, &tl);
         if (!(text = strndup(t, tl))) {
             api_err_set(&e, 500, "", NULL, "out of memory");
             goto fail;

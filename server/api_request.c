@@ -163,7 +163,7 @@ static int get_str(const struct json *o, const char *key, size_t max, const char
         return -1;
     }
     size_t l;
-    const char *s = json_string(v, &l);
+    const char *s = json_str(v, &l);
     if (l > max) {
         api_err_set(e, 400, key, "invalid_value", "'%s' is %zu bytes long, the limit is %zu", key,
                     l, max);
@@ -289,7 +289,7 @@ static int decode_stops(struct api *a, const struct json *o, struct api_gen_spec
         for (size_t k = 0; k < n; k++) {
             const struct json *v = json_type(st) == JSON_STRING ? st : json_at(st, k);
             size_t l;
-            const char *str = json_string(v, &l);
+            const char *str = json_str(v, &l);
             if (!str) {
                 api_err_set(e, 400, "stop", "invalid_type",
                             "'stop' must hold strings, element %zu is %s", k, type_name(v));
@@ -437,7 +437,7 @@ static int decode_prompt(struct api *a, const struct json *o, struct api_gen_spe
     }
     if (json_type(p) == JSON_STRING) {
         size_t l;
-        const char *t = json_string(p, &l);
+        const char *t = json_str(p, &l);
         return add_text_prompt(a, s, t, l, 1, "prompt", e);
     }
     if (json_type(p) != JSON_ARRAY || json_len(p) == 0) {
@@ -459,7 +459,7 @@ static int decode_prompt(struct api *a, const struct json *o, struct api_gen_spe
         const struct json *v = json_at(p, k);
         if (json_type(v) == JSON_STRING && t0 == JSON_STRING) {
             size_t l;
-            const char *t = json_string(v, &l);
+            const char *t = json_str(v, &l);
             if (add_text_prompt(a, s, t, l, 1, "prompt", e))
                 return -1;
         } else if (json_type(v) == JSON_ARRAY && t0 == JSON_ARRAY && json_len(v) > 0) {
@@ -505,7 +505,7 @@ int api_check_messages(const struct json *msgs, struct api_err *e)
                         type_name(m));
             return -1;
         }
-        const char *role = json_string(json_get(m, "role"), NULL);
+        const char *role = json_str(json_get(m, "role"), NULL);
         int known = 0;
         for (size_t r = 0; role && r < sizeof(roles) / sizeof(roles[0]); r++)
             known |= strcmp(role, roles[r]) == 0;
@@ -520,7 +520,7 @@ int api_check_messages(const struct json *msgs, struct api_err *e)
         if (json_type(c) == JSON_ARRAY) {
             for (size_t i = 0; i < json_len(c); i++) {
                 const struct json *part = json_at(c, i);
-                const char *type = json_string(json_get(part, "type"), NULL);
+                const char *type = json_str(json_get(part, "type"), NULL);
                 if (!type || strcmp(type, "text") != 0 ||
                     json_type(json_get(part, "text")) != JSON_STRING) {
                     api_err_set(e, 400, param, "invalid_value",
@@ -563,7 +563,7 @@ char *api_render_chat(struct api *a, const struct json *messages, const struct j
     size_t n = json_len(messages);
     if (tmpl_src) {
         size_t sl;
-        const char *src = json_string(tmpl_src, &sl);
+        const char *src = json_str(tmpl_src, &sl);
         if (!src || chat_template_compile(src, sl, &own, cerr, sizeof(cerr))) {
             api_err_set(e, 400, "chat_template", "invalid_value",
                         "'chat_template' does not compile: %s", src ? cerr : "not a string");
@@ -597,15 +597,15 @@ char *api_render_chat(struct api *a, const struct json *messages, const struct j
         for (size_t k = 0; k < n; k++) {
             const struct json *m = json_at(messages, k);
             const struct json *c = json_get(m, "content");
-            flat[k].role = json_string(json_get(m, "role"), NULL);
+            flat[k].role = json_str(json_get(m, "role"), NULL);
             if (json_type(c) == JSON_STRING) {
-                flat[k].content = json_string(c, NULL);
+                flat[k].content = json_str(c, NULL);
                 continue;
             }
             size_t total = 0;
             for (size_t i = 0; i < json_len(c); i++) {
                 size_t l;
-                json_string(json_get(json_at(c, i), "text"), &l);
+                json_str(json_get(json_at(c, i), "text"), &l);
                 total += l;
             }
             if (!(texts[k] = malloc(total + 1))) {
@@ -615,7 +615,7 @@ char *api_render_chat(struct api *a, const struct json *messages, const struct j
             size_t off = 0;
             for (size_t i = 0; i < json_len(c); i++) {
                 size_t l;
-                const char *s = json_string(json_get(json_at(c, i), "text"), &l);
+                const char *s = json_str(json_get(json_at(c, i), "text"), &l);
                 memcpy(texts[k] + off, s, l);
                 off += l;
             }
@@ -648,14 +648,14 @@ static int check_unsupported(const struct json *o, enum api_kind kind, struct ap
     const struct json *v;
     if (kind == API_COMPLETION) {
         if ((v = json_get(o, "suffix")) && json_type(v) != JSON_NULL &&
-            !(json_type(v) == JSON_STRING && json_string(v, NULL)[0] == 0)) {
+            !(json_type(v) == JSON_STRING && json_str(v, NULL)[0] == 0)) {
             api_err_set(e, 400, "suffix", "unsupported_parameter", "'suffix' is not supported");
             return -1;
         }
     }
     const struct json *rf = json_get(o, "response_format");
     if (rf && json_type(rf) != JSON_NULL) {
-        const char *t = json_string(json_get(rf, "type"), NULL);
+        const char *t = json_str(json_get(rf, "type"), NULL);
         if (!t || strcmp(t, "text") != 0) {
             api_err_set(e, 400, "response_format", "unsupported_parameter",
                         "'response_format' %s is not supported; only {\"type\": \"text\"}",
@@ -665,7 +665,7 @@ static int check_unsupported(const struct json *o, enum api_kind kind, struct ap
     }
     const struct json *tc = json_get(o, "tool_choice");
     if (tc && json_type(tc) != JSON_NULL) {
-        const char *t = json_string(tc, NULL);
+        const char *t = json_str(tc, NULL);
         if (!t || (strcmp(t, "none") != 0 && strcmp(t, "auto") != 0)) {
             api_err_set(e, 400, "tool_choice", "unsupported_parameter",
                         "'tool_choice' must be \"none\" or \"auto\"; forcing a tool call is "

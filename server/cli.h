@@ -14,6 +14,7 @@ int cli_run(int argc, char **argv);
 int cli_bench_load(int argc, char **argv);
 int cli_bench_serve(int argc, char **argv);
 int cli_tokenize(int argc, char **argv);
+int cli_serve(int argc, char **argv);
 
 /* Parses a decimal integer in [lo, hi]; 0 on success, else prints
  * "inferd: <flag>: ..." and returns -1. */

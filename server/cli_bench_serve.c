@@ -116,12 +116,9 @@ static double rng_unit(uint64_t *s) /* [0, 1) */
     return (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
 }
 
-/* engine/json.c exports its own json_string(), and the linker binds the
- * binary's calls to it rather than to jansson's: build strings through
- * json_stringn, which has no namesake. */
 static json_t *bs_jstr(const char *s)
 {
-    return json_stringn(s, strlen(s));
+    return json_string(s);
 }
 
 /* ---- configuration ---------------------------------------------------- */

@@ -137,7 +137,7 @@ static int drain(struct load_req *q)
 static int run_one(struct engine *e, struct waker *wk, const struct json *run, FILE *out,
                    int first)
 {
-    const char *name = json_string(json_get(run, "name"), NULL);
+    const char *name = json_str(json_get(run, "name"), NULL);
     int64_t max_tokens = 0;
     if (json_int64(json_get(run, "max_tokens"), &max_tokens) || max_tokens < 1) {
         cli_error("bench load: a run needs max_tokens >= 1");

@@ -421,7 +421,7 @@ int cli_tokenize(int argc, char **argv)
             if (n < 0)
                 break;
             j = json_parse(line, (size_t)n, err, sizeof(err));
-            s = j ? json_string(j, &len) : NULL;
+            s = j ? json_str(j, &len) : NULL;
             if (!s) {
                 cli_error("tokenize: each input line must be one JSON string%s%s", j ? "" : ": ",
                           j ? "" : err);

@@ -112,6 +112,7 @@ static void usage(FILE *f)
     fputs("usage: inferd <command> [options]\n"
           "\n"
           "commands:\n"
+          "  serve [MODEL] [options]           the OpenAI-compatible HTTP server (the daemon)\n"
           "  run [MODEL] PROMPT [...]          generate text from a prompt, printed as it comes\n"
           "  inspect MODEL [--kv-tokens N]     describe a model file or directory\n"
           "  generate MODEL --tokens IDS [...] greedy generation from token ids\n"
@@ -150,6 +151,8 @@ int main(int argc, char **argv)
         return cli_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench"))
         return cli_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "serve"))
+        return cli_serve(argc - 1, argv + 1);
     if (!strcmp(cmd, "run"))
         return cli_run(argc - 1, argv + 1);
     cli_error("unknown command '%s' (try 'inferd --help')", cmd);

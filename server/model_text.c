@@ -78,14 +78,14 @@ struct tokenizer *mt_open_tokenizer(const char *path, int want_template, char **
             const struct json *ct = json_get(j, "chat_template");
             /* a list of named templates: the one named "default" */
             for (size_t i = 0; json_type(ct) == JSON_ARRAY && i < json_len(ct); i++) {
-                const char *name = json_string(json_get(json_at(ct, i), "name"), NULL);
+                const char *name = json_str(json_get(json_at(ct, i), "name"), NULL);
                 if (name && strcmp(name, "default") == 0) {
                     ct = json_get(json_at(ct, i), "template");
                     break;
                 }
             }
             size_t tl;
-            const char *src = json_string(ct, &tl);
+            const char *src = json_str(ct, &tl);
             if (src) {
                 *tmpl = malloc(tl + 1);
                 if (*tmpl) {

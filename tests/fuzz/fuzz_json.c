@@ -17,7 +17,7 @@ static size_t walk(const struct json *v, int depth)
     (void)json_number(v);
     (void)json_int64(v, &i);
     (void)json_bool(v);
-    const char *s = json_string(v, &len);
+    const char *s = json_str(v, &len);
     if (s && len && s[len] != '\0')
         __builtin_trap(); /* strings are NUL-terminated */
     for (size_t k = 0; k < json_len(v); k++) {

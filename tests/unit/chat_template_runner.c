@@ -85,8 +85,8 @@ int main(int argc, char **argv)
     }
     struct chat_render_opts opts = {
         .add_generation_prompt = json_bool(json_get(ctx, "add_generation_prompt")),
-        .bos_token = json_string(json_get(ctx, "bos_token"), NULL),
-        .eos_token = json_string(json_get(ctx, "eos_token"), NULL),
+        .bos_token = json_str(json_get(ctx, "bos_token"), NULL),
+        .eos_token = json_str(json_get(ctx, "eos_token"), NULL),
         .tools = json_type(json_get(ctx, "tools")) == JSON_ARRAY ? json_get(ctx, "tools") : NULL,
         .extra = json_get(ctx, "extra"),
     };

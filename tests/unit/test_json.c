@@ -61,7 +61,7 @@ static void test_scalars(void)
     json_free(j);
     j = parse("\"hi\"");
     size_t n = 9;
-    CHECK(j && json_string(j, &n) && strcmp(json_string(j, NULL), "hi") == 0 && n == 2);
+    CHECK(j && json_str(j, &n) && strcmp(json_str(j, NULL), "hi") == 0 && n == 2);
     json_free(j);
     j = parse("\t\r\n 1.5e2 \n");
     CHECK(j && json_type(j) == JSON_NUMBER && json_number(j) == 150.0);
@@ -160,26 +160,26 @@ static void test_numbers(void)
 static void test_strings(void)
 {
     struct json *j = parse("\"a\\\"b\\\\c\\/d\\b\\f\\n\\r\\t\"");
-    CHECK(j && strcmp(json_string(j, NULL), "a\"b\\c/d\b\f\n\r\t") == 0);
+    CHECK(j && strcmp(json_str(j, NULL), "a\"b\\c/d\b\f\n\r\t") == 0);
     json_free(j);
 
     /* \u escapes into UTF-8, one to four bytes */
     j = parse("\"\\u0041\\u00e9\\u20AC\\uD83D\\uDE00\"");
-    CHECK(j && strcmp(json_string(j, NULL), "A\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80") == 0);
+    CHECK(j && strcmp(json_str(j, NULL), "A\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80") == 0);
     json_free(j);
     /* highest code point, via a surrogate pair */
     j = parse("\"\\uDBFF\\uDFFF\"");
-    CHECK(j && strcmp(json_string(j, NULL), "\xf4\x8f\xbf\xbf") == 0);
+    CHECK(j && strcmp(json_str(j, NULL), "\xf4\x8f\xbf\xbf") == 0);
     json_free(j);
     /* embedded NUL kept, length says so */
     j = parse("\"a\\u0000b\"");
     size_t n = 0;
-    const char *s = json_string(j, &n);
+    const char *s = json_str(j, &n);
     CHECK(s && n == 3 && memcmp(s, "a\0b", 4) == 0);
     json_free(j);
     /* raw UTF-8 passes through: 2, 3 and 4 byte sequences */
     j = parse("\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\xf4\x8f\xbf\xbf\"");
-    CHECK(j && strlen(json_string(j, NULL)) == 13);
+    CHECK(j && strlen(json_str(j, NULL)) == 13);
     json_free(j);
     /* DEL is not a control character in JSON */
     j = parse("\"\x7f\"");
@@ -243,7 +243,7 @@ static void test_containers(void)
     /* chaining through NULL */
     CHECK(json_number(json_get(json_get(j, "nope"), "x")) == 0.0);
     CHECK(json_len(NULL) == 0 && json_at(NULL, 0) == NULL && json_type(NULL) == JSON_NULL);
-    CHECK(json_string(NULL, NULL) == NULL && json_bool(NULL) == 0);
+    CHECK(json_str(NULL, NULL) == NULL && json_bool(NULL) == 0);
     json_free(j);
     json_free(NULL);
 
