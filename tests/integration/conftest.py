@@ -157,7 +157,9 @@ _LIVE = []  # every daemon started, killed at the end whatever happens
 class Server:
     """One `inferd serve` process on 127.0.0.1:<free port>."""
 
-    def __init__(self, model, *args, name="tiny", keys=(), tls=None, log_dir=None, env=None):
+    def __init__(self, model, *args, name="tiny", keys=(), tls=None, log_dir=None, env=None,
+                 exe=None):
+        self.exe = pathlib.Path(exe) if exe else EXE
         self.model = str(model)
         self.name = name
         self.keys = list(keys)
@@ -172,7 +174,7 @@ class Server:
 
     # -- lifecycle
     def command(self):
-        cmd = [str(EXE), "serve", self.model, "--host", self.host, "--port", "0",
+        cmd = [str(self.exe), "serve", self.model, "--host", self.host, "--port", "0",
                "--served-model-name", self.name, *self.args]
         for k in self.keys:
             cmd += ["--api-key", k]
@@ -181,8 +183,8 @@ class Server:
         return cmd
 
     def start(self, timeout=120):
-        if not EXE.exists():
-            pytest.fail(f"{EXE} not built: run deploy/setup.sh (or ninja -C {BUILD})")
+        if not self.exe.exists():
+            pytest.fail(f"{self.exe} not built: run deploy/setup.sh (or ninja -C {BUILD})")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"inferd-serve-{os.getpid()}-{len(_LIVE)}.log"
         self.log = open(self.log_path, "wb")
@@ -367,7 +369,34 @@ def tiny(tmp_path_factory):
     ChatML template, served as "tiny", no key."""
     s = start_server(tmp_path_factory, TINY, *tiny_args(), name="tiny")
     yield s
-    s.stop()
+    rc = s.stop()
+    assert rc == 0, f"inferd serve exited {rc} on SIGTERM:\n{s.stderr()[-3000:]}"
+
+
+ASAN_BUILD_DIR = ROOT / os.environ.get("INFERD_ASAN_BUILD_DIR", "build-asan")
+
+
+def _builds():
+    out = [BUILD]
+    if (ASAN_BUILD_DIR / "inferd").exists():
+        out.append(ASAN_BUILD_DIR)
+    return out
+
+
+@pytest.fixture(scope="session", params=_builds(), ids=lambda b: b.name)
+def tiny_any(request, tmp_path_factory):
+    """The tiny daemon from each build: release (the `tiny` fixture) and,
+    when built, ASan+UBSan, for the tests that send hostile input. A
+    sanitizer finding, leaks at exit included, makes its exit status
+    non-zero, checked at teardown."""
+    if request.param == BUILD:
+        yield request.getfixturevalue("tiny")
+        return
+    s = start_server(tmp_path_factory, TINY, *tiny_args(), name="tiny",
+                     exe=request.param / "inferd")
+    yield s
+    rc = s.stop(timeout=60)
+    assert rc == 0, f"inferd serve (ASan) exited {rc}:\n{s.stderr()[-5000:]}"
 
 
 @pytest.fixture(scope="session")

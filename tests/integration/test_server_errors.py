@@ -64,88 +64,88 @@ def _ids(cases):
 
 
 @pytest.mark.parametrize("field,value", COMMON + CHAT_ONLY, ids=_ids(COMMON + CHAT_ONLY))
-def test_chat_bad_field(tiny, field, value):
+def test_chat_bad_field(tiny_any, field, value):
     body = dict(CHAT, **{field: value})
-    r = tiny.post("/v1/chat/completions", body)
+    r = tiny_any.post("/v1/chat/completions", body)
     check_response("POST", "/v1/chat/completions", r)
     names(check_error(r, 400), field)
 
 
 @pytest.mark.parametrize("field,value", COMMON + CMPL_ONLY, ids=_ids(COMMON + CMPL_ONLY))
-def test_completions_bad_field(tiny, field, value):
+def test_completions_bad_field(tiny_any, field, value):
     body = dict(CMPL, **{field: value})
-    r = tiny.post("/v1/completions", body)
+    r = tiny_any.post("/v1/completions", body)
     check_response("POST", "/v1/completions", r)
     names(check_error(r, 400), field)
 
 
 @pytest.mark.parametrize("route,field", [("/v1/chat/completions", "messages"),
                                          ("/v1/completions", "prompt")])
-def test_missing_required_field(tiny, route, field):
+def test_missing_required_field(tiny_any, route, field):
     body = dict(CHAT if "chat" in route else CMPL)
     del body[field]
-    check_error(tiny.post(route, body), 400, param=field)
+    check_error(tiny_any.post(route, body), 400, param=field)
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("content", [b"{", b"", b"[]", b"null", b"\"x\"", b"{\"a\":1}garbage",
                                      b"\xff\xfe{}", b"{\"model\":\"tiny\",\"model\":\"tiny\"}",
                                      b"[" * 100000])
-def test_bad_json(tiny, route, content):
-    r = tiny.post(route, content=content)
+def test_bad_json(tiny_any, route, content):
+    r = tiny_any.post(route, content=content)
     check_error(r, 400)
-    assert tiny.get("/health").status_code == 200
+    assert tiny_any.get("/health").status_code == 200
 
 
-def test_bad_field_while_streaming_is_a_json_error(tiny):
-    r = tiny.post("/v1/chat/completions", dict(CHAT, stream=True, n=99))
+def test_bad_field_while_streaming_is_a_json_error(tiny_any):
+    r = tiny_any.post("/v1/chat/completions", dict(CHAT, stream=True, n=99))
     assert r.headers["content-type"].startswith("application/json")
     check_error(r, 400, param="n")
 
 
 @pytest.mark.parametrize("route,base", [("/v1/chat/completions", CHAT), ("/v1/completions", CMPL)])
-def test_unknown_model_is_404(tiny, route, base):
-    r = tiny.post(route, dict(base, model="gpt-4o"))
+def test_unknown_model_is_404(tiny_any, route, base):
+    r = tiny_any.post(route, dict(base, model="gpt-4o"))
     check_response("POST", route, r)
     check_error(r, 404, code="model_not_found")
 
 
-def test_context_length_exceeded(tiny):
+def test_context_length_exceeded(tiny_any):
     long_text = "a b " * 300  # 900 tokens with the fixture's tokenizer
-    n = tiny.post("/tokenize", {"prompt": long_text}).json()["count"]
+    n = tiny_any.post("/tokenize", {"prompt": long_text}).json()["count"]
     assert n > TINY_CTX
-    r = tiny.post("/v1/completions", dict(CMPL, prompt=long_text))
+    r = tiny_any.post("/v1/completions", dict(CMPL, prompt=long_text))
     err = check_error(r, 400, code="context_length_exceeded")
     assert str(TINY_CTX) in err["message"] and str(n) in err["message"], err["message"]
-    r = tiny.post("/v1/chat/completions",
+    r = tiny_any.post("/v1/chat/completions",
                   dict(CHAT, messages=[{"role": "user", "content": long_text}]))
     err = check_error(r, 400, code="context_length_exceeded")
     assert str(TINY_CTX) in err["message"], err["message"]
     assert err["param"] in ("messages", None)
     # token ids too
-    r = tiny.post("/v1/completions", dict(CMPL, prompt=[97] * (TINY_CTX + 1)))
+    r = tiny_any.post("/v1/completions", dict(CMPL, prompt=[97] * (TINY_CTX + 1)))
     check_error(r, 400, code="context_length_exceeded")
 
 
-def test_max_tokens_over_the_remaining_context(tiny):
-    n = tiny.post("/tokenize", {"prompt": "hi"}).json()["count"]
-    ok = tiny.post("/v1/completions", dict(CMPL, max_tokens=TINY_CTX - n, ignore_eos=True))
+def test_max_tokens_over_the_remaining_context(tiny_any):
+    n = tiny_any.post("/tokenize", {"prompt": "hi"}).json()["count"]
+    ok = tiny_any.post("/v1/completions", dict(CMPL, max_tokens=TINY_CTX - n, ignore_eos=True))
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["completion_tokens"] == TINY_CTX - n
-    r = tiny.post("/v1/completions", dict(CMPL, max_tokens=TINY_CTX - n + 1))
+    r = tiny_any.post("/v1/completions", dict(CMPL, max_tokens=TINY_CTX - n + 1))
     check_error(r, 400, param="max_tokens")
 
 
-def test_unknown_route_and_method(tiny):
-    r = tiny.get("/v1/nothing")
+def test_unknown_route_and_method(tiny_any):
+    r = tiny_any.get("/v1/nothing")
     check_error(r, 404, type_=None)
-    r = tiny.get("/v1/chat/completions")
+    r = tiny_any.get("/v1/chat/completions")
     assert r.status_code in (404, 405), r.status_code
     check_error(r, r.status_code, type_=None)
 
 
-def test_openai_client_raises_typed_errors(tiny):
-    client = tiny.openai()
+def test_openai_client_raises_typed_errors(tiny_any):
+    client = tiny_any.openai()
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                        n=50)
@@ -163,9 +163,9 @@ def test_openai_client_raises_typed_errors(tiny):
     assert client.completions.create(model="tiny", prompt="x", max_tokens=1).choices
 
 
-def test_many_bad_requests_leave_nothing_behind(tiny):
+def test_many_bad_requests_leave_nothing_behind(tiny_any):
     for i in range(30):
-        tiny.post("/v1/chat/completions", dict(CHAT, temperature=-i - 1))
-    m = tiny.metrics()
+        tiny_any.post("/v1/chat/completions", dict(CHAT, temperature=-i - 1))
+    m = tiny_any.metrics()
     assert m.value("inferd:num_requests_running") == 0
     assert m.value("inferd:num_requests_waiting") == 0

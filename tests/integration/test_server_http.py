@@ -22,8 +22,8 @@ def alive(server):
     assert r.status_code == 200
 
 
-def test_keep_alive(tiny):
-    c = RawConn(tiny)
+def test_keep_alive(tiny_any):
+    c = RawConn(tiny_any)
     try:
         for _ in range(3):
             c.send(http_request("GET", "/health"))
@@ -37,14 +37,14 @@ def test_keep_alive(tiny):
         c.close()
 
 
-def test_pipelined_requests_answered_in_order(tiny):
+def test_pipelined_requests_answered_in_order(tiny_any):
     reqs = [http_request("GET", "/health", headers={"X-Request-Id": "p1"}),
             http_request("POST", "/tokenize", TOKENIZE, headers={"X-Request-Id": "p2"}),
             http_request("POST", "/v1/completions",
                          {"model": "tiny", "prompt": "pipelined", "max_tokens": 3,
                           "ignore_eos": True}, headers={"X-Request-Id": "p3"}),
             http_request("GET", "/v1/models", headers={"X-Request-Id": "p4"})]
-    c = RawConn(tiny)
+    c = RawConn(tiny_any)
     try:
         c.send(b"".join(reqs))
         rs = [c.read_response() for _ in reqs]
@@ -58,10 +58,10 @@ def test_pipelined_requests_answered_in_order(tiny):
     check_schema("ModelList", rs[3].json())
 
 
-def test_pipelined_stream_then_request(tiny):
+def test_pipelined_stream_then_request(tiny_any):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
             "ignore_eos": True, "stream": True}
-    c = RawConn(tiny)
+    c = RawConn(tiny_any)
     try:
         c.send(http_request("POST", "/v1/chat/completions", body) +
                http_request("GET", "/health", headers={"X-Request-Id": "after-stream"}))
@@ -75,9 +75,9 @@ def test_pipelined_stream_then_request(tiny):
         c.close()
 
 
-def test_expect_100_continue(tiny):
+def test_expect_100_continue(tiny_any):
     body = json.dumps(TOKENIZE).encode()
-    c = RawConn(tiny, timeout=10)
+    c = RawConn(tiny_any, timeout=10)
     try:
         c.send(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
@@ -90,10 +90,10 @@ def test_expect_100_continue(tiny):
         c.close()
 
 
-def test_chunked_request_body(tiny):
+def test_chunked_request_body(tiny_any):
     body = json.dumps(TOKENIZE).encode()
     half = len(body) // 2
-    c = RawConn(tiny)
+    c = RawConn(tiny_any)
     try:
         c.send(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Transfer-Encoding: chunked\r\n\r\n" +
@@ -101,13 +101,13 @@ def test_chunked_request_body(tiny):
                b"%x;ext=1\r\n%s\r\n" % (len(body) - half, body[half:]) + b"0\r\n\r\n")
         r = c.read_response()
         assert r.status_code == 200, r.text
-        assert r.json()["tokens"] == tiny.tokenize("hello")
+        assert r.json()["tokens"] == tiny_any.tokenize("hello")
     finally:
         c.close()
 
 
-def test_http_1_0_and_connection_close(tiny):
-    c = RawConn(tiny)
+def test_http_1_0_and_connection_close(tiny_any):
+    c = RawConn(tiny_any)
     try:
         c.send(b"GET /health HTTP/1.0\r\n\r\n")
         r = c.read_response()
@@ -115,7 +115,7 @@ def test_http_1_0_and_connection_close(tiny):
         assert c.closed(5)
     finally:
         c.close()
-    c = RawConn(tiny)
+    c = RawConn(tiny_any)
     try:
         c.send(http_request("GET", "/health", headers={"Connection": "close"}) +
                http_request("GET", "/health"))
@@ -153,8 +153,8 @@ SMUGGLING = {
 
 
 @pytest.mark.parametrize("name", sorted(SMUGGLING))
-def test_ambiguous_or_malformed_request_is_400_and_closed(tiny, name):
-    c = RawConn(tiny, timeout=10)
+def test_ambiguous_or_malformed_request_is_400_and_closed(tiny_any, name):
+    c = RawConn(tiny_any, timeout=10)
     try:
         # a second, valid request follows: it must never be answered
         c.send(SMUGGLING[name] + http_request("GET", "/health"))
@@ -165,11 +165,11 @@ def test_ambiguous_or_malformed_request_is_400_and_closed(tiny, name):
         assert c.closed(5), "connection left open after a malformed request"
     finally:
         c.close()
-    alive(tiny)
+    alive(tiny_any)
 
 
-def test_headers_over_the_limit_are_431(tiny):
-    c = RawConn(tiny, timeout=10)
+def test_headers_over_the_limit_are_431(tiny_any):
+    c = RawConn(tiny_any, timeout=10)
     try:
         c.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n")
         r = c.read_response()
@@ -177,7 +177,7 @@ def test_headers_over_the_limit_are_431(tiny):
         check_error(r, 431, type_=None)
     finally:
         c.close()
-    c = RawConn(tiny, timeout=10)
+    c = RawConn(tiny_any, timeout=10)
     try:  # many small headers adding up past 16 KiB
         c.send(b"GET /health HTTP/1.1\r\nHost: x\r\n" +
                b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 60) for i in range(300)) + b"\r\n")
@@ -185,28 +185,28 @@ def test_headers_over_the_limit_are_431(tiny):
     finally:
         c.close()
     # just under the limit is fine
-    c = RawConn(tiny, timeout=10)
+    c = RawConn(tiny_any, timeout=10)
     try:
         c.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 15000 + b"\r\n\r\n")
         assert c.read_response().status_code == 200
     finally:
         c.close()
-    alive(tiny)
+    alive(tiny_any)
 
 
-def test_request_line_over_8k_is_414(tiny):
-    c = RawConn(tiny, timeout=10)
+def test_request_line_over_8k_is_414(tiny_any):
+    c = RawConn(tiny_any, timeout=10)
     try:
         c.send(b"GET /health?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         r = c.read_response()
         assert r.status_code == 414
     finally:
         c.close()
-    alive(tiny)
+    alive(tiny_any)
 
 
-def test_body_over_the_limit_is_413(tiny):
-    c = RawConn(tiny, timeout=10)
+def test_body_over_the_limit_is_413(tiny_any):
+    c = RawConn(tiny_any, timeout=10)
     try:  # refused from Content-Length alone, before the body is sent
         c.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n" % (8 * 1024 * 1024 + 1))
@@ -215,7 +215,7 @@ def test_body_over_the_limit_is_413(tiny):
         check_error(r, 413, type_=None)
     finally:
         c.close()
-    c = RawConn(tiny, timeout=20)
+    c = RawConn(tiny_any, timeout=20)
     try:  # a chunked body is counted as it comes
         c.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Transfer-Encoding: chunked\r\n\r\n")
@@ -229,21 +229,21 @@ def test_body_over_the_limit_is_413(tiny):
         assert r.status_code == 413
     finally:
         c.close()
-    alive(tiny)
+    alive(tiny_any)
 
 
-def test_a_large_body_under_the_limit_is_read(tiny):
+def test_a_large_body_under_the_limit_is_read(tiny_any):
     prompt = "word " * 200000  # 1 MB: read in full, then refused for its length
-    r = tiny.post("/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 1})
+    r = tiny_any.post("/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 1})
     check_error(r, 400, code="context_length_exceeded")
 
 
-def test_curl_stream_sse_framing(tiny):
+def test_curl_stream_sse_framing(tiny_any):
     body = json.dumps({"model": "tiny", "prompt": "curl", "max_tokens": 5, "ignore_eos": True,
                        "stream": True, "stream_options": {"include_usage": True}})
     p = subprocess.run(["curl", "-sN", "--max-time", "60", "-D", "-",
                         "-H", "Content-Type: application/json", "-d", body,
-                        tiny.url + "/v1/completions"], capture_output=True, timeout=90)
+                        tiny_any.url + "/v1/completions"], capture_output=True, timeout=90)
     assert p.returncode == 0, p.stderr
     head, _, sse = p.stdout.partition(b"\r\n\r\n")
     head = head.decode().lower()
@@ -258,12 +258,12 @@ def test_curl_stream_sse_framing(tiny):
     assert all(ln.startswith(b"data: ") or ln == b"" or ln.startswith(b":") for ln in lines)
 
 
-def test_curl_non_stream(tiny):
+def test_curl_non_stream(tiny_any):
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "curl"}],
                        "max_tokens": 2})
     p = subprocess.run(["curl", "-s", "--max-time", "60", "-i", "-H",
                         "Content-Type: application/json", "-d", body,
-                        tiny.url + "/v1/chat/completions"], capture_output=True, timeout=90)
+                        tiny_any.url + "/v1/chat/completions"], capture_output=True, timeout=90)
     assert p.returncode == 0, p.stderr
     head, _, payload = p.stdout.partition(b"\r\n\r\n")
     head = head.decode().lower()

@@ -301,3 +301,58 @@ def test_tls_refuses_plain_http_and_keeps_serving(tls):
     s.sendall(b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03")
     s.close()
     assert tls.get("/health").status_code == 200
+
+
+# ------------------------------------------------- request chat templates
+
+TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+
+
+def test_request_chat_template_needs_the_operator(tiny):
+    """Without --trust-request-chat-template a template sent in the request
+    is never rendered: it is refused (400 naming chat_template) or ignored."""
+    msgs = [{"role": "user", "content": "hi"}]
+    normal = tiny.post("/tokenize", {"messages": msgs}).json()["count"]
+    r = tiny.post("/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 1,
+                                           "chat_template": TEMPLATE})
+    if r.status_code == 400:
+        assert check_error(r, 400)["param"] == "chat_template"
+    else:
+        assert r.status_code == 200
+        assert check_response("POST", "/v1/chat/completions", r)["usage"]["prompt_tokens"] == \
+            normal
+
+
+def test_request_chat_template_when_trusted(tmp_path_factory):
+    s = start_server(tmp_path_factory, TINY, *tiny_args(), "--trust-request-chat-template")
+    try:
+        msgs = [{"role": "user", "content": "hi"}]
+        want = len(s.tokenize("[user] hi\n"))
+        r = s.post("/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 1,
+                                            "chat_template": TEMPLATE})
+        assert check_response("POST", "/v1/chat/completions", r)["usage"]["prompt_tokens"] == \
+            want
+        # a broken template is the request's error, not the daemon's
+        r = s.post("/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 1,
+                                            "chat_template": "{% for m in messages %}"})
+        check_error(r, 400, param="chat_template")
+        assert s.get("/health").status_code == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_max_model_len_flag(tmp_path_factory):
+    s = start_server(tmp_path_factory, TINY, *tiny_args(), "--max-model-len", "128")
+    try:
+        m = check_response("GET", "/v1/models", s.get("/v1/models"))
+        assert m["data"][0]["max_model_len"] == 128
+        assert s.post("/tokenize", {"prompt": "x"}).json()["max_model_len"] == 128
+        r = s.post("/v1/completions", {"model": "tiny", "prompt": [97] * 129, "max_tokens": 1})
+        err = check_error(r, 400, code="context_length_exceeded")
+        assert "128" in err["message"] and "129" in err["message"], err
+        r = s.post("/v1/chat/completions", {"model": "tiny", "ignore_eos": True,
+                                            "messages": [{"role": "user", "content": "x"}]})
+        u = check_response("POST", "/v1/chat/completions", r)["usage"]
+        assert u["prompt_tokens"] + u["completion_tokens"] == 128
+    finally:
+        assert s.stop() == 0
