@@ -160,6 +160,7 @@ def test_ambiguous_or_malformed_request_is_400_and_closed(tiny_any, name):
         c.send(SMUGGLING[name] + http_request("GET", "/health"))
         r = c.read_response()
         assert r.status_code == 400, (r.status_code, r.text[:300])
+        assert r.header("x-request-id"), "no X-Request-Id on the 400"
         if r.body:
             check_error(r, 400, type_=None)
         assert c.closed(5), "connection left open after a malformed request"
@@ -174,6 +175,7 @@ def test_headers_over_the_limit_are_431(tiny_any):
         c.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n")
         r = c.read_response()
         assert r.status_code == 431
+        assert r.header("x-request-id"), "no X-Request-Id on the 431"
         check_error(r, 431, type_=None)
     finally:
         c.close()
@@ -292,6 +294,7 @@ def test_slow_headers_get_408(limited):
         r = c.read_response()
         took = time.monotonic() - t0
         assert r.status_code == 408, r.status_code
+        assert r.header("x-request-id"), "no X-Request-Id on the 408"
         assert 0.5 < took < 4, took
         assert c.closed(5)
     finally:
