@@ -237,6 +237,17 @@ static void write_chat_logprobs(struct jw *w, struct gen *g, const struct choice
     jw_obj_end(w);
 }
 
+/* "token text": logprob, as a member of a completions top_logprobs map.
+ * Two tokens with the same (lossy) text share a key, as in OpenAI's own
+ * output. */
+static void write_lp_member(struct jw *w, struct api *a, int32_t token, float logprob)
+{
+    size_t len = 0;
+    const char *b = tokenizer_token_bytes(a->tok, token, &len);
+    jw_keyn(w, b, b ? len : 0);
+    jw_num(w, lp_value(logprob));
+}
+
 /* Completions shape: tokens, token_logprobs, top_logprobs, text_offset. */
 static void write_completion_logprobs(struct jw *w, struct gen *g, const struct choice *c,
                                       size_t from, size_t to)
@@ -255,38 +266,23 @@ static void write_completion_logprobs(struct jw *w, struct gen *g, const struct 
     for (size_t i = from; i < to; i++)
         jw_num(w, lp_value(c->lp[i].logprob));
     jw_arr_end(w);
+    /* one {token: logprob} map per position: the k most likely tokens,
+     * and the sampled one (alone when logprobs is 0), as vLLM answers */
     jw_key(w, "top_logprobs");
-    if (g->spec.top_logprobs == 0) {
-        jw_null(w);
-    } else {
-        jw_arr(w);
-        for (size_t i = from; i < to; i++) {
-            jw_obj(w);
-            for (int k = 0; k < c->lp[i].n_top && k < g->spec.top_logprobs; k++) {
-                const char *b = tokenizer_token_bytes(g->a->tok, c->lp[i].top[k].token, &len);
-                /* keys must be strings; two tokens with the same lossy text
-                 * would share a key, as in OpenAI's own output */
-                char key[256];
-                size_t kl = b ? (len < sizeof(key) - 1 ? len : sizeof(key) - 1) : 0;
-                memcpy(key, b ? b : "", kl);
-                key[kl] = 0;
-                struct jw kw;
-                jw_init(&kw);
-                jw_strn(&kw, key, kl); /* escaped, then used raw as a key */
-                if (jw_ok(&kw) && kw.buf) {
-                    if (k)
-                        jw_raw(w, ",", 1);
-                    jw_raw(w, kw.buf, kw.len);
-                    jw_raw(w, ":", 1);
-                    w->after_key = 1;
-                    jw_num(w, lp_value(c->lp[i].top[k].logprob));
-                }
-                jw_free(&kw);
-            }
-            jw_obj_end(w);
+    jw_arr(w);
+    for (size_t i = from; i < to; i++) {
+        const struct samp_result *r = &c->lp[i];
+        jw_obj(w);
+        int have_sampled = 0;
+        for (int k = 0; k < r->n_top && k < g->spec.top_logprobs; k++) {
+            have_sampled |= r->top[k].token == r->token;
+            write_lp_member(w, g->a, r->top[k].token, r->top[k].logprob);
         }
-        jw_arr_end(w);
+        if (!have_sampled)
+            write_lp_member(w, g->a, r->token, r->logprob);
+        jw_obj_end(w);
     }
+    jw_arr_end(w);
     jw_key(w, "text_offset");
     jw_arr(w);
     for (size_t i = from; i < to; i++)

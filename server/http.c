@@ -155,6 +155,8 @@ struct conn {
     size_t line_bytes, hdr_bytes, raw_hdr, ext_bytes, body_len;
     int n_fields;
     int hstate;     /* 0: no header open, 1: in its name, 2: in its value */
+    int value_done; /* the open header's value ended: a value now has no name */
+    size_t name_len; /* bytes of the open header's name so far */
     char prev_byte; /* last head byte scanned, for line-ending checks */
     enum pause_kind pause_kind;
     int user_status; /* set by a parser callback that refuses the request */
@@ -588,7 +590,9 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len)
     for (size_t i = 0; i < len; i++)
         if (!is_tchar((unsigned char)at[i]))
             return parse_refuse(c, 400, "malformed request: invalid character in a header name");
+    c->value_done = 0;
     if (c->hstate != 1) {
+        c->name_len = 0;
         header_finish(c);
         if (++c->n_fields > l->max_headers)
             return parse_refuse(c, 431, "more than %d request header fields", l->max_headers);
@@ -603,6 +607,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len)
         }
         c->hstate = 1;
     }
+    c->name_len += len;
     c->hdr_bytes += len;
     int rc = check_header_bytes(c);
     if (rc)
@@ -612,10 +617,22 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len)
     return 0;
 }
 
+static int on_header_field_complete(llhttp_t *p)
+{
+    struct conn *c = p->data;
+    if (c->name_len == 0)
+        return parse_refuse(c, 400, "malformed request: a header line with an empty name");
+    return 0;
+}
+
 static int on_header_value(llhttp_t *p, const char *at, size_t len)
 {
     struct conn *c = p->data;
     struct http_req *r = c->req;
+    /* ": v" (an empty name) reaches here with no name before it; proxies
+     * that drop such a line see different headers (CVE-2023-25725) */
+    if (c->hstate == 0 || c->value_done)
+        return parse_refuse(c, 400, "malformed request: a header line with an empty name");
     if (c->hstate == 1) {
         if (c->st != C_BODY) {
             hbuf_add(&r->hb, "", 1); /* ends the name */
@@ -629,6 +646,13 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
         return rc;
     if (c->st != C_BODY)
         hbuf_add(&r->hb, at, len);
+    return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    struct conn *c = p->data;
+    c->value_done = 1;
     return 0;
 }
 
@@ -1015,7 +1039,9 @@ static void conn_dispatch(struct conn *c)
 /* Maps an llhttp error to our answer. */
 static void conn_parse_error(struct conn *c, llhttp_errno_t e)
 {
-    if (e == HPE_USER && c->user_status) {
+    /* our callbacks refused it (HPE_USER, or the *_complete callbacks'
+     * own codes): our status and reason */
+    if (c->user_status) {
         conn_send_error(c, c->user_status, "%s", c->user_msg);
         return;
     }
@@ -1027,10 +1053,10 @@ static void conn_parse_error(struct conn *c, llhttp_errno_t e)
     conn_send_error(c, 400, "malformed request: %s", reason ? reason : llhttp_errno_name(e));
 }
 
-/* llhttp's loose mode (the build does not define LLHTTP_STRICT_MODE)
- * accepts a bare LF as a line end and obsolete line folding, both
- * smuggling vectors when a proxy reads them differently; refuse them in
- * the head's raw bytes. The body's framing llhttp checks itself. Returns
+/* llhttp's loose mode accepts a bare LF as a line end and obsolete line
+ * folding, both smuggling vectors when a proxy reads them differently.
+ * The build defines LLHTTP_STRICT_MODE, and these checks on the head's raw
+ * bytes keep the refusal (and its message) whatever mode llhttp is in. The body's framing llhttp checks itself. Returns
  * the reason, or NULL. */
 static const char *head_scan(struct conn *c, const char *d, size_t n)
 {
@@ -1629,6 +1655,8 @@ struct http_server *http_server_create(struct event_base *base, const struct htt
     s->settings.on_version = on_version;
     s->settings.on_header_field = on_header_field;
     s->settings.on_header_value = on_header_value;
+    s->settings.on_header_value_complete = on_header_value_complete;
+    s->settings.on_header_field_complete = on_header_field_complete;
     s->settings.on_headers_complete = on_headers_complete;
     s->settings.on_body = on_body;
     s->settings.on_chunk_extension_name = on_chunk_ext;

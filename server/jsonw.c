@@ -195,6 +195,14 @@ void jw_key(struct jw *w, const char *key)
     w->after_key = 1;
 }
 
+void jw_keyn(struct jw *w, const char *key, size_t n)
+{
+    sep(w);
+    str_body(w, key ? key : "", key ? n : 0);
+    put(w, ':');
+    w->after_key = 1;
+}
+
 void jw_strn(struct jw *w, const char *s, size_t n)
 {
     sep(w);

@@ -40,6 +40,9 @@ void jw_arr(struct jw *w);     /* [ */
 void jw_arr_end(struct jw *w); /* ] */
 /* A member name inside an object; the next value is its value. */
 void jw_key(struct jw *w, const char *key);
+/* A member name of n bytes (may hold NULs or invalid UTF-8: escaped and
+ * replaced as strings are). */
+void jw_keyn(struct jw *w, const char *key, size_t n);
 void jw_str(struct jw *w, const char *s);             /* NUL-terminated */
 void jw_strn(struct jw *w, const char *s, size_t n);  /* n bytes, NULs escaped */
 void jw_int(struct jw *w, int64_t v);

@@ -712,6 +712,7 @@ static void test_refusals(struct srv *v)
     EXPECT(p, "GET /x HTTP/1.1\r\nHost: t\r\nBad\x01Name: v\r\n\r\n", 400, 1, "malformed");
     EXPECT(p, "GET /x HTTP/1.1\r\nHost: t\r\nBad Name: v\r\n\r\n", 400, 1, "malformed");
     EXPECT(p, "GET /x HTTP/1.1\r\nHost: t\r\nBad : v\r\n\r\n", 400, 1, "malformed request");
+    EXPECT(p, "GET /x HTTP/1.1\r\nHost: t\r\n: v\r\n\r\n", 400, 1, "empty name");
     EXPECT(p, "GET /x HTTP/1.1\nHost: t\n\n", 400, 1, "bare LF");
     EXPECT(p, "GET /x HTTP/1.1\r\nHost: t\r\nX-A: a\r\n folded\r\n\r\n", 400, 1, "folding");
     EXPECT(p, "GET /x HTTP/1.1\r\nHost: t\r\nContent-Length: \r\n\r\n", 400, 1, NULL);
