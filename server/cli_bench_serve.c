@@ -1696,7 +1696,11 @@ int cli_bench_serve(int argc, char **argv)
         if (!cfg.num_prompts_set)
             cfg.num_prompts = (int64_t)n_prompts;
     } else {
-        n_prompts = (size_t)cfg.num_prompts;
+        /* Fresh prompts for the warmup and for each sweep level: a prompt
+         * sent twice would measure the server's prefix cache, not its
+         * prefill. */
+        n_prompts = (size_t)cfg.warmup +
+                    (size_t)cfg.num_prompts * (size_t)(cfg.sweep ? cfg.n_sweep : 1);
         prompts = calloc(n_prompts, sizeof(*prompts));
         if (!prompts || make_random_prompts(&cfg, model, extra, prompts, n_prompts)) {
             cli_error("bench serve: cannot build the requests");
@@ -1724,8 +1728,8 @@ int cli_bench_serve(int argc, char **argv)
         struct bs_run r;
         int64_t lim = cfg.sweep ? cfg.sweep[0] : cfg.concurrency;
         double t0 = now_s();
-        if (run_requests(&cl, &r, prompts, n_prompts, (size_t)cfg.warmup, lim, INFINITY,
-                         (uint64_t)cfg.seed))
+        if (run_requests(&cl, &r, prompts, cfg.dataset ? n_prompts : (size_t)cfg.warmup,
+                         (size_t)cfg.warmup, lim, INFINITY, (uint64_t)cfg.seed))
             goto done;
         fprintf(stderr, "warmup: %lld requests in %.2f s, %lld failed%s%s\n",
                 (long long)cfg.warmup, now_s() - t0, (long long)r.n_failed,
@@ -1743,8 +1747,14 @@ int cli_bench_serve(int argc, char **argv)
         struct bs_run r;
         res[i].concurrency = cfg.sweep ? cfg.sweep[i] : cfg.concurrency;
         res[i].rate = cfg.rate;
-        if (run_requests(&cl, &r, prompts, n_prompts, (size_t)cfg.num_prompts,
-                         res[i].concurrency, cfg.rate, (uint64_t)cfg.seed))
+        struct bs_prompt *ps = prompts;
+        size_t nps = n_prompts;
+        if (!cfg.dataset) {
+            ps = prompts + cfg.warmup + (size_t)cfg.num_prompts * i;
+            nps = (size_t)cfg.num_prompts;
+        }
+        if (run_requests(&cl, &r, ps, nps, (size_t)cfg.num_prompts, res[i].concurrency,
+                         cfg.rate, (uint64_t)cfg.seed))
             goto done;
         summarize(&r, &res[i]);
         run_free(&r);
