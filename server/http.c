@@ -582,6 +582,19 @@ static int is_tchar(unsigned char ch)
            (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
 }
 
+/* Counts len more bytes of a header name or value against the limit and
+ * keeps them (trailers are counted, not kept). */
+static int header_bytes(struct conn *c, const char *at, size_t len)
+{
+    c->hdr_bytes += len;
+    int rc = check_header_bytes(c);
+    if (rc)
+        return rc;
+    if (c->st != C_BODY)
+        hbuf_add(&c->req->hb, at, len);
+    return 0;
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t len)
 {
     struct conn *c = p->data;
@@ -608,13 +621,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len)
         c->hstate = 1;
     }
     c->name_len += len;
-    c->hdr_bytes += len;
-    int rc = check_header_bytes(c);
-    if (rc)
-        return rc;
-    if (c->st != C_BODY)
-        hbuf_add(&r->hb, at, len);
-    return 0;
+    return header_bytes(c, at, len);
 }
 
 static int on_header_field_complete(llhttp_t *p)
@@ -640,13 +647,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
         }
         c->hstate = 2;
     }
-    c->hdr_bytes += len;
-    int rc = check_header_bytes(c);
-    if (rc)
-        return rc;
-    if (c->st != C_BODY)
-        hbuf_add(&r->hb, at, len);
-    return 0;
+    return header_bytes(c, at, len);
 }
 
 static int on_header_value_complete(llhttp_t *p)
