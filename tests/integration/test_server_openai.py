@@ -63,7 +63,8 @@ def check_usage(u, completion_tokens=None):
 
 # ----------------------------------------------------------------- models
 
-def test_models_list_and_retrieve(tiny):
+def test_models_list_and_retrieve(tiny_any):
+    tiny = tiny_any
     r = tiny.get("/v1/models")
     body = check_response("GET", "/v1/models", r)
     assert [m["id"] for m in body["data"]] == ["tiny"]
@@ -81,7 +82,8 @@ def test_models_list_and_retrieve(tiny):
 
 # ------------------------------------------------------------ the client
 
-def test_chat_with_openai_client(tiny):
+def test_chat_with_openai_client(tiny_any):
+    tiny = tiny_any
     client = tiny.openai()
     raw = client.chat.completions.with_raw_response.create(
         model="tiny", messages=MSGS, max_tokens=8, extra_body={"ignore_eos": True})
@@ -100,7 +102,8 @@ def test_chat_with_openai_client(tiny):
     assert raw.headers.get("x-request-id")
 
 
-def test_completions_with_openai_client(tiny):
+def test_completions_with_openai_client(tiny_any):
+    tiny = tiny_any
     client = tiny.openai()
     raw = client.completions.with_raw_response.create(
         model="tiny", prompt="once upon a time", max_tokens=5, extra_body={"ignore_eos": True})
@@ -112,25 +115,29 @@ def test_completions_with_openai_client(tiny):
     check_usage(body["usage"], 5)
 
 
-def test_completions_default_max_tokens_is_16(tiny):
+def test_completions_default_max_tokens_is_16(tiny_any):
+    tiny = tiny_any
     body = cmpl(tiny, ignore_eos=True)
     assert body["usage"]["completion_tokens"] == 16
     assert body["choices"][0]["finish_reason"] == "length"
 
 
-def test_chat_default_max_tokens_is_the_rest_of_the_context(tiny):
+def test_chat_default_max_tokens_is_the_rest_of_the_context(tiny_any):
+    tiny = tiny_any
     body = chat(tiny, ignore_eos=True)
     u = body["usage"]
     assert u["prompt_tokens"] + u["completion_tokens"] == TINY_CTX, u
     assert body["choices"][0]["finish_reason"] == "length"
 
 
-def test_max_completion_tokens_supersedes_max_tokens(tiny):
+def test_max_completion_tokens_supersedes_max_tokens(tiny_any):
+    tiny = tiny_any
     body = chat(tiny, ignore_eos=True, max_tokens=9, max_completion_tokens=3)
     assert body["usage"]["completion_tokens"] == 3
 
 
-def test_chat_stream_with_openai_client(tiny):
+def test_chat_stream_with_openai_client(tiny_any):
+    tiny = tiny_any
     client = tiny.openai()
     stream = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=6,
                                             temperature=0, stream=True, extra_body={"ignore_eos": True})
@@ -142,7 +149,8 @@ def test_chat_stream_with_openai_client(tiny):
                         temperature=0)["choices"][0]["message"]["content"]
 
 
-def test_completions_stream_with_openai_client(tiny):
+def test_completions_stream_with_openai_client(tiny_any):
+    tiny = tiny_any
     client = tiny.openai()
     chunks = list(client.completions.create(model="tiny", prompt="hello there", max_tokens=6,
                                             temperature=0, stream=True, extra_body={"ignore_eos": True}))
@@ -151,7 +159,8 @@ def test_completions_stream_with_openai_client(tiny):
     assert text == cmpl(tiny, max_tokens=6, ignore_eos=True, temperature=0)["choices"][0]["text"]
 
 
-def test_async_client_concurrent_requests(tiny):
+def test_async_client_concurrent_requests(tiny_any):
+    tiny = tiny_any
     async def main():
         client = tiny.async_openai()
         try:
@@ -180,14 +189,16 @@ def test_async_client_concurrent_requests(tiny):
 
 # ---------------------------------------------------------- stream shape
 
-def test_chat_stream_framing_and_shape(tiny):
+def test_chat_stream_framing_and_shape(tiny_any):
+    tiny = tiny_any
     texts, finish, usage, events = chat_stream(tiny, max_tokens=10, ignore_eos=True)
     assert usage is None and finish == {0: "length"}
     # without include_usage no chunk has choices == []
     assert all(ev["choices"] for ev in events)
 
 
-def test_include_usage_chunk(tiny):
+def test_include_usage_chunk(tiny_any):
+    tiny = tiny_any
     texts, finish, usage, events = chat_stream(tiny, include_usage=True, max_tokens=7,
                                                ignore_eos=True)
     assert events[-1]["choices"] == [] and usage["completion_tokens"] == 7
@@ -203,7 +214,8 @@ def test_include_usage_chunk(tiny):
 
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
-def test_stream_equals_non_stream_greedy(tiny, route):
+def test_stream_equals_non_stream_greedy(tiny_any, route):
+    tiny = tiny_any
     kw = dict(max_tokens=40, ignore_eos=True, temperature=0)
     if route == "chat":
         texts, finish, _, _ = chat_stream(tiny, **kw)
@@ -218,7 +230,8 @@ def test_stream_equals_non_stream_greedy(tiny, route):
 
 # -------------------------------------------------------------------- n
 
-def test_chat_n_choices(tiny):
+def test_chat_n_choices(tiny_any):
+    tiny = tiny_any
     body = chat(tiny, n=3, max_tokens=6, ignore_eos=True, temperature=1, seed=11)
     assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2]
     assert body["usage"]["completion_tokens"] == 18
@@ -231,7 +244,8 @@ def test_chat_n_choices(tiny):
         [c["message"]["content"] for c in sorted(body["choices"], key=lambda c: c["index"])]
 
 
-def test_completions_prompt_forms_and_indices(tiny):
+def test_completions_prompt_forms_and_indices(tiny_any):
+    tiny = tiny_any
     ids = tiny.tokenize("hello there")
     single = cmpl(tiny, prompt="hello there", max_tokens=4, ignore_eos=True, temperature=0)
     assert single["usage"]["prompt_tokens"] == len(ids)
@@ -275,7 +289,8 @@ def _check_chat_logprob_entries(entries, k, greedy):
                     pass  # part of a character: the token string cannot show it
 
 
-def test_chat_logprobs(tiny):
+def test_chat_logprobs(tiny_any):
+    tiny = tiny_any
     body = chat(tiny, max_tokens=8, ignore_eos=True, temperature=0, logprobs=True,
                 top_logprobs=3)
     ch = body["choices"][0]
@@ -294,7 +309,8 @@ def test_chat_logprobs(tiny):
     assert chat(tiny, max_tokens=2)["choices"][0]["logprobs"] is None
 
 
-def test_chat_logprobs_streamed(tiny):
+def test_chat_logprobs_streamed(tiny_any):
+    tiny = tiny_any
     texts, _, _, events = chat_stream(tiny, max_tokens=8, ignore_eos=True, temperature=0,
                                       logprobs=True, top_logprobs=2)
     entries = [e for ev in events for ch in ev["choices"]
@@ -306,7 +322,8 @@ def test_chat_logprobs_streamed(tiny):
     assert [e["token"] for e in entries] == [e["token"] for e in full]
 
 
-def test_completions_logprobs(tiny):
+def test_completions_logprobs(tiny_any):
+    tiny = tiny_any
     body = cmpl(tiny, max_tokens=6, ignore_eos=True, temperature=0, logprobs=2)
     ch = body["choices"][0]
     lp = ch["logprobs"]
@@ -326,7 +343,8 @@ def test_completions_logprobs(tiny):
     assert len(lp["tokens"]) == 3 and all(t is None or len(t) <= 1 for t in lp["top_logprobs"])
 
 
-def test_completions_echo(tiny):
+def test_completions_echo(tiny_any):
+    tiny = tiny_any
     body = cmpl(tiny, prompt="hello there", max_tokens=4, ignore_eos=True, temperature=0, echo=True)
     plain = cmpl(tiny, prompt="hello there", max_tokens=4, ignore_eos=True, temperature=0)
     assert body["choices"][0]["text"] == "hello there" + plain["choices"][0]["text"]
@@ -349,7 +367,8 @@ def test_completions_echo(tiny):
 # ------------------------------------------------------- stop and seeds
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
-def test_stop_strings(tiny, route):
+def test_stop_strings(tiny_any, route):
+    tiny = tiny_any
     def gen(**kw):
         if route == "chat":
             b = chat(tiny, max_tokens=32, ignore_eos=True, temperature=0, **kw)
@@ -374,7 +393,8 @@ def test_stop_strings(tiny, route):
     assert (texts[0], finish[0]) == (want, "stop")
 
 
-def test_seeded_sampling_is_reproducible(tiny):
+def test_seeded_sampling_is_reproducible(tiny_any):
+    tiny = tiny_any
     def gen(seed):
         return cmpl(tiny, max_tokens=16, ignore_eos=True, temperature=1.0,
                     seed=seed)["choices"][0]["text"]
@@ -389,7 +409,8 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert outs[0] == outs[1]
 
 
-def test_logit_bias_forces_a_token(tiny):
+def test_logit_bias_forces_a_token(tiny_any):
+    tiny = tiny_any
     (tid,) = tiny.tokenize("x")
     body = cmpl(tiny, max_tokens=5, ignore_eos=True, logit_bias={str(tid): 100})
     assert body["choices"][0]["text"] == "xxxxx"
@@ -398,7 +419,8 @@ def test_logit_bias_forces_a_token(tiny):
     assert body["choices"][0]["message"]["content"] == "xxxxx"
 
 
-def test_stop_token_ids(tiny):
+def test_stop_token_ids(tiny_any):
+    tiny = tiny_any
     (tid,) = tiny.tokenize("x")
     bias = {str(tid): 100}  # so the first token is "x"
     body = cmpl(tiny, max_tokens=8, ignore_eos=True, logit_bias=bias)
@@ -410,26 +432,30 @@ def test_stop_token_ids(tiny):
     assert "x" not in body["choices"][0]["text"]
 
 
-def test_sampling_extensions_accepted(tiny):
+def test_sampling_extensions_accepted(tiny_any):
+    tiny = tiny_any
     body = cmpl(tiny, max_tokens=4, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20,
                 min_p=0.05, repetition_penalty=1.1, presence_penalty=0.5,
                 frequency_penalty=0.5, seed=3, user="someone", skip_special_tokens=True)
     assert body["usage"]["completion_tokens"] == 4
 
 
-def test_unknown_fields_are_ignored(tiny):
+def test_unknown_fields_are_ignored(tiny_any):
+    tiny = tiny_any
     body = chat(tiny, max_tokens=2, ignore_eos=True, some_vendor_field={"x": [1, 2]},
                 parallel_tool_calls=False, metadata={"a": "b"})
     assert body["usage"]["completion_tokens"] == 2
 
 
-def test_usage_counts_the_templated_prompt(tiny):
+def test_usage_counts_the_templated_prompt(tiny_any):
+    tiny = tiny_any
     r = tiny.post("/tokenize", {"messages": MSGS})
     n = check_response("POST", "/tokenize", r)["count"]
     assert chat(tiny, max_tokens=1)["usage"]["prompt_tokens"] == n
 
 
-def test_prefix_cache_reports_cached_tokens(tiny):
+def test_prefix_cache_reports_cached_tokens(tiny_any):
+    tiny = tiny_any
     prompt = "a shared prefix that spans several blocks of sixteen tokens " * 3
     cmpl(tiny, prompt=prompt, max_tokens=1)
     body = cmpl(tiny, prompt=prompt, max_tokens=1)
@@ -438,7 +464,8 @@ def test_prefix_cache_reports_cached_tokens(tiny):
     check_usage(u)
 
 
-def test_multibyte_text_in_messages(tiny):
+def test_multibyte_text_in_messages(tiny_any):
+    tiny = tiny_any
     msgs = [{"role": "system", "content": "Réponds en français ☃ 日本語 🎉"},
             {"role": "user", "content": "\"quotes\" \\ backslash \n newline \t tab \u0001"}]
     body = chat(tiny, messages=msgs, max_tokens=3, ignore_eos=True)
