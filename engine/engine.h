@@ -46,7 +46,7 @@ struct engine_opts {
      * sequence can decode in every step. */
     int64_t max_batched_tokens;
     /* Most requests waiting for admission; a submit beyond it fails with
-     * ENGINE_EFULL (the API answers 429). 0: 1024. */
+     * ENGINE_EFULL (the API answers 503 with Retry-After). 0: 1024. */
     int max_queue;
     /* Longest prompt + completion; 0: the model's context length. Lowered
      * to what the KV cache holds, so that any one request can always run. */
