@@ -1,0 +1,1 @@
+// act.cu: see kcuda.h (being written).

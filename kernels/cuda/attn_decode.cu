@@ -1,0 +1,1 @@
+// attn_decode.cu: see kcuda.h (being written).

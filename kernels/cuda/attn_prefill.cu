@@ -1,0 +1,1 @@
+// attn_prefill.cu: see kcuda.h (being written).

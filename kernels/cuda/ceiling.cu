@@ -1,0 +1,1 @@
+// ceiling.cu: see kcuda.h (being written).

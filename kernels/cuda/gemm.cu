@@ -1,0 +1,1 @@
+// gemm.cu: see kcuda.h (being written).

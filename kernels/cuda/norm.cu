@@ -1,0 +1,1 @@
+// norm.cu: see kcuda.h (being written).

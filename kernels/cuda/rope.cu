@@ -1,0 +1,1 @@
+// rope.cu: see kcuda.h (being written).

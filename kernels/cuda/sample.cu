@@ -1,0 +1,1 @@
+// sample.cu: see kcuda.h (being written).
