@@ -19,6 +19,7 @@
 #include "engine/gguf.h"
 #include "engine/json.h"
 #include "engine/model_config.h"
+#include "engine/dummy.h"
 #include "engine/safetensors.h"
 
 /* ------------------------------------------------------------- structure */
@@ -41,6 +42,7 @@ struct model {
     char path[1024];
     struct gguf_file *gguf;
     struct st_model *st;
+    struct dummy_model *dummy;
     struct k_pool *pool;
     struct layer *layers;      /* (n_layer) */
     struct k_matrix tok_embd;  /* (n_vocab, n_embd) */
@@ -77,6 +79,8 @@ static void *xmalloc_aligned(size_t n)
 
 static const struct tensor *find_tensor(const struct model *m, const char *name)
 {
+    if (m->dummy)
+        return dummy_find(m->dummy, name);
     return m->gguf ? gguf_find_tensor(m->gguf, name) : st_find(m->st, name);
 }
 
@@ -337,10 +341,17 @@ io:
     return -1;
 }
 
-static int load_hf(struct model *m, const char *dir, char *err, size_t errlen)
+/* dummy: 0 real weights, 1 random ones, 2 shapes only (model.h) */
+static int load_hf(struct model *m, const char *dir, int dummy, uint64_t seed, char *err,
+                   size_t errlen)
 {
     char cpath[1200];
-    snprintf(cpath, sizeof(cpath), "%s/config.json", dir);
+    struct stat sb;
+    /* a dummy model may be named by its config file itself */
+    if (dummy && stat(dir, &sb) == 0 && !S_ISDIR(sb.st_mode))
+        snprintf(cpath, sizeof(cpath), "%s", dir);
+    else
+        snprintf(cpath, sizeof(cpath), "%s/config.json", dir);
     char *text = NULL;
     size_t len = 0;
     if (read_file(cpath, &text, &len, err, errlen))
@@ -356,6 +367,8 @@ static int load_hf(struct model *m, const char *dir, char *err, size_t errlen)
     json_free(cfg);
     if (rc)
         return -1;
+    if (dummy)
+        return dummy_open(&m->cfg, K_BF16, seed, dummy == 1, &m->dummy, err, errlen);
     return st_open(dir, &m->st, err, errlen);
 }
 
@@ -374,8 +387,12 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
         goto fail;
     }
-    if (S_ISDIR(sb.st_mode)) {
-        if (load_hf(m, path, err, errlen))
+    if (opts && opts->load_format != MODEL_LOAD_AUTO) {
+        if (load_hf(m, path, opts->load_format == MODEL_LOAD_DUMMY ? 1 : 2, opts->dummy_seed,
+                    err, errlen))
+            goto fail;
+    } else if (S_ISDIR(sb.st_mode)) {
+        if (load_hf(m, path, 0, 0, err, errlen))
             goto fail;
         m->stats.file_bytes = st_file_bytes(m->st);
     } else {
@@ -429,6 +446,7 @@ void model_destroy(struct model *m)
     free(m->layers);
     gguf_close(m->gguf);
     st_close(m->st);
+    dummy_close(m->dummy);
     free(m);
 }
 

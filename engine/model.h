@@ -69,7 +69,14 @@ struct model_opts {
      * much anonymous memory and a moment at load; the results are the
      * same bits either way. */
     int no_repack;
+    /* MODEL_LOAD_DUMMY: path is a config.json (or a directory holding
+     * one) and the weights are random, bf16 (engine/dummy.h). */
+    int load_format;
+    uint64_t dummy_seed;
 };
+/* MODEL_LOAD_SHAPES: as DUMMY with every weight zero and never written,
+ * so no memory is touched: for inspect (sizes and counts only). */
+enum { MODEL_LOAD_AUTO = 0, MODEL_LOAD_DUMMY = 1, MODEL_LOAD_SHAPES = 2 };
 
 struct model;
 

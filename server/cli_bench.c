@@ -123,12 +123,13 @@ static int bench_engine(int argc, char **argv)
         {"threads", required_argument, 0, 'j'},
         {"json", required_argument, 0, 'o'},
         {"no-repack", no_argument, 0, 'R'},
+        {"load-format", required_argument, 0, 'L'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *batches = "1,8", *json_path = NULL;
     int64_t P = 128, G = 32, threads = 0;
-    int c, no_repack = 0;
+    int c, no_repack = 0, load_format = MODEL_LOAD_AUTO;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -138,6 +139,14 @@ static int bench_engine(int argc, char **argv)
         case 'j': if (cli_parse_int("--threads", optarg, 0, 1024, &threads)) return 2; break;
         case 'o': json_path = optarg; break;
         case 'R': no_repack = 1; break;
+        case 'L':
+            if (strcmp(optarg, "dummy") == 0) {
+                load_format = MODEL_LOAD_DUMMY;
+            } else if (strcmp(optarg, "auto") != 0) {
+                cli_error("--load-format: expected auto or dummy, got '%s'", optarg);
+                return 2;
+            }
+            break;
         case 'h':
             puts("usage: inferd bench engine MODEL [options]\n"
                  "  --batch LIST   batch sizes, comma-separated (default 1,8)\n"
@@ -145,6 +154,8 @@ static int bench_engine(int argc, char **argv)
                  "  --gen N        decode steps (default 32)\n"
                  "  --threads N    CPU threads (default: all)\n"
                  "  --no-repack    keep every weight in the file's layout\n"
+                 "  --load-format dummy  MODEL is a config.json (or its directory): random\n"
+                 "                 bf16 weights at that shape, no weight files needed\n"
                  "  --json FILE    also write the results as JSON");
             return 0;
         default:
@@ -168,7 +179,8 @@ static int bench_engine(int argc, char **argv)
     const char *path = argv[optind];
     char err[512];
     struct model *m;
-    struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack};
+    struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack,
+                            .load_format = load_format};
     double t0 = now_s();
     if (model_load(path, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);

@@ -28,11 +28,12 @@ int cli_inspect(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"kv-tokens", required_argument, 0, 'k'},
+        {"load-format", required_argument, 0, 'L'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     int64_t kv_tokens = -1;
-    int c;
+    int c, load_format = MODEL_LOAD_AUTO;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -40,9 +41,20 @@ int cli_inspect(int argc, char **argv)
             if (cli_parse_int("--kv-tokens", optarg, 1, (int64_t)1 << 32, &kv_tokens))
                 return 2;
             break;
+        case 'L':
+            /* only sizes are printed: the weights need no values */
+            if (strcmp(optarg, "dummy") == 0) {
+                load_format = MODEL_LOAD_SHAPES;
+            } else if (strcmp(optarg, "auto") != 0) {
+                cli_error("--load-format: expected auto or dummy, got '%s'", optarg);
+                return 2;
+            }
+            break;
         case 'h':
-            puts("usage: inferd inspect MODEL [--kv-tokens N]\n"
-                 "  --kv-tokens N   size the KV cache for N tokens (default: the context length)");
+            puts("usage: inferd inspect MODEL [--kv-tokens N] [--load-format dummy]\n"
+                 "  --kv-tokens N   size the KV cache for N tokens (default: the context length)\n"
+                 "  --load-format dummy  MODEL is a config.json (or its directory): the sizes\n"
+                 "                  of that shape, no weight files needed");
             return 0;
         default:
             return 2;
@@ -55,7 +67,7 @@ int cli_inspect(int argc, char **argv)
     const char *path = argv[optind];
     char err[512];
     struct model *m;
-    struct model_opts mo = {.n_threads = 1};
+    struct model_opts mo = {.n_threads = 1, .load_format = load_format};
     if (model_load(path, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);
         return 1;

@@ -1,0 +1,198 @@
+/* loader_dummy.c: a model's tensors with random values (see dummy.h).
+ * The names and shapes are those bind_all in model.c asks a Hugging Face
+ * checkpoint for, derived from the config the same way. */
+#include "engine/dummy.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+struct dummy_model {
+    struct tensor *t;
+    char (*names)[96];
+    size_t n, cap;
+    void *map;
+    size_t map_bytes;
+    uint64_t bytes;
+};
+
+enum fill { FILL_RANDOM, FILL_ONES, FILL_ZEROS };
+
+struct spec {
+    const char *name;
+    int64_t rows, cols; /* rows 0: a vector of cols */
+    enum fill fill;
+};
+
+static int add(struct dummy_model *d, const char *name, int64_t rows, int64_t cols,
+               enum k_dtype dt)
+{
+    if (d->n == d->cap) {
+        size_t cap = d->cap ? 2 * d->cap : 64;
+        struct tensor *t = realloc(d->t, cap * sizeof(*t));
+        if (t)
+            d->t = t;
+        char(*nm)[96] = t ? realloc(d->names, cap * sizeof(*nm)) : NULL;
+        if (!t || !nm)
+            return -1;
+        d->names = nm;
+        d->cap = cap;
+    }
+    struct tensor *t = &d->t[d->n];
+    snprintf(d->names[d->n], sizeof(d->names[d->n]), "%s", name);
+    memset(t, 0, sizeof(*t));
+    t->dtype = dt;
+    t->n_dims = rows ? 2 : 1;
+    t->ne[0] = cols;
+    t->ne[1] = rows ? rows : 1;
+    t->ne[2] = t->ne[3] = 1;
+    t->nbytes = (uint64_t)(rows ? rows : 1) * (uint64_t)k_row_bytes(dt, cols);
+    d->n++;
+    return 0;
+}
+
+/* splitmix64: cheap, and the same stream for the same seed */
+static uint64_t mix(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void fill(struct tensor *t, void *dst, enum fill how, uint64_t *rng)
+{
+    size_t n = (size_t)(t->ne[0] * t->ne[1]);
+    /* scaled by fan-in so activations keep their size through the layers */
+    float a = 0.02f * (t->ne[0] > 4096 ? 4096.0f / (float)t->ne[0] : 1.0f);
+    for (size_t i = 0; i < n; i++) {
+        float v = how == FILL_ONES ? 1.0f : how == FILL_ZEROS ? 0.0f : 0.0f;
+        if (how == FILL_RANDOM)
+            v = a * (2.0f * (float)(mix(rng) >> 40) * (1.0f / 16777216.0f) - 1.0f);
+        switch (t->dtype) {
+        case K_F32: ((float *)dst)[i] = v; break;
+        case K_F16: ((uint16_t *)dst)[i] = k_f32_to_f16(v); break;
+        default: ((uint16_t *)dst)[i] = k_f32_to_bf16(v); break;
+        }
+    }
+}
+
+int dummy_open(const struct model_config *c, enum k_dtype dtype, uint64_t seed, int fill_values,
+               struct dummy_model **out, char *err, size_t errlen)
+{
+    if (dtype != K_F32 && dtype != K_F16 && dtype != K_BF16) {
+        snprintf(err, errlen, "dummy weights are f32, f16 or bf16, not %s", k_dtype_name(dtype));
+        return -1;
+    }
+    enum fill *fills = NULL; /* how each tensor is filled */
+    size_t n_fills = 0;
+    char nm[96];
+    struct dummy_model *d = calloc(1, sizeof(*d));
+    if (!d)
+        goto oom;
+    int64_t E = c->n_embd, hd = c->head_dim, nq = c->n_head * hd, nkv = c->n_head_kv * hd;
+#define ADD(name, rows, cols, how, dt)                                                        \
+    do {                                                                                      \
+        if (add(d, name, rows, cols, dt))                                                     \
+            goto oom;                                                                         \
+        enum fill *f_ = realloc(fills, (n_fills + 1) * sizeof(*f_));                          \
+        if (!f_)                                                                              \
+            goto oom;                                                                         \
+        fills = f_;                                                                           \
+        fills[n_fills++] = how;                                                               \
+    } while (0)
+    ADD("model.embed_tokens.weight", c->n_vocab, E, FILL_RANDOM, dtype);
+    ADD("model.norm.weight", 0, E, FILL_ONES, K_F32);
+    if (!c->tied_embeddings)
+        ADD("lm_head.weight", c->n_vocab, E, FILL_RANDOM, dtype);
+    for (int64_t il = 0; il < c->n_layer; il++) {
+#define L(suffix) (snprintf(nm, sizeof(nm), "model.layers.%lld.%s", (long long)il, suffix), nm)
+        ADD(L("input_layernorm.weight"), 0, E, FILL_ONES, K_F32);
+        ADD(L("post_attention_layernorm.weight"), 0, E, FILL_ONES, K_F32);
+        if (c->fused_qkv) {
+            ADD(L("self_attn.qkv_proj.weight"), nq + 2 * nkv, E, FILL_RANDOM, dtype);
+        } else {
+            ADD(L("self_attn.q_proj.weight"), nq, E, FILL_RANDOM, dtype);
+            ADD(L("self_attn.k_proj.weight"), nkv, E, FILL_RANDOM, dtype);
+            ADD(L("self_attn.v_proj.weight"), nkv, E, FILL_RANDOM, dtype);
+        }
+        if (c->qkv_bias) {
+            ADD(L("self_attn.q_proj.bias"), 0, nq, FILL_ZEROS, K_F32);
+            ADD(L("self_attn.k_proj.bias"), 0, nkv, FILL_ZEROS, K_F32);
+            ADD(L("self_attn.v_proj.bias"), 0, nkv, FILL_ZEROS, K_F32);
+        }
+        ADD(L("self_attn.o_proj.weight"), E, nq, FILL_RANDOM, dtype);
+        if (c->fused_gate_up) {
+            ADD(L("mlp.gate_up_proj.weight"), 2 * c->n_ff, E, FILL_RANDOM, dtype);
+        } else {
+            ADD(L("mlp.gate_proj.weight"), c->n_ff, E, FILL_RANDOM, dtype);
+            ADD(L("mlp.up_proj.weight"), c->n_ff, E, FILL_RANDOM, dtype);
+        }
+        ADD(L("mlp.down_proj.weight"), E, c->n_ff, FILL_RANDOM, dtype);
+#undef L
+    }
+#undef ADD
+    /* one mapping, each tensor 64-byte aligned */
+    size_t total = 0;
+    for (size_t i = 0; i < d->n; i++) {
+        if (d->t[i].nbytes > SIZE_MAX / 2 || total > SIZE_MAX / 2) {
+            snprintf(err, errlen, "dummy weights: the config's tensors are too large");
+            goto fail;
+        }
+        total = (total + 63) & ~(size_t)63;
+        total += d->t[i].nbytes;
+        d->bytes += d->t[i].nbytes;
+    }
+    d->map = mmap(NULL, total ? total : 64, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (d->map == MAP_FAILED) {
+        d->map = NULL;
+        snprintf(err, errlen, "dummy weights: cannot map %zu bytes", total);
+        goto fail;
+    }
+    d->map_bytes = total ? total : 64;
+    uint64_t rng = seed;
+    size_t off = 0;
+    for (size_t i = 0; i < d->n; i++) {
+        off = (off + 63) & ~(size_t)63;
+        d->t[i].data = (char *)d->map + off;
+        d->t[i].name = d->names[i];
+        if (fill_values)
+            fill(&d->t[i], (char *)d->map + off, fills[i], &rng);
+        off += d->t[i].nbytes;
+    }
+    free(fills);
+    *out = d;
+    return 0;
+oom:
+    snprintf(err, errlen, "dummy weights: out of memory");
+fail:
+    free(fills);
+    dummy_close(d);
+    return -1;
+}
+
+void dummy_close(struct dummy_model *d)
+{
+    if (!d)
+        return;
+    if (d->map)
+        munmap(d->map, d->map_bytes);
+    free(d->t);
+    free(d->names);
+    free(d);
+}
+
+const struct tensor *dummy_find(const struct dummy_model *d, const char *name)
+{
+    for (size_t i = 0; i < d->n; i++)
+        if (strcmp(d->t[i].name, name) == 0)
+            return &d->t[i];
+    return NULL;
+}
+
+uint64_t dummy_bytes(const struct dummy_model *d)
+{
+    return d->bytes;
+}
