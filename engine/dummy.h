@@ -3,8 +3,8 @@
  * `--load-format dummy` (the name vLLM users know) benchmarks a model
  * without its files: the tensors a Hugging Face checkpoint of that config
  * would hold, with the same names and shapes, filled with small random
- * values (matrices uniform in +-0.02 times a fan-in factor, norm weights 1,
- * biases 0) from a seed, so two runs compute the same numbers. The output
+ * values (matrices of magnitude 0.002 to 0.016 with random signs, norm
+ * weights 1, biases 0) from a seed, so two runs compute the same numbers. The output
  * is meaningless text; the arithmetic, memory traffic and timings are
  * those of the real model. Called from the thread that loads the model.
  */

@@ -61,9 +61,29 @@ static uint64_t mix(uint64_t *s)
     return z ^ (z >> 31);
 }
 
+/* Random bf16 values built from their bits, four per 64-bit draw: sign,
+ * an exponent giving magnitudes in [2^-9, 2^-6) (about 0.002 to 0.016,
+ * the size of trained weights) and a random mantissa. An 8B model's 16 GB
+ * fills in seconds instead of the half minute conversions from float take. */
+static void fill_bf16_random(uint16_t *dst, size_t n, uint64_t *rng)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint64_t r = mix(rng);
+        for (int k = 0; k < 4 && i < n; k++, i++, r >>= 16) {
+            unsigned sign = (unsigned)(r >> 15) & 1, exp = 118 + ((unsigned)(r >> 7) & 3);
+            dst[i] = (uint16_t)(sign << 15 | exp << 7 | ((unsigned)r & 0x7f));
+        }
+    }
+}
+
 static void fill(struct tensor *t, void *dst, enum fill how, uint64_t *rng)
 {
     size_t n = (size_t)(t->ne[0] * t->ne[1]);
+    if (how == FILL_RANDOM && t->dtype == K_BF16) {
+        fill_bf16_random(dst, n, rng);
+        return;
+    }
     /* scaled by fan-in so activations keep their size through the layers */
     float a = 0.02f * (t->ne[0] > 4096 ? 4096.0f / (float)t->ne[0] : 1.0f);
     for (size_t i = 0; i < n; i++) {
@@ -152,6 +172,10 @@ int dummy_open(const struct model_config *c, enum k_dtype dtype, uint64_t seed, 
         goto fail;
     }
     d->map_bytes = total ? total : 64;
+    /* huge pages: filling 16 GB in 4 KiB page faults costs more than the
+     * filling itself on a VM */
+    if (fill_values)
+        madvise(d->map, d->map_bytes, MADV_HUGEPAGE);
     uint64_t rng = seed;
     size_t off = 0;
     for (size_t i = 0; i < d->n; i++) {
