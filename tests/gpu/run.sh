@@ -21,7 +21,11 @@
 #      request to `inferd serve`, time to ready, the 8B-shaped `bench
 #      engine` with --load-format dummy): only with a build-cuda/inferd
 #      carried from a development machine whose `serve --help` offers
-#      --device; otherwise a SKIP line says why.
+#      --device; otherwise a SKIP line says why. Make that build on the
+#      development machine with the Debian libraries linked statically:
+#        meson setup build-cuda -Dprefer_static=true && ninja -C build-cuda
+#      (the binary then needs only glibc >= 2.36 and the CUDA libraries),
+#      and carry build-cuda along with the tree.
 #   5. A table per test (checks passed and failed, worst error against its
 #      bound) and per benchmark (figure, ceiling, ratio), and results.json.
 # Exit status: 0 only when every build step and check passed (or there is
