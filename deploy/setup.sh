@@ -98,7 +98,9 @@ case "$MODE" in
     # A second build with AddressSanitizer and UBSan: the unit tests and the
     # hostile-file tests run against it too.
     ASAN=${INFERD_ASAN_BUILD_DIR:-build-asan}
-    build "$ASAN" --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
+    # (CUDA is compiled and linked by the release build; here it would only
+    # bring the CUDA runtime under the sanitizers)
+    build "$ASAN" --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false -Dcuda=disabled
     # The libFuzzer targets need clang; only they are built there.
     FUZZ=${INFERD_FUZZ_BUILD_DIR:-build-fuzz}
     if command -v clang >/dev/null; then

@@ -20,52 +20,8 @@
 #include "engine/json.h"
 #include "engine/model_config.h"
 #include "engine/dummy.h"
+#include "engine/model_internal.h"
 #include "engine/safetensors.h"
-
-/* ------------------------------------------------------------- structure */
-
-struct layer {
-    float *attn_norm;          /* (n_embd) */
-    struct k_matrix wqkv;      /* fused: ((n_head + 2 n_head_kv) hd, n_embd) */
-    struct k_matrix wq;        /* (n_head hd, n_embd) */
-    struct k_matrix wk, wv;    /* (n_head_kv hd, n_embd) */
-    float *bq, *bk, *bv;       /* biases or NULL */
-    struct k_matrix wo;        /* (n_embd, n_head hd) */
-    float *ffn_norm;           /* (n_embd) */
-    struct k_matrix wgate_up;  /* fused: (2 n_ff, n_embd), gate rows first */
-    struct k_matrix wgate, wup;/* (n_ff, n_embd) */
-    struct k_matrix wdown;     /* (n_embd, n_ff) */
-};
-
-struct model {
-    struct model_config cfg;
-    char path[1024];
-    struct gguf_file *gguf;
-    struct st_model *st;
-    struct dummy_model *dummy;
-    struct k_pool *pool;
-    struct layer *layers;      /* (n_layer) */
-    struct k_matrix tok_embd;  /* (n_vocab, n_embd) */
-    struct k_matrix output;    /* (n_vocab, n_embd); tok_embd when tied */
-    float *out_norm;           /* (n_embd) */
-    void **owned;              /* f32 copies of small vectors and repacked
-                                * weights, freed at destroy */
-    size_t n_owned, cap_owned;
-    struct model_stats stats;
-
-    /* Activations, grown to the largest batch seen. */
-    int64_t cap_rows;
-    float *x;        /* (rows, n_embd) residual stream */
-    float *h;        /* (rows, n_embd) normed input / projection output */
-    float *qkv;      /* (rows, (n_head + 2 n_head_kv) hd) */
-    float *att;      /* (rows, n_head hd) */
-    float *gu;       /* (rows, 2 n_ff) gate then up */
-    float *act;      /* (rows, n_ff) */
-    float *rope_cs;  /* (rows, rope_dim/2, 2) cos, sin */
-    void *mm_scratch;
-    size_t mm_scratch_bytes;
-    float *att_scores; /* (n_threads, n_head / n_head_kv, n_ctx) */
-};
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -409,6 +365,19 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
         snprintf(err, errlen, "cannot start the CPU thread pool");
         goto fail;
     }
+    if (opts && opts->device == MODEL_DEVICE_CUDA) {
+#ifdef INFERD_CUDA
+        /* the CPU layout is not used: no repacking */
+        if (mcu_create(m, &m->cuda, err, errlen))
+            goto fail;
+        *out = m;
+        return 0;
+#else
+        snprintf(err, errlen, "--device cuda: this inferd was built without CUDA "
+                 "(meson setup -Dcuda=enabled with the CUDA toolkit installed)");
+        goto fail;
+#endif
+    }
     if (!(opts && opts->no_repack) && repack_all(m, err, errlen))
         goto fail;
     *out = m;
@@ -439,6 +408,9 @@ void model_destroy(struct model *m)
     if (!m)
         return;
     free_activations(m);
+#ifdef INFERD_CUDA
+    mcu_destroy(m->cuda);
+#endif
     k_pool_destroy(m->pool);
     for (size_t i = 0; i < m->n_owned; i++)
         free(m->owned[i]);
@@ -737,8 +709,8 @@ static void st_mlp_residual(struct rows_job *j, int64_t r0, int64_t r1)
 
 /* Validates a batch before anything is written. next: (kv_max_seqs)
  * scratch for each sequence's next expected position. */
-static int check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
-                       int64_t n, int64_t *next, char *err, size_t errlen)
+int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                      int64_t n, int64_t *next, char *err, size_t errlen)
 {
     for (int64_t r = 0; r < n; r++) {
         int s = rows[r].seq;
@@ -787,7 +759,13 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    if (check_batch(m, kv, rows, n, next, err, errlen)) {
+#ifdef INFERD_CUDA
+    if (m->cuda) {
+        free(next);
+        return mcu_forward(m, kv, rows, n, logits, err, errlen);
+    }
+#endif
+    if (model_check_batch(m, kv, rows, n, next, err, errlen)) {
         free(next);
         return -1;
     }

@@ -73,7 +73,12 @@ struct model_opts {
      * one) and the weights are random, bf16 (engine/dummy.h). */
     int load_format;
     uint64_t dummy_seed;
+    /* MODEL_DEVICE_CUDA: the weights are converted to bf16 on the first
+     * GPU and model_forward runs there (builds with CUDA only; otherwise,
+     * or with no device, model_load fails saying which). */
+    int device;
 };
+enum { MODEL_DEVICE_CPU = 0, MODEL_DEVICE_CUDA = 1 };
 /* MODEL_LOAD_SHAPES: as DUMMY with every weight zero and never written,
  * so no memory is touched: for inspect (sizes and counts only). */
 enum { MODEL_LOAD_AUTO = 0, MODEL_LOAD_DUMMY = 1, MODEL_LOAD_SHAPES = 2 };

@@ -22,6 +22,9 @@ int cli_parse_int(const char *flag, const char *s, int64_t lo, int64_t hi, int64
 /* Parses a byte size: a number with an optional K, M, G or T suffix
  * (powers of 1024; "GiB" and "GB" read the same). 0 or -1 as above. */
 int cli_parse_size(const char *flag, const char *s, int64_t *out);
+/* Parses a --device value: "cpu" or "cuda" (MODEL_DEVICE_*); 0, or -1
+ * after printing what was expected. */
+int cli_parse_device(const char *s, int *out);
 /* Parses "1,2,3" into a malloc'ed array (caller frees); -1 on error. */
 int cli_parse_ids(const char *flag, const char *s, int32_t **ids, int64_t *n);
 /* Index of the largest of v[0..n), the first one on ties (as greedy

@@ -124,12 +124,13 @@ static int bench_engine(int argc, char **argv)
         {"json", required_argument, 0, 'o'},
         {"no-repack", no_argument, 0, 'R'},
         {"load-format", required_argument, 0, 'L'},
+        {"device", required_argument, 0, 'D'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *batches = "1,8", *json_path = NULL;
     int64_t P = 128, G = 32, threads = 0;
-    int c, no_repack = 0, load_format = MODEL_LOAD_AUTO;
+    int c, no_repack = 0, load_format = MODEL_LOAD_AUTO, device = MODEL_DEVICE_CPU;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -147,6 +148,10 @@ static int bench_engine(int argc, char **argv)
                 return 2;
             }
             break;
+        case 'D':
+            if (cli_parse_device(optarg, &device))
+                return 2;
+            break;
         case 'h':
             puts("usage: inferd bench engine MODEL [options]\n"
                  "  --batch LIST   batch sizes, comma-separated (default 1,8)\n"
@@ -154,6 +159,7 @@ static int bench_engine(int argc, char **argv)
                  "  --gen N        decode steps (default 32)\n"
                  "  --threads N    CPU threads (default: all)\n"
                  "  --no-repack    keep every weight in the file's layout\n"
+                 "  --device D     cpu (default) or cuda (the first GPU; builds with CUDA)\n"
                  "  --load-format dummy  MODEL is a config.json (or its directory): random\n"
                  "                 bf16 weights at that shape, no weight files needed\n"
                  "  --json FILE    also write the results as JSON");
@@ -180,7 +186,7 @@ static int bench_engine(int argc, char **argv)
     char err[512];
     struct model *m;
     struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack,
-                            .load_format = load_format};
+                            .load_format = load_format, .device = device};
     double t0 = now_s();
     if (model_load(path, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <errno.h>
 
+#include "engine/model.h"
 #include "server/cli.h"
 
 void cli_error(const char *fmt, ...)
@@ -67,6 +68,20 @@ int cli_parse_size(const char *flag, const char *s, int64_t *out)
     }
     *out = (int64_t)(v * mult);
     return 0;
+}
+
+int cli_parse_device(const char *s, int *out)
+{
+    if (strcmp(s, "cpu") == 0) {
+        *out = MODEL_DEVICE_CPU;
+        return 0;
+    }
+    if (strcmp(s, "cuda") == 0) {
+        *out = MODEL_DEVICE_CUDA;
+        return 0;
+    }
+    cli_error("--device: expected cpu or cuda, got '%s'", s);
+    return -1;
 }
 
 int cli_parse_ids(const char *flag, const char *s, int32_t **ids, int64_t *n)

@@ -51,6 +51,7 @@ struct serve_args {
     struct http_limits lim;
     int64_t max_prompt_bytes;
     double ping_interval;
+    int device;
 };
 
 struct serve {
@@ -203,6 +204,8 @@ static void usage(FILE *f)
           "  --chat-template F          a Jinja chat template instead of the model's own\n"
           "  --trust-request-chat-template  accept 'chat_template' in requests\n"
           "  --threads N                CPU threads for the model (default: all cores)\n"
+          "  --device D                 cpu (default) or cuda: the first GPU, weights in bf16\n"
+          "                             (builds with the CUDA toolkit; not yet run on a GPU)\n"
           "engine:\n"
           "  --kv-cache-memory SIZE     KV cache budget (default: half the free memory, <= 4G)\n"
           "  --max-seqs N               sequences resident at once (default 64)\n"
@@ -273,7 +276,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 {
     enum { O_HOST = 256, O_PORT, O_NAME, O_KEY, O_KEYFILE, O_CERT, O_TLSKEY, O_TMPL, O_TRUST,
            O_THREADS, O_KV, O_SEQS, O_BATCH, O_QUEUE, O_MLEN, O_DRAIN, O_HDR, O_BODY, O_PROMPT,
-           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_HELP };
+           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_HELP };
     static const struct option opts[] = {
         {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT},
@@ -302,6 +305,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         {"max-stream-buffer", required_argument, 0, O_SBUF},
         {"sse-ping-interval", required_argument, 0, O_PING},
         {"log-level", required_argument, 0, O_LOG},
+        {"device", required_argument, 0, O_DEV},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -369,6 +373,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
             rc = cli_parse_size("--max-stream-buffer", optarg, &v);
             a->lim.max_output_bytes = (size_t)v;
             break;
+        case O_DEV: rc = cli_parse_device(optarg, &a->device); break;
         case O_PING: rc = parse_seconds("--sse-ping-interval", optarg, &a->ping_interval); break;
         case O_LOG: {
             int l = log_parse_level(optarg);
@@ -443,7 +448,7 @@ int cli_serve(int argc, char **argv)
         goto done;
     }
 
-    struct model_opts mo = {.n_threads = (int)a.threads};
+    struct model_opts mo = {.n_threads = (int)a.threads, .device = a.device};
     if (model_load(path, &mo, &model, err, sizeof(err))) {
         cli_error("%s", err);
         goto done;

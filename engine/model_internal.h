@@ -1,0 +1,72 @@
+/* model_internal.h: the loaded model's insides, shared by model.c (the
+ * CPU forward pass) and model_cuda.c (the CUDA one). Not for other
+ * modules: they go through model.h. Engine thread only. */
+#ifndef INFERD_MODEL_INTERNAL_H
+#define INFERD_MODEL_INTERNAL_H
+
+#include "engine/model.h"
+
+struct model_cuda;
+
+
+struct layer {
+    float *attn_norm;          /* (n_embd) */
+    struct k_matrix wqkv;      /* fused: ((n_head + 2 n_head_kv) hd, n_embd) */
+    struct k_matrix wq;        /* (n_head hd, n_embd) */
+    struct k_matrix wk, wv;    /* (n_head_kv hd, n_embd) */
+    float *bq, *bk, *bv;       /* biases or NULL */
+    struct k_matrix wo;        /* (n_embd, n_head hd) */
+    float *ffn_norm;           /* (n_embd) */
+    struct k_matrix wgate_up;  /* fused: (2 n_ff, n_embd), gate rows first */
+    struct k_matrix wgate, wup;/* (n_ff, n_embd) */
+    struct k_matrix wdown;     /* (n_embd, n_ff) */
+};
+
+struct model {
+    struct model_config cfg;
+    char path[1024];
+    struct gguf_file *gguf;
+    struct st_model *st;
+    struct dummy_model *dummy;
+    struct model_cuda *cuda;   /* weights on the GPU (--device cuda), or NULL */
+    struct k_pool *pool;
+    struct layer *layers;      /* (n_layer) */
+    struct k_matrix tok_embd;  /* (n_vocab, n_embd) */
+    struct k_matrix output;    /* (n_vocab, n_embd); tok_embd when tied */
+    float *out_norm;           /* (n_embd) */
+    void **owned;              /* f32 copies of small vectors and repacked
+                                * weights, freed at destroy */
+    size_t n_owned, cap_owned;
+    struct model_stats stats;
+
+    /* Activations, grown to the largest batch seen. */
+    int64_t cap_rows;
+    float *x;        /* (rows, n_embd) residual stream */
+    float *h;        /* (rows, n_embd) normed input / projection output */
+    float *qkv;      /* (rows, (n_head + 2 n_head_kv) hd) */
+    float *att;      /* (rows, n_head hd) */
+    float *gu;       /* (rows, 2 n_ff) gate then up */
+    float *act;      /* (rows, n_ff) */
+    float *rope_cs;  /* (rows, rope_dim/2, 2) cos, sin */
+    void *mm_scratch;
+    size_t mm_scratch_bytes;
+    float *att_scores; /* (n_threads, n_head / n_head_kv, n_ctx) */
+};
+
+
+/* model.c: validates a batch as model_forward documents it; next[seq]
+ * gets each sequence's length after the batch. */
+int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                      int64_t n, int64_t *next, char *err, size_t errlen);
+
+#ifdef INFERD_CUDA
+/* model_cuda.c: the weights on the device (bf16), and the forward pass
+ * there; logits come back to the host as f32, so the engine's sampler and
+ * everything after it are the same as on the CPU. */
+int mcu_create(struct model *m, struct model_cuda **out, char *err, size_t errlen);
+void mcu_destroy(struct model_cuda *c);
+int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
+                float *logits, char *err, size_t errlen);
+#endif
+
+#endif
