@@ -9,31 +9,18 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "kernels/cuda/bf16.cuh"
 #include "kernels/cuda/kcuda.h"
 
 namespace
 {
+using namespace kcu;
 
 constexpr int kVec = 8; // bf16 per 16-byte access
 constexpr int kThreads = 256;
 // A grid-stride grid of 4096 x 256 threads keeps every SM of an H200
 // (132 x 2048 resident threads) full; more blocks only add scheduling.
 constexpr int64_t kMaxBlocks = 4096;
-
-__device__ __forceinline__ float bf2f(uint16_t h)
-{
-    return __uint_as_float((uint32_t)h << 16); // exact
-}
-
-__device__ __forceinline__ uint16_t f2bf(float f)
-{
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f)); // round to nearest even
-}
-
-__device__ __forceinline__ uint32_t pack2(float a, float b)
-{
-    return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16);
-}
 
 __device__ __forceinline__ void unpack8(uint4 u, float f[kVec])
 {
@@ -64,11 +51,6 @@ int grid_for(int64_t units)
 {
     int64_t b = (units + kThreads - 1) / kThreads;
     return (int)(b < 1 ? 1 : b > kMaxBlocks ? kMaxBlocks : b);
-}
-
-bool aligned16(const void *p)
-{
-    return ((uintptr_t)p & 15) == 0;
 }
 
 /* ------------------------------------------------------ gated activations */

@@ -7,28 +7,15 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "kernels/cuda/bf16.cuh"
 #include "kernels/cuda/kcuda.h"
 
 namespace
 {
+using namespace kcu;
 
 constexpr int kVec = 8;               // bf16 per 16-byte access
 constexpr int64_t kMaxGrid = 1 << 20; // rows beyond it are grid-strided
-
-__device__ __forceinline__ float bf2f(uint16_t h)
-{
-    return __uint_as_float((uint32_t)h << 16); // exact
-}
-
-__device__ __forceinline__ uint16_t f2bf(float f)
-{
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f)); // round to nearest even
-}
-
-__device__ __forceinline__ uint32_t pack2(float a, float b)
-{
-    return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16);
-}
 
 // Chunk c (elements 8c .. 8c+7) of a row, as floats. V: one 16-byte load
 // (row 16-byte aligned, dim a multiple of 8); otherwise element loads, with
@@ -139,11 +126,6 @@ void launch(cudaStream_t s, int grid, int threads, kc_bf16 *out, kc_bf16 *resid,
             const kc_bf16 *w, int64_t rows, int64_t dim, float eps)
 {
     rmsnorm_kernel<V, RESID><<<grid, threads, 0, s>>>(out, resid, x, w, rows, dim, eps);
-}
-
-bool aligned16(const void *p)
-{
-    return ((uintptr_t)p & 15) == 0;
 }
 
 } // namespace

@@ -8,23 +8,15 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "kernels/cuda/bf16.cuh"
 #include "kernels/cuda/kcuda.h"
 
 namespace
 {
+using namespace kcu;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = 1 << 20; // tokens beyond it are grid-strided
-
-__device__ __forceinline__ float bf2f(uint16_t h)
-{
-    return __uint_as_float((uint32_t)h << 16); // exact
-}
-
-__device__ __forceinline__ uint16_t f2bf(float f)
-{
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f)); // round to nearest even
-}
 
 // Per token t (blockIdx.x, grid-strided):
 //  1. cs[2i], cs[2i+1] = cos, sin of pos * inv_freq[table][i], times mscale
@@ -114,11 +106,6 @@ __global__ void __launch_bounds__(kThreads)
         }
         __syncthreads(); // cs is rewritten for the next token
     }
-}
-
-bool aligned16(const void *p)
-{
-    return ((uintptr_t)p & 15) == 0;
 }
 
 } // namespace
