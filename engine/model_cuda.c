@@ -19,7 +19,6 @@
  * device memory. Nothing here has run on a GPU yet: tests/gpu/run.sh's
  * engine steps are its first check.
  */
-#include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,7 +27,6 @@
 
 #include "engine/kv_cache.h"
 #include "engine/model_internal.h"
-#include "kernels/cuda/kcuda.h"
 
 #define STAGE_BYTES ((size_t)64 << 20) /* per staging buffer */
 
@@ -43,7 +41,7 @@ struct cu_layer {
 
 struct model_cuda {
     int64_t n_layer;
-    cudaStream_t stream;
+    kc_stream stream;
     struct kc_gemm *gemm;
     struct cu_layer *L;
     kc_bf16 *embd;     /* (n_vocab, E) */
@@ -52,7 +50,7 @@ struct model_cuda {
     float *inv_freq;   /* (2, rope_dim / 2): short, then long factors */
     /* pinned staging for weights, and its copy events */
     void *stage[2];
-    cudaEvent_t stage_ev[2];
+    kc_event stage_ev[2];
     int cur;
     size_t fill;
     /* the KV cache: per layer (n_blocks, 16, n_kv_head, head_dim) */
@@ -71,11 +69,13 @@ struct model_cuda {
     uint64_t uploaded;
 };
 
+/* CK: a runtime call (kc_* wrapper); KL: a kernel launch. Both name the
+ * call and the CUDA error, and go to fail. */
 #define CK(call)                                                                             \
     do {                                                                                     \
-        cudaError_t e_ = (call);                                                             \
-        if (e_ != cudaSuccess) {                                                             \
-            snprintf(err, errlen, "CUDA: %s (%s:%d: %s)", cudaGetErrorString(e_), __FILE__,  \
+        int e_ = (call);                                                                     \
+        if (e_ != 0) {                                                                       \
+            snprintf(err, errlen, "CUDA: %s (%s:%d: %s)", kc_error_string(e_), __FILE__,     \
                      __LINE__, #call);                                                       \
             goto fail;                                                                       \
         }                                                                                    \
@@ -116,7 +116,7 @@ static void conv_worker(void *ctx, int ith, int nth)
 /* Waits until staging buffer b may be written again. */
 static int stage_wait(struct model_cuda *c, int b, char *err, size_t errlen)
 {
-    CK(cudaEventSynchronize(c->stage_ev[b]));
+    CK(kc_event_sync(c->stage_ev[b]));
     return 0;
 fail:
     return -1;
@@ -145,9 +145,9 @@ static int upload_matrix(struct model *m, struct model_cuda *c, const struct k_m
             goto fail;
         struct conv_job j = {w, r0, n, c->stage[b], tmp};
         k_pool_run(m->pool, conv_worker, &j);
-        CK(cudaMemcpyAsync(dst + (size_t)r0 * (size_t)cols, c->stage[b], (size_t)n * row_bytes,
-                           cudaMemcpyHostToDevice, c->stream));
-        CK(cudaEventRecord(c->stage_ev[b], c->stream));
+        CK(kc_copy_h2d(c->stream, dst + (size_t)r0 * (size_t)cols, c->stage[b],
+                       (size_t)n * row_bytes));
+        CK(kc_event_record(c->stage_ev[b], c->stream));
         c->cur ^= 1;
         c->uploaded += (uint64_t)n * row_bytes;
     }
@@ -172,8 +172,8 @@ static int upload_vector(struct model_cuda *c, const float *v, int64_t n, kc_bf1
     uint16_t *s = c->stage[b];
     for (int64_t i = 0; i < n; i++)
         s[i] = k_f32_to_bf16(v[i]);
-    CK(cudaMemcpyAsync(dst, s, (size_t)n * 2, cudaMemcpyHostToDevice, c->stream));
-    CK(cudaEventRecord(c->stage_ev[b], c->stream));
+    CK(kc_copy_h2d(c->stream, dst, s, (size_t)n * 2));
+    CK(kc_event_record(c->stage_ev[b], c->stream));
     c->cur ^= 1;
     return 0;
 fail:
@@ -182,11 +182,10 @@ fail:
 
 static int dev_alloc(void **p, size_t bytes, char *err, size_t errlen)
 {
-    cudaError_t e = cudaMalloc(p, bytes ? bytes : 16);
-    if (e != cudaSuccess) {
-        *p = NULL;
+    int e = kc_malloc(p, bytes);
+    if (e != 0) {
         snprintf(err, errlen, "CUDA: cannot allocate %.2f GiB on the device: %s",
-                 (double)bytes / (1 << 30), cudaGetErrorString(e));
+                 (double)bytes / (1 << 30), kc_error_string(e));
         return -1;
     }
     return 0;
@@ -226,12 +225,12 @@ int mcu_create(struct model *m, struct model_cuda **out, char *err, size_t errle
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    CK(cudaSetDevice(0));
-    CK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    CK(kc_set_device(0));
+    CK(kc_stream_create(&c->stream));
     for (int b = 0; b < 2; b++) {
-        CK(cudaMallocHost(&c->stage[b], STAGE_BYTES));
-        CK(cudaEventCreateWithFlags(&c->stage_ev[b], cudaEventDisableTiming));
-        CK(cudaEventRecord(c->stage_ev[b], c->stream));
+        CK(kc_malloc_host(&c->stage[b], STAGE_BYTES));
+        CK(kc_event_create(&c->stage_ev[b]));
+        CK(kc_event_record(c->stage_ev[b], c->stream));
     }
     if (!(c->gemm = kc_gemm_create(0))) {
         snprintf(err, errlen, "--device cuda: cuBLASLt could not be set up");
@@ -294,12 +293,12 @@ int mcu_create(struct model *m, struct model_cuda **out, char *err, size_t errle
     }
     DALLOC(c->inv_freq, (size_t)2 * (size_t)(pairs ? pairs : 1) * sizeof(float));
     if (pairs) {
-        CK(cudaMemcpyAsync(c->inv_freq, cf->inv_freq_short, (size_t)pairs * sizeof(float),
-                           cudaMemcpyHostToDevice, c->stream));
-        CK(cudaMemcpyAsync(c->inv_freq + pairs, cf->inv_freq_long, (size_t)pairs * sizeof(float),
-                           cudaMemcpyHostToDevice, c->stream));
+        CK(kc_copy_h2d(c->stream, c->inv_freq, cf->inv_freq_short,
+                       (size_t)pairs * sizeof(float)));
+        CK(kc_copy_h2d(c->stream, c->inv_freq + pairs, cf->inv_freq_long,
+                       (size_t)pairs * sizeof(float)));
     }
-    CK(cudaStreamSynchronize(c->stream));
+    CK(kc_stream_sync(c->stream));
     clock_gettime(CLOCK_MONOTONIC, &t1);
     c->load_s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     fprintf(stderr, "inferd: weights on the GPU: %.2f GB bf16 in %.2f s (%.2f GB/s)\n",
@@ -317,8 +316,8 @@ static void free_acts(struct model_cuda *c)
     kc_bf16 *all[] = {c->x, c->h, c->qkv, c->q, c->k, c->v, c->att, c->y, c->gu, c->act,
                       c->hsel, c->lg};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-        cudaFree(all[i]);
-    cudaFree(c->lg32);
+        kc_free(all[i]);
+    kc_free(c->lg32);
     c->x = c->h = c->qkv = c->q = c->k = c->v = c->att = c->y = c->gu = c->act = NULL;
     c->hsel = c->lg = NULL;
     c->lg32 = NULL;
@@ -330,7 +329,7 @@ void mcu_destroy(struct model_cuda *c)
     if (!c)
         return;
     if (c->stream)
-        cudaStreamSynchronize(c->stream);
+        kc_stream_sync(c->stream);
     free_acts(c);
     for (int64_t il = 0; il < c->n_layer; il++) {
         if (c->L) {
@@ -338,31 +337,28 @@ void mcu_destroy(struct model_cuda *c)
             kc_bf16 *all[] = {D->attn_norm, D->ffn_norm, D->wqkv, D->bqkv, D->wo, D->wgu,
                               D->wdown};
             for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-                cudaFree(all[i]);
+                kc_free(all[i]);
         }
         if (c->kc)
-            cudaFree(c->kc[il]);
+            kc_free(c->kc[il]);
         if (c->vc)
-            cudaFree(c->vc[il]);
+            kc_free(c->vc[il]);
     }
     free(c->kc);
     free(c->vc);
-    cudaFree(c->inv_freq);
-    cudaFree(c->out_norm);
+    kc_free(c->inv_freq);
+    kc_free(c->out_norm);
     if (c->output != c->embd)
-        cudaFree(c->output);
-    cudaFree(c->embd);
+        kc_free(c->output);
+    kc_free(c->embd);
     kc_gemm_destroy(c->gemm);
     for (int b = 0; b < 2; b++) {
-        if (c->stage[b])
-            cudaFreeHost(c->stage[b]);
-        if (c->stage_ev[b])
-            cudaEventDestroy(c->stage_ev[b]);
+        kc_free_host(c->stage[b]);
+        kc_event_destroy(c->stage_ev[b]);
     }
-    cudaFreeHost(c->in_host);
-    cudaFree(c->in_dev);
-    if (c->stream)
-        cudaStreamDestroy(c->stream);
+    kc_free_host(c->in_host);
+    kc_free(c->in_dev);
+    kc_stream_destroy(c->stream);
     free(c->L);
     free(c);
 }
@@ -522,11 +518,11 @@ int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *ro
         goto fail;
     struct step_layout lo = layout(n, n_seqs, max_blocks, nw);
     if (lo.total > c->in_cap) {
-        cudaFreeHost(c->in_host);
-        cudaFree(c->in_dev);
+        kc_free_host(c->in_host);
+        kc_free(c->in_dev);
         c->in_host = c->in_dev = NULL;
         c->in_cap = 0;
-        CK(cudaMallocHost(&c->in_host, lo.total));
+        CK(kc_malloc_host(&c->in_host, lo.total));
         DALLOC(c->in_dev, lo.total);
         c->in_cap = lo.total;
     }
@@ -566,7 +562,7 @@ int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *ro
             if (rows[r].want_logits)
                 sel[w++] = (int32_t)inv_order[r];
     }
-    CK(cudaMemcpyAsync(c->in_dev, c->in_host, lo.total, cudaMemcpyHostToDevice, c->stream));
+    CK(kc_copy_h2d(c->stream, c->in_dev, c->in_host, lo.total));
     char *D = c->in_dev;
     const int32_t *d_ids = (const int32_t *)(D + lo.ids), *d_pos = (const int32_t *)(D + lo.pos);
     const int64_t *d_slot = (const int64_t *)(D + lo.slot);
@@ -575,7 +571,7 @@ int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *ro
     const int32_t *d_seq_len = (const int32_t *)(D + lo.seq_len);
     const int32_t *d_btab = (const int32_t *)(D + lo.btab);
     const int32_t *d_sel = (const int32_t *)(D + lo.sel);
-    kc_stream st = (kc_stream)c->stream;
+    kc_stream st = c->stream;
     float eps = (float)cf->rms_eps, scale = (float)(1.0 / sqrt((double)hd));
     int window = (int)cf->sliding_window;
 
@@ -592,12 +588,12 @@ int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *ro
         if (L->bqkv)
             KL(kc_bias_add(st, c->qkv, L->bqkv, n, nqkv));
         /* q, k and v as three contiguous arrays, as the rope kernel takes */
-        CK(cudaMemcpy2DAsync(c->q, (size_t)nq * 2, c->qkv, (size_t)nqkv * 2, (size_t)nq * 2,
-                             (size_t)n, cudaMemcpyDeviceToDevice, c->stream));
-        CK(cudaMemcpy2DAsync(c->k, (size_t)nkv * 2, c->qkv + nq, (size_t)nqkv * 2,
-                             (size_t)nkv * 2, (size_t)n, cudaMemcpyDeviceToDevice, c->stream));
-        CK(cudaMemcpy2DAsync(c->v, (size_t)nkv * 2, c->qkv + nq + nkv, (size_t)nqkv * 2,
-                             (size_t)nkv * 2, (size_t)n, cudaMemcpyDeviceToDevice, c->stream));
+        CK(kc_copy_2d_d2d(st, c->q, (size_t)nq * 2, c->qkv, (size_t)nqkv * 2, (size_t)nq * 2,
+                          (size_t)n));
+        CK(kc_copy_2d_d2d(st, c->k, (size_t)nkv * 2, c->qkv + nq, (size_t)nqkv * 2,
+                          (size_t)nkv * 2, (size_t)n));
+        CK(kc_copy_2d_d2d(st, c->v, (size_t)nkv * 2, c->qkv + nq + nkv, (size_t)nqkv * 2,
+                          (size_t)nkv * 2, (size_t)n));
         KL(kc_rope_kv_write(st, c->q, c->k, c->v, d_pos, d_slot, n, (int)nh, (int)nkvh, (int)hd,
                             (int)cf->rope_dim, cf->rope_interleaved, c->inv_freq, d_tab,
                             cf->rope_mscale, c->kc[il], c->vc[il]));
@@ -621,10 +617,9 @@ int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *ro
         KL(kc_embed(st, c->hsel, c->h, d_sel, nw, E, n));
         KL(kc_gemm(c->gemm, st, c->lg, c->hsel, c->output, nw, V, E));
         KL(kc_bf16_to_f32(st, c->lg32, c->lg, nw * V));
-        CK(cudaMemcpyAsync(logits, c->lg32, (size_t)nw * (size_t)V * sizeof(float),
-                           cudaMemcpyDeviceToHost, c->stream));
+        CK(kc_copy_d2h(st, logits, c->lg32, (size_t)nw * (size_t)V * sizeof(float)));
     }
-    CK(cudaStreamSynchronize(c->stream));
+    CK(kc_stream_sync(st));
     for (int64_t r = 0; r < n; r++)
         kv_seq_set_len(kv, rows[r].seq, next[rows[r].seq]);
     free(next);

@@ -179,4 +179,13 @@ double k_probe_bandwidth(struct k_pool *pool, size_t bytes);
 double k_probe_f32_flops(struct k_pool *pool);
 double k_probe_int8_ops(struct k_pool *pool);
 
+/* ------------------------------------------------------------------ CUDA */
+
+/* Builds with the CUDA toolkit (INFERD_CUDA) also have the GPU kernels
+ * and the runtime calls a backend needs, all C, no CUDA header: see
+ * kernels/cuda/kcuda.h, reached through this one header. */
+#ifdef INFERD_CUDA
+#include "kernels/cuda/kcuda.h"
+#endif
+
 #endif

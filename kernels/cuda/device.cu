@@ -33,3 +33,89 @@ extern "C" const char *kc_error_string(int code)
 {
     return cudaGetErrorString((cudaError_t)code);
 }
+
+// ------------------------------------------------- runtime wrappers (C)
+
+extern "C" int kc_set_device(int i) { return (int)cudaSetDevice(i); }
+
+extern "C" int kc_malloc(void **p, size_t bytes)
+{
+    cudaError_t e = cudaMalloc(p, bytes ? bytes : 16);
+    if (e != cudaSuccess)
+        *p = nullptr;
+    return (int)e;
+}
+
+extern "C" void kc_free(void *p)
+{
+    if (p)
+        cudaFree(p);
+}
+
+extern "C" int kc_malloc_host(void **p, size_t bytes)
+{
+    cudaError_t e = cudaMallocHost(p, bytes ? bytes : 16);
+    if (e != cudaSuccess)
+        *p = nullptr;
+    return (int)e;
+}
+
+extern "C" void kc_free_host(void *p)
+{
+    if (p)
+        cudaFreeHost(p);
+}
+
+extern "C" int kc_stream_create(kc_stream *s)
+{
+    cudaStream_t st = nullptr;
+    cudaError_t e = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+    *s = (kc_stream)st;
+    return (int)e;
+}
+
+extern "C" void kc_stream_destroy(kc_stream s)
+{
+    if (s)
+        cudaStreamDestroy((cudaStream_t)s);
+}
+
+extern "C" int kc_stream_sync(kc_stream s) { return (int)cudaStreamSynchronize((cudaStream_t)s); }
+
+extern "C" int kc_event_create(kc_event *e)
+{
+    cudaEvent_t ev = nullptr;
+    cudaError_t r = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    *e = (kc_event)ev;
+    return (int)r;
+}
+
+extern "C" void kc_event_destroy(kc_event e)
+{
+    if (e)
+        cudaEventDestroy((cudaEvent_t)e);
+}
+
+extern "C" int kc_event_record(kc_event e, kc_stream s)
+{
+    return (int)cudaEventRecord((cudaEvent_t)e, (cudaStream_t)s);
+}
+
+extern "C" int kc_event_sync(kc_event e) { return (int)cudaEventSynchronize((cudaEvent_t)e); }
+
+extern "C" int kc_copy_h2d(kc_stream s, void *dst, const void *src, size_t bytes)
+{
+    return (int)cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)s);
+}
+
+extern "C" int kc_copy_d2h(kc_stream s, void *dst, const void *src, size_t bytes)
+{
+    return (int)cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)s);
+}
+
+extern "C" int kc_copy_2d_d2d(kc_stream s, void *dst, size_t dpitch, const void *src,
+                              size_t spitch, size_t width, size_t height)
+{
+    return (int)cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
+                                  cudaMemcpyDeviceToDevice, (cudaStream_t)s);
+}

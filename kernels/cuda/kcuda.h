@@ -192,6 +192,29 @@ int kc_device_describe(int i, char *buf, size_t n);
 /* The message of a CUDA error code returned above. */
 const char *kc_error_string(int code);
 
+/* The runtime calls a backend needs, wrapped so that code outside
+ * kernels/ includes no CUDA header. Each returns 0 or the CUDA error code
+ * (kc_error_string says what it means); frees accept NULL. */
+typedef struct CUevent_st *kc_event;
+int kc_set_device(int i);
+int kc_malloc(void **p, size_t bytes);      /* device memory */
+void kc_free(void *p);
+int kc_malloc_host(void **p, size_t bytes); /* pinned host memory */
+void kc_free_host(void *p);
+int kc_stream_create(kc_stream *s);         /* a non-blocking stream */
+void kc_stream_destroy(kc_stream s);
+int kc_stream_sync(kc_stream s);
+int kc_event_create(kc_event *e);           /* timing disabled */
+void kc_event_destroy(kc_event e);
+int kc_event_record(kc_event e, kc_stream s);
+int kc_event_sync(kc_event e);
+int kc_copy_h2d(kc_stream s, void *dst, const void *src, size_t bytes);
+int kc_copy_d2h(kc_stream s, void *dst, const void *src, size_t bytes);
+/* height rows of width bytes, from rows spitch bytes apart to rows
+ * dpitch bytes apart, device to device. */
+int kc_copy_2d_d2d(kc_stream s, void *dst, size_t dpitch, const void *src, size_t spitch,
+                   size_t width, size_t height);
+
 #ifdef __cplusplus
 }
 #endif
