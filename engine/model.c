@@ -368,7 +368,7 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
     if (opts && opts->device == MODEL_DEVICE_CUDA) {
 #ifdef INFERD_CUDA
         /* the CPU layout is not used: no repacking */
-        if (mcu_create(m, &m->cuda, err, errlen))
+        if (mcu_create(m, opts->deterministic, &m->cuda, err, errlen))
             goto fail;
         *out = m;
         return 0;

@@ -77,6 +77,10 @@ struct model_opts {
      * GPU and model_forward runs there (builds with CUDA only; otherwise,
      * or with no device, model_load fails saying which). */
     int device;
+    /* On the GPU: batch-invariant kernels (one-pass decode attention, one
+     * GEMM algorithm per shape without split-K), so a request's output
+     * does not depend on its batch, as on the CPU, which always is. */
+    int deterministic;
 };
 enum { MODEL_DEVICE_CPU = 0, MODEL_DEVICE_CUDA = 1 };
 /* MODEL_LOAD_SHAPES: as DUMMY with every weight zero and never written,

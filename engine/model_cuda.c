@@ -41,6 +41,8 @@ struct cu_layer {
 
 struct model_cuda {
     int64_t n_layer;
+    int deterministic;
+    void *decode_ws; /* split decode's partials (not deterministic) */
     kc_stream stream;
     struct kc_gemm *gemm;
     struct cu_layer *L;
@@ -197,7 +199,8 @@ static int dev_alloc(void **p, size_t bytes, char *err, size_t errlen)
             goto fail;                                                                       \
     } while (0)
 
-int mcu_create(struct model *m, struct model_cuda **out, char *err, size_t errlen)
+int mcu_create(struct model *m, int deterministic, struct model_cuda **out, char *err,
+               size_t errlen)
 {
     const struct model_config *cf = &m->cfg;
     int64_t E = cf->n_embd, hd = cf->head_dim, nq = cf->n_head * hd, nkv = cf->n_head_kv * hd;
@@ -220,6 +223,7 @@ int mcu_create(struct model *m, struct model_cuda **out, char *err, size_t errle
         return -1;
     }
     c->n_layer = cf->n_layer;
+    c->deterministic = deterministic;
     c->L = calloc((size_t)cf->n_layer, sizeof(*c->L));
     if (!c->L) {
         snprintf(err, errlen, "out of memory");
@@ -232,7 +236,7 @@ int mcu_create(struct model *m, struct model_cuda **out, char *err, size_t errle
         CK(kc_event_create(&c->stage_ev[b]));
         CK(kc_event_record(c->stage_ev[b], c->stream));
     }
-    if (!(c->gemm = kc_gemm_create(0))) {
+    if (!(c->gemm = kc_gemm_create(deterministic))) {
         snprintf(err, errlen, "--device cuda: cuBLASLt could not be set up");
         goto fail;
     }
@@ -346,6 +350,7 @@ void mcu_destroy(struct model_cuda *c)
     }
     free(c->kc);
     free(c->vc);
+    kc_free(c->decode_ws);
     kc_free(c->inv_freq);
     kc_free(c->out_norm);
     if (c->output != c->embd)
@@ -386,6 +391,11 @@ static int ensure_kv(struct model *m, struct model_cuda *c, struct kv_cache *kv,
         DALLOC(c->kc[il], per);
         DALLOC(c->vc[il], per);
     }
+    /* sized for the most sequences a step can hold, which serves any
+     * smaller batch (kcuda.h) */
+    if (!c->deterministic)
+        DALLOC(c->decode_ws, kc_attn_decode_workspace(kv_max_seqs(kv), (int)cf->n_head,
+                                                      (int)cf->head_dim, 0));
     return 0;
 fail:
     return -1;
@@ -597,10 +607,10 @@ int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *ro
         KL(kc_rope_kv_write(st, c->q, c->k, c->v, d_pos, d_slot, n, (int)nh, (int)nkvh, (int)hd,
                             (int)cf->rope_dim, cf->rope_interleaved, c->inv_freq, d_tab,
                             cf->rope_mscale, c->kc[il], c->vc[il]));
-        if (max_q == 1) /* a decode step: one pass per head, batch-invariant */
+        if (max_q == 1) /* a decode step; --deterministic: one pass per head */
             KL(kc_attn_decode(st, c->att, c->q, c->kc[il], c->vc[il], d_btab, (int)max_blocks,
                               d_seq_len, (int)n_seqs, (int)nh, (int)nkvh, (int)hd, scale,
-                              window, 1, NULL));
+                              window, c->deterministic ? 1 : 0, c->decode_ws));
         else
             KL(kc_attn_prefill(st, c->att, c->q, c->kc[il], c->vc[il], d_btab,
                                (int)max_blocks, d_cu_q, d_seq_len, (int)n_seqs, (int)max_q,

@@ -63,7 +63,8 @@ int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_r
 /* model_cuda.c: the weights on the device (bf16), and the forward pass
  * there; logits come back to the host as f32, so the engine's sampler and
  * everything after it are the same as on the CPU. */
-int mcu_create(struct model *m, struct model_cuda **out, char *err, size_t errlen);
+int mcu_create(struct model *m, int deterministic, struct model_cuda **out, char *err,
+               size_t errlen);
 void mcu_destroy(struct model_cuda *c);
 int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
                 float *logits, char *err, size_t errlen);

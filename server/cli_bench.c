@@ -125,12 +125,14 @@ static int bench_engine(int argc, char **argv)
         {"no-repack", no_argument, 0, 'R'},
         {"load-format", required_argument, 0, 'L'},
         {"device", required_argument, 0, 'D'},
+        {"deterministic", no_argument, 0, 'T'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *batches = "1,8", *json_path = NULL;
     int64_t P = 128, G = 32, threads = 0;
     int c, no_repack = 0, load_format = MODEL_LOAD_AUTO, device = MODEL_DEVICE_CPU;
+    int deterministic = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -152,6 +154,7 @@ static int bench_engine(int argc, char **argv)
             if (cli_parse_device(optarg, &device))
                 return 2;
             break;
+        case 'T': deterministic = 1; break;
         case 'h':
             puts("usage: inferd bench engine MODEL [options]\n"
                  "  --batch LIST   batch sizes, comma-separated (default 1,8)\n"
@@ -160,6 +163,7 @@ static int bench_engine(int argc, char **argv)
                  "  --threads N    CPU threads (default: all)\n"
                  "  --no-repack    keep every weight in the file's layout\n"
                  "  --device D     cpu (default) or cuda (the first GPU; builds with CUDA)\n"
+                 "  --deterministic  GPU: batch-invariant kernels (the CPU always is)\n"
                  "  --load-format dummy  MODEL is a config.json (or its directory): random\n"
                  "                 bf16 weights at that shape, no weight files needed\n"
                  "  --json FILE    also write the results as JSON");
@@ -186,7 +190,8 @@ static int bench_engine(int argc, char **argv)
     char err[512];
     struct model *m;
     struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack,
-                            .load_format = load_format, .device = device};
+                            .load_format = load_format, .device = device,
+                            .deterministic = deterministic};
     double t0 = now_s();
     if (model_load(path, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);

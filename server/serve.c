@@ -51,7 +51,7 @@ struct serve_args {
     struct http_limits lim;
     int64_t max_prompt_bytes;
     double ping_interval;
-    int device;
+    int device, deterministic;
 };
 
 struct serve {
@@ -206,6 +206,8 @@ static void usage(FILE *f)
           "  --threads N                CPU threads for the model (default: all cores)\n"
           "  --device D                 cpu (default) or cuda: the first GPU, weights in bf16\n"
           "                             (builds with the CUDA toolkit; not yet run on a GPU)\n"
+          "  --deterministic            GPU: batch-invariant kernels, so a request's output\n"
+          "                             does not depend on its batch (the CPU always is)\n"
           "engine:\n"
           "  --kv-cache-memory SIZE     KV cache budget (default: half the free memory, <= 4G)\n"
           "  --max-seqs N               sequences resident at once (default 64)\n"
@@ -276,7 +278,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 {
     enum { O_HOST = 256, O_PORT, O_NAME, O_KEY, O_KEYFILE, O_CERT, O_TLSKEY, O_TMPL, O_TRUST,
            O_THREADS, O_KV, O_SEQS, O_BATCH, O_QUEUE, O_MLEN, O_DRAIN, O_HDR, O_BODY, O_PROMPT,
-           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_HELP };
+           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_HELP };
     static const struct option opts[] = {
         {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT},
@@ -306,6 +308,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         {"sse-ping-interval", required_argument, 0, O_PING},
         {"log-level", required_argument, 0, O_LOG},
         {"device", required_argument, 0, O_DEV},
+        {"deterministic", no_argument, 0, O_DET},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -374,6 +377,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
             a->lim.max_output_bytes = (size_t)v;
             break;
         case O_DEV: rc = cli_parse_device(optarg, &a->device); break;
+        case O_DET: a->deterministic = 1; break;
         case O_PING: rc = parse_seconds("--sse-ping-interval", optarg, &a->ping_interval); break;
         case O_LOG: {
             int l = log_parse_level(optarg);
@@ -448,7 +452,8 @@ int cli_serve(int argc, char **argv)
         goto done;
     }
 
-    struct model_opts mo = {.n_threads = (int)a.threads, .device = a.device};
+    struct model_opts mo = {.n_threads = (int)a.threads, .device = a.device,
+                            .deterministic = a.deterministic};
     if (model_load(path, &mo, &model, err, sizeof(err))) {
         cli_error("%s", err);
         goto done;
