@@ -32,4 +32,30 @@ const struct tensor *dummy_find(const struct dummy_model *d, const char *name);
 /* Bytes of all tensors. */
 uint64_t dummy_bytes(const struct dummy_model *d);
 
+/* How one tensor's values follow from the seed, so that another device
+ * can make the same bytes from the config alone (kc_fill_dummy_bf16 does
+ * on a GPU) instead of copying them from the mapping.
+ *
+ * The values come from one splitmix64 stream that starts at the seed and
+ * runs through the tensors in order. A random tensor draws from it: bf16
+ * one 64-bit value per 4 elements (element i takes 16-bit lane i % 4 of
+ * draw i / 4, from the low bits up: sign = bit 15, exponent = 118 + bits
+ * 7..8, mantissa = bits 0..6), f32 and f16 one per element. ONES and
+ * ZEROS draw nothing. splitmix64 is counter-based: draw k (from 0) of a
+ * tensor whose start state is s is the finalizer of
+ * s + (k + 1) * 0x9e3779b97f4a7c15 (mod 2^64), so every draw can be made
+ * independently. */
+enum dummy_fill_kind { DUMMY_FILL_RANDOM, DUMMY_FILL_ONES, DUMMY_FILL_ZEROS };
+struct dummy_fill {
+    enum dummy_fill_kind kind;
+    enum k_dtype dtype; /* the tensor's: K_F32 for vectors */
+    int64_t n;          /* elements */
+    uint64_t state;     /* the stream's state before the tensor's first draw */
+};
+/* The fill of the tensor whose values start at data (a tensor's data as
+ * dummy_find returns it, or a k_matrix bound to it): 0 and *out set, or
+ * -1 when no tensor of d starts there. Known also when d holds shapes
+ * only (fill 0): the states are arithmetic. Reads d only. */
+int dummy_fill_of(const struct dummy_model *d, const void *data, struct dummy_fill *out);
+
 #endif

@@ -11,22 +11,17 @@
 struct dummy_model {
     struct tensor *t;
     char (*names)[96];
+    struct dummy_fill *fills; /* how each tensor of t is filled */
     size_t n, cap;
     void *map;
     size_t map_bytes;
     uint64_t bytes;
 };
 
-enum fill { FILL_RANDOM, FILL_ONES, FILL_ZEROS };
-
-struct spec {
-    const char *name;
-    int64_t rows, cols; /* rows 0: a vector of cols */
-    enum fill fill;
-};
+#define GOLDEN_GAMMA 0x9e3779b97f4a7c15ull /* splitmix64's increment */
 
 static int add(struct dummy_model *d, const char *name, int64_t rows, int64_t cols,
-               enum k_dtype dt)
+               enum dummy_fill_kind how, enum k_dtype dt)
 {
     if (d->n == d->cap) {
         size_t cap = d->cap ? 2 * d->cap : 64;
@@ -34,9 +29,12 @@ static int add(struct dummy_model *d, const char *name, int64_t rows, int64_t co
         if (t)
             d->t = t;
         char(*nm)[96] = t ? realloc(d->names, cap * sizeof(*nm)) : NULL;
-        if (!t || !nm)
+        if (nm)
+            d->names = nm;
+        struct dummy_fill *f = nm ? realloc(d->fills, cap * sizeof(*f)) : NULL;
+        if (!f)
             return -1;
-        d->names = nm;
+        d->fills = f;
         d->cap = cap;
     }
     struct tensor *t = &d->t[d->n];
@@ -48,6 +46,7 @@ static int add(struct dummy_model *d, const char *name, int64_t rows, int64_t co
     t->ne[1] = rows ? rows : 1;
     t->ne[2] = t->ne[3] = 1;
     t->nbytes = (uint64_t)(rows ? rows : 1) * (uint64_t)k_row_bytes(dt, cols);
+    d->fills[d->n] = (struct dummy_fill){.kind = how, .dtype = dt, .n = (rows ? rows : 1) * cols};
     d->n++;
     return 0;
 }
@@ -55,7 +54,7 @@ static int add(struct dummy_model *d, const char *name, int64_t rows, int64_t co
 /* splitmix64: cheap, and the same stream for the same seed */
 static uint64_t mix(uint64_t *s)
 {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    uint64_t z = (*s += GOLDEN_GAMMA);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
@@ -77,18 +76,26 @@ static void fill_bf16_random(uint16_t *dst, size_t n, uint64_t *rng)
     }
 }
 
-static void fill(struct tensor *t, void *dst, enum fill how, uint64_t *rng)
+/* How far a tensor moves the stream: what fill below draws. */
+static uint64_t draws(const struct dummy_fill *f)
+{
+    if (f->kind != DUMMY_FILL_RANDOM)
+        return 0;
+    return f->dtype == K_BF16 ? ((uint64_t)f->n + 3) / 4 : (uint64_t)f->n;
+}
+
+static void fill(struct tensor *t, void *dst, enum dummy_fill_kind how, uint64_t *rng)
 {
     size_t n = (size_t)(t->ne[0] * t->ne[1]);
-    if (how == FILL_RANDOM && t->dtype == K_BF16) {
+    if (how == DUMMY_FILL_RANDOM && t->dtype == K_BF16) {
         fill_bf16_random(dst, n, rng);
         return;
     }
     /* scaled by fan-in so activations keep their size through the layers */
     float a = 0.02f * (t->ne[0] > 4096 ? 4096.0f / (float)t->ne[0] : 1.0f);
     for (size_t i = 0; i < n; i++) {
-        float v = how == FILL_ONES ? 1.0f : how == FILL_ZEROS ? 0.0f : 0.0f;
-        if (how == FILL_RANDOM)
+        float v = how == DUMMY_FILL_ONES ? 1.0f : 0.0f;
+        if (how == DUMMY_FILL_RANDOM)
             v = a * (2.0f * (float)(mix(rng) >> 40) * (1.0f / 16777216.0f) - 1.0f);
         switch (t->dtype) {
         case K_F32: ((float *)dst)[i] = v; break;
@@ -105,8 +112,6 @@ int dummy_open(const struct model_config *c, enum k_dtype dtype, uint64_t seed, 
         snprintf(err, errlen, "dummy weights are f32, f16 or bf16, not %s", k_dtype_name(dtype));
         return -1;
     }
-    enum fill *fills = NULL; /* how each tensor is filled */
-    size_t n_fills = 0;
     char nm[96];
     struct dummy_model *d = calloc(1, sizeof(*d));
     if (!d)
@@ -114,42 +119,37 @@ int dummy_open(const struct model_config *c, enum k_dtype dtype, uint64_t seed, 
     int64_t E = c->n_embd, hd = c->head_dim, nq = c->n_head * hd, nkv = c->n_head_kv * hd;
 #define ADD(name, rows, cols, how, dt)                                                        \
     do {                                                                                      \
-        if (add(d, name, rows, cols, dt))                                                     \
+        if (add(d, name, rows, cols, how, dt))                                                \
             goto oom;                                                                         \
-        enum fill *f_ = realloc(fills, (n_fills + 1) * sizeof(*f_));                          \
-        if (!f_)                                                                              \
-            goto oom;                                                                         \
-        fills = f_;                                                                           \
-        fills[n_fills++] = how;                                                               \
     } while (0)
-    ADD("model.embed_tokens.weight", c->n_vocab, E, FILL_RANDOM, dtype);
-    ADD("model.norm.weight", 0, E, FILL_ONES, K_F32);
+    ADD("model.embed_tokens.weight", c->n_vocab, E, DUMMY_FILL_RANDOM, dtype);
+    ADD("model.norm.weight", 0, E, DUMMY_FILL_ONES, K_F32);
     if (!c->tied_embeddings)
-        ADD("lm_head.weight", c->n_vocab, E, FILL_RANDOM, dtype);
+        ADD("lm_head.weight", c->n_vocab, E, DUMMY_FILL_RANDOM, dtype);
     for (int64_t il = 0; il < c->n_layer; il++) {
 #define L(suffix) (snprintf(nm, sizeof(nm), "model.layers.%lld.%s", (long long)il, suffix), nm)
-        ADD(L("input_layernorm.weight"), 0, E, FILL_ONES, K_F32);
-        ADD(L("post_attention_layernorm.weight"), 0, E, FILL_ONES, K_F32);
+        ADD(L("input_layernorm.weight"), 0, E, DUMMY_FILL_ONES, K_F32);
+        ADD(L("post_attention_layernorm.weight"), 0, E, DUMMY_FILL_ONES, K_F32);
         if (c->fused_qkv) {
-            ADD(L("self_attn.qkv_proj.weight"), nq + 2 * nkv, E, FILL_RANDOM, dtype);
+            ADD(L("self_attn.qkv_proj.weight"), nq + 2 * nkv, E, DUMMY_FILL_RANDOM, dtype);
         } else {
-            ADD(L("self_attn.q_proj.weight"), nq, E, FILL_RANDOM, dtype);
-            ADD(L("self_attn.k_proj.weight"), nkv, E, FILL_RANDOM, dtype);
-            ADD(L("self_attn.v_proj.weight"), nkv, E, FILL_RANDOM, dtype);
+            ADD(L("self_attn.q_proj.weight"), nq, E, DUMMY_FILL_RANDOM, dtype);
+            ADD(L("self_attn.k_proj.weight"), nkv, E, DUMMY_FILL_RANDOM, dtype);
+            ADD(L("self_attn.v_proj.weight"), nkv, E, DUMMY_FILL_RANDOM, dtype);
         }
         if (c->qkv_bias) {
-            ADD(L("self_attn.q_proj.bias"), 0, nq, FILL_ZEROS, K_F32);
-            ADD(L("self_attn.k_proj.bias"), 0, nkv, FILL_ZEROS, K_F32);
-            ADD(L("self_attn.v_proj.bias"), 0, nkv, FILL_ZEROS, K_F32);
+            ADD(L("self_attn.q_proj.bias"), 0, nq, DUMMY_FILL_ZEROS, K_F32);
+            ADD(L("self_attn.k_proj.bias"), 0, nkv, DUMMY_FILL_ZEROS, K_F32);
+            ADD(L("self_attn.v_proj.bias"), 0, nkv, DUMMY_FILL_ZEROS, K_F32);
         }
-        ADD(L("self_attn.o_proj.weight"), E, nq, FILL_RANDOM, dtype);
+        ADD(L("self_attn.o_proj.weight"), E, nq, DUMMY_FILL_RANDOM, dtype);
         if (c->fused_gate_up) {
-            ADD(L("mlp.gate_up_proj.weight"), 2 * c->n_ff, E, FILL_RANDOM, dtype);
+            ADD(L("mlp.gate_up_proj.weight"), 2 * c->n_ff, E, DUMMY_FILL_RANDOM, dtype);
         } else {
-            ADD(L("mlp.gate_proj.weight"), c->n_ff, E, FILL_RANDOM, dtype);
-            ADD(L("mlp.up_proj.weight"), c->n_ff, E, FILL_RANDOM, dtype);
+            ADD(L("mlp.gate_proj.weight"), c->n_ff, E, DUMMY_FILL_RANDOM, dtype);
+            ADD(L("mlp.up_proj.weight"), c->n_ff, E, DUMMY_FILL_RANDOM, dtype);
         }
-        ADD(L("mlp.down_proj.weight"), E, c->n_ff, FILL_RANDOM, dtype);
+        ADD(L("mlp.down_proj.weight"), E, c->n_ff, DUMMY_FILL_RANDOM, dtype);
 #undef L
     }
 #undef ADD
@@ -176,23 +176,28 @@ int dummy_open(const struct model_config *c, enum k_dtype dtype, uint64_t seed, 
      * filling itself on a VM */
     if (fill_values)
         madvise(d->map, d->map_bytes, MADV_HUGEPAGE);
-    uint64_t rng = seed;
+    /* Each tensor starts where the one stream stands after the tensors
+     * before it; the fill starts there too, so these states are exactly
+     * what made the bytes (and what a GPU needs to make them again). */
+    uint64_t state = seed;
     size_t off = 0;
     for (size_t i = 0; i < d->n; i++) {
         off = (off + 63) & ~(size_t)63;
         d->t[i].data = (char *)d->map + off;
         d->t[i].name = d->names[i];
-        if (fill_values)
-            fill(&d->t[i], (char *)d->map + off, fills[i], &rng);
+        d->fills[i].state = state;
+        state += draws(&d->fills[i]) * GOLDEN_GAMMA; /* mod 2^64, as mix adds */
+        if (fill_values) {
+            uint64_t rng = d->fills[i].state;
+            fill(&d->t[i], (char *)d->map + off, d->fills[i].kind, &rng);
+        }
         off += d->t[i].nbytes;
     }
-    free(fills);
     *out = d;
     return 0;
 oom:
     snprintf(err, errlen, "dummy weights: out of memory");
 fail:
-    free(fills);
     dummy_close(d);
     return -1;
 }
@@ -205,6 +210,7 @@ void dummy_close(struct dummy_model *d)
         munmap(d->map, d->map_bytes);
     free(d->t);
     free(d->names);
+    free(d->fills);
     free(d);
 }
 
@@ -219,4 +225,17 @@ const struct tensor *dummy_find(const struct dummy_model *d, const char *name)
 uint64_t dummy_bytes(const struct dummy_model *d)
 {
     return d->bytes;
+}
+
+int dummy_fill_of(const struct dummy_model *d, const void *data, struct dummy_fill *out)
+{
+    /* From the end: an empty tensor shares its start with the next one,
+     * and the one with values is the one meant. A few hundred tensors: a
+     * scan costs nothing next to filling any of them. */
+    for (size_t i = d->n; i-- > 0;)
+        if (d->t[i].data == data) {
+            *out = d->fills[i];
+            return 0;
+        }
+    return -1;
 }
