@@ -173,6 +173,18 @@ void kc_gemm_destroy(struct kc_gemm *g);
 int kc_gemm(struct kc_gemm *g, kc_stream s, kc_bf16 *y, const kc_bf16 *x, const kc_bf16 *w,
             int64_t m, int64_t n, int64_t k);
 
+/* --------------------------------------------------------- dummy weights */
+
+/* --load-format dummy on the device: the random bf16 weights of
+ * engine/dummy.h made in place from a tensor's start state (struct
+ * dummy_fill), the same bits the host would make: element i takes 16-bit
+ * lane i % 4 (from the low bits) of splitmix64 draw i / 4 of that state,
+ * sign = bit 15, exponent = 118 + bits 7..8, mantissa = bits 0..6.
+ * dst: (n) bf16. */
+int kc_fill_dummy_bf16(kc_stream s, kc_bf16 *dst, int64_t n, uint64_t state);
+/* dst[i] = value for i < n (norm weights of one, biases of zero). */
+int kc_fill_bf16(kc_stream s, kc_bf16 *dst, int64_t n, kc_bf16 value);
+
 /* -------------------------------------------------------------- ceilings */
 
 /* Measured on the device in use, for benchmarks to print next to their
