@@ -1,10 +1,12 @@
 /* sampler.c: logit processing, truncation and the draw, per request.
- * Engine thread only. The penalty counts are a small open-addressing hash
- * (token -> counts), so a request costs memory for the distinct tokens it
- * has seen, not n_vocab ints. Truncation never sorts the whole vocabulary:
- * top_k picks its candidates with a bounded heap and sorts only those;
- * top_p alone finds its cut and its draw with histograms over the
- * probabilities and sorts only the one bucket each lands in. */
+ * Engine thread only. The penalty counts are a dense list of the distinct
+ * tokens seen, indexed by a small open-addressing hash, so a request costs
+ * memory (and each step time) for the distinct tokens it has seen, not
+ * n_vocab; the same list is what samp_view hands a device. Truncation
+ * never sorts the whole vocabulary: top_k picks its candidates with a
+ * bounded heap and sorts only those; top_p alone finds its cut and its
+ * draw with histograms over the probabilities and sorts only the one
+ * bucket each lands in. */
 #include "engine/sampler.h"
 
 #include <math.h>
@@ -63,10 +65,13 @@ static double rng_uniform(uint64_t s[4])
 
 /* ---------------------------------------------------------------- state */
 
+/* One distinct token the penalties read. Entries sit in a dense array in
+ * the order first recorded, so every walk over them (the penalties, the
+ * view) costs the distinct tokens, not the hash table's capacity. */
 struct samp_count {
-    int32_t token;     /* -1: empty slot */
-    uint32_t n_gen;    /* times generated */
-    uint32_t in_prompt;
+    int32_t token;
+    int32_t n_gen; /* times generated; saturates at INT32_MAX (samp_view's int32) */
+    int32_t in_prompt;
 };
 
 struct samp_cand {
@@ -91,12 +96,17 @@ struct tp_hist {
 };
 
 struct sampler {
-    struct samp_params p; /* p.logit_bias points at bias */
-    struct samp_bias *bias;
+    struct samp_params p;   /* p.logit_bias points at bias, p.n_logit_bias its length */
+    struct samp_bias *bias; /* (p.n_logit_bias) unique ids, ascending; sums of clamped biases */
     int64_t n_vocab;
     uint64_t rng[4];
-    struct samp_count *tab; /* (cap) open addressing, linear probing */
-    uint32_t cap, used;
+    uint64_t step;          /* successful samp_accept calls */
+    struct samp_count *ent; /* (n_ent) distinct tokens, first-recorded order */
+    int32_t *gen_ix;        /* (n_gen_ix) ent indices with n_gen > 0, first-generated order */
+    int32_t *prompt_ix;     /* (n_prompt_ix) ent indices with in_prompt, first-recorded order */
+    uint32_t n_ent, n_gen_ix, n_prompt_ix, ent_cap; /* ent_cap bounds all three arrays */
+    int32_t *tab; /* (cap) ent index or -1; open addressing, linear probing */
+    uint32_t cap;
     struct samp_cand *cand; /* (cand_cap) top candidates, grown on demand */
     size_t cand_cap;
     /* (TP_LEVELS + 1) top_p histograms, allocated on first use: level 1,
@@ -180,6 +190,53 @@ static int validate(const struct samp_params *p, int64_t n_vocab, char *err, siz
     return 0;
 }
 
+/* logit_bias entries in their list position, for merging duplicates. */
+struct bias_ent {
+    int32_t token, pos;
+    float bias;
+};
+
+static int bias_ent_cmp(const void *pa, const void *pb)
+{
+    const struct bias_ent *a = pa, *b = pb;
+    if (a->token != b->token)
+        return a->token < b->token ? -1 : 1;
+    return a->pos < b->pos ? -1 : a->pos > b->pos;
+}
+
+/* Copies p's logit_bias into s as one entry per token: each bias clamped,
+ * then a token's biases summed in list order. One add per token in
+ * samp_sample is what lets a device apply samp_view_bias's pairs and get
+ * the same float. Returns 0, or -1 out of memory. */
+static int bias_merge(struct sampler *s, const struct samp_params *p)
+{
+    size_t n = (size_t)p->n_logit_bias;
+    struct bias_ent *e = malloc(n * sizeof(*e));
+    s->bias = malloc(n * sizeof(*s->bias));
+    if (!e || !s->bias) {
+        free(e);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        e[i].token = p->logit_bias[i].token;
+        e[i].pos = (int32_t)i;
+        e[i].bias = fminf(SAMP_MAX_BIAS, fmaxf(-SAMP_MAX_BIAS, p->logit_bias[i].bias));
+    }
+    qsort(e, n, sizeof(*e), bias_ent_cmp);
+    int32_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (k > 0 && s->bias[k - 1].token == e[i].token) {
+            s->bias[k - 1].bias += e[i].bias;
+        } else {
+            s->bias[k].token = e[i].token;
+            s->bias[k++].bias = e[i].bias;
+        }
+    }
+    s->p.n_logit_bias = k;
+    free(e);
+    return 0;
+}
+
 struct sampler *samp_create(const struct samp_params *p, int64_t n_vocab,
                             char *err, size_t errlen)
 {
@@ -190,25 +247,23 @@ struct sampler *samp_create(const struct samp_params *p, int64_t n_vocab,
         goto oom;
     s->p = *p;
     s->n_vocab = n_vocab;
-    if (p->n_logit_bias > 0) {
-        s->bias = malloc((size_t)p->n_logit_bias * sizeof(*s->bias));
-        if (!s->bias)
-            goto oom;
-        for (int32_t i = 0; i < p->n_logit_bias; i++) {
-            s->bias[i] = p->logit_bias[i];
-            s->bias[i].bias = fminf(SAMP_MAX_BIAS, fmaxf(-SAMP_MAX_BIAS, s->bias[i].bias));
-        }
-    }
+    s->p.n_logit_bias = 0;
+    if (p->n_logit_bias > 0 && bias_merge(s, p) != 0)
+        goto oom;
     s->p.logit_bias = s->bias;
     uint64_t x = p->seed;
     for (int i = 0; i < 4; i++)
         s->rng[i] = splitmix64(&x);
     s->cap = 64;
+    s->ent_cap = s->cap / 2;
     s->tab = malloc(s->cap * sizeof(*s->tab));
-    if (!s->tab)
+    s->ent = malloc(s->ent_cap * sizeof(*s->ent));
+    s->gen_ix = malloc(s->ent_cap * sizeof(*s->gen_ix));
+    s->prompt_ix = malloc(s->ent_cap * sizeof(*s->prompt_ix));
+    if (!s->tab || !s->ent || !s->gen_ix || !s->prompt_ix)
         goto oom;
     for (uint32_t i = 0; i < s->cap; i++)
-        s->tab[i].token = -1;
+        s->tab[i] = -1;
     return s;
 oom:
     snprintf(err, errlen, "sampler: out of memory");
@@ -223,6 +278,9 @@ void samp_destroy(struct sampler *s)
     free(s->tp);
     free(s->cand);
     free(s->tab);
+    free(s->prompt_ix);
+    free(s->gen_ix);
+    free(s->ent);
     free(s->bias);
     free(s);
 }
@@ -235,36 +293,41 @@ static uint32_t slot_of(uint32_t cap, int32_t token)
     return (h ^ (h >> 16)) & (cap - 1);
 }
 
+/* The entry of token, added (zero counts) if new. */
 static struct samp_count *count_slot(struct sampler *s, int32_t token)
 {
-    /* Load stays <= 1/2, so probes are short and an empty slot exists. */
-    if ((s->used + 1) * 2 > s->cap) {
-        uint32_t old_cap = s->cap;
-        struct samp_count *old = s->tab;
-        s->cap *= 2;
-        s->tab = samp_xrealloc(NULL, s->cap * sizeof(*s->tab));
-        for (uint32_t i = 0; i < s->cap; i++)
-            s->tab[i].token = -1;
-        for (uint32_t i = 0; i < old_cap; i++) {
-            if (old[i].token < 0)
-                continue;
-            uint32_t j = slot_of(s->cap, old[i].token);
-            while (s->tab[j].token >= 0)
-                j = (j + 1) & (s->cap - 1);
-            s->tab[j] = old[i];
-        }
-        free(old);
-    }
     uint32_t j = slot_of(s->cap, token);
-    while (s->tab[j].token >= 0 && s->tab[j].token != token)
+    while (s->tab[j] >= 0 && s->ent[s->tab[j]].token != token)
         j = (j + 1) & (s->cap - 1);
-    if (s->tab[j].token < 0) {
-        s->tab[j].token = token;
-        s->tab[j].n_gen = 0;
-        s->tab[j].in_prompt = 0;
-        s->used++;
+    if (s->tab[j] >= 0)
+        return &s->ent[s->tab[j]];
+    /* New token. Load stays <= 1/2 (n_ent <= ent_cap == cap / 2), so
+     * probes are short and an empty slot exists. */
+    if (s->n_ent == s->ent_cap) {
+        s->cap *= 2;
+        s->ent_cap = s->cap / 2;
+        s->ent = samp_xrealloc(s->ent, s->ent_cap * sizeof(*s->ent));
+        s->gen_ix = samp_xrealloc(s->gen_ix, s->ent_cap * sizeof(*s->gen_ix));
+        s->prompt_ix = samp_xrealloc(s->prompt_ix, s->ent_cap * sizeof(*s->prompt_ix));
+        s->tab = samp_xrealloc(s->tab, s->cap * sizeof(*s->tab));
+        for (uint32_t i = 0; i < s->cap; i++)
+            s->tab[i] = -1;
+        for (uint32_t e = 0; e < s->n_ent; e++) {
+            uint32_t k = slot_of(s->cap, s->ent[e].token);
+            while (s->tab[k] >= 0)
+                k = (k + 1) & (s->cap - 1);
+            s->tab[k] = (int32_t)e;
+        }
+        j = slot_of(s->cap, token);
+        while (s->tab[j] >= 0)
+            j = (j + 1) & (s->cap - 1);
     }
-    return &s->tab[j];
+    struct samp_count *c = &s->ent[s->n_ent];
+    c->token = token;
+    c->n_gen = 0;
+    c->in_prompt = 0;
+    s->tab[j] = (int32_t)s->n_ent++;
+    return c;
 }
 
 int samp_accept_prompt(struct sampler *s, const int32_t *tokens, int64_t n)
@@ -272,8 +335,13 @@ int samp_accept_prompt(struct sampler *s, const int32_t *tokens, int64_t n)
     for (int64_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= s->n_vocab)
             return -1;
-    for (int64_t i = 0; i < n; i++)
-        count_slot(s, tokens[i])->in_prompt = 1;
+    for (int64_t i = 0; i < n; i++) {
+        struct samp_count *c = count_slot(s, tokens[i]);
+        if (!c->in_prompt) {
+            c->in_prompt = 1;
+            s->prompt_ix[s->n_prompt_ix++] = (int32_t)(c - s->ent);
+        }
+    }
     return 0;
 }
 
@@ -282,24 +350,33 @@ int samp_accept(struct sampler *s, int32_t token)
     if (token < 0 || token >= s->n_vocab)
         return -1;
     struct samp_count *c = count_slot(s, token);
-    if (c->n_gen < UINT32_MAX)
+    if (c->n_gen == 0)
+        s->gen_ix[s->n_gen_ix++] = (int32_t)(c - s->ent);
+    if (c->n_gen < INT32_MAX)
         c->n_gen++;
+    s->step++;
     return 0;
 }
 
-/* Steps 1-3 of the header's order. O(biases + distinct tokens seen). */
+static int penalties_on(const struct sampler *s)
+{
+    return s->p.repetition_penalty != 1.0f || s->p.frequency_penalty != 0.0f ||
+           s->p.presence_penalty != 0.0f;
+}
+
+/* Steps 1-3 of the header's order. O(biases + distinct tokens seen).
+ * The samp_view rule in sampler.h restates this for a device; keep
+ * the two in step. */
 static void apply_bias_and_penalties(const struct sampler *s, float *logits)
 {
     for (int32_t i = 0; i < s->p.n_logit_bias; i++)
         logits[s->bias[i].token] += s->bias[i].bias;
+    if (!penalties_on(s))
+        return;
     float rep = s->p.repetition_penalty, freq = s->p.frequency_penalty,
           pres = s->p.presence_penalty;
-    if (rep == 1.0f && freq == 0.0f && pres == 0.0f)
-        return;
-    for (uint32_t i = 0; i < s->cap; i++) {
-        const struct samp_count *c = &s->tab[i];
-        if (c->token < 0)
-            continue;
+    for (uint32_t i = 0; i < s->n_ent; i++) {
+        const struct samp_count *c = &s->ent[i];
         float v = logits[c->token];
         if (rep != 1.0f)
             v = v > 0.0f ? v / rep : v * rep;
@@ -307,6 +384,57 @@ static void apply_bias_and_penalties(const struct sampler *s, float *logits)
             v -= freq * (float)c->n_gen + pres;
         logits[c->token] = v;
     }
+}
+
+/* ---------------------------------------------------------------- view */
+
+void samp_view_get(const struct sampler *s, struct samp_view *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->temperature = s->p.temperature;
+    out->top_p = s->p.top_p;
+    out->min_p = s->p.min_p;
+    out->presence_penalty = s->p.presence_penalty;
+    out->frequency_penalty = s->p.frequency_penalty;
+    out->repetition_penalty = s->p.repetition_penalty;
+    out->top_k = s->p.top_k;
+    out->n_top_logprobs = s->p.top_logprobs;
+    out->want_logprob = s->p.logprobs || s->p.top_logprobs > 0;
+    out->seed = s->p.seed;
+    out->step = s->step;
+    out->penalties = penalties_on(s);
+    out->n_seen = s->n_gen_ix;
+    out->n_prompt = s->n_prompt_ix;
+    out->n_bias = s->p.n_logit_bias;
+}
+
+int64_t samp_view_seen(const struct sampler *s, int32_t *tok, int32_t *cnt, int64_t cap)
+{
+    int64_t n = s->n_gen_ix;
+    for (int64_t i = 0; i < n && i < cap; i++) {
+        const struct samp_count *c = &s->ent[s->gen_ix[i]];
+        tok[i] = c->token;
+        cnt[i] = c->n_gen;
+    }
+    return n;
+}
+
+int64_t samp_view_prompt(const struct sampler *s, int32_t *tok, int64_t cap)
+{
+    int64_t n = s->n_prompt_ix;
+    for (int64_t i = 0; i < n && i < cap; i++)
+        tok[i] = s->ent[s->prompt_ix[i]].token;
+    return n;
+}
+
+int64_t samp_view_bias(const struct sampler *s, int32_t *tok, float *val, int64_t cap)
+{
+    int64_t n = s->p.n_logit_bias;
+    for (int64_t i = 0; i < n && i < cap; i++) {
+        tok[i] = s->bias[i].token;
+        val[i] = s->bias[i].bias;
+    }
+    return n;
 }
 
 /* ---------------------------------------------------------------- selection */

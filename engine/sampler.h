@@ -43,7 +43,9 @@ struct samp_params {
     float frequency_penalty;  /* [-2, 2]; 0 = off */
     float repetition_penalty; /* > 0; 1 = off */
     /* n_logit_bias entries, copied by samp_create. A token listed twice
-     * gets the sum of its biases (the API layer passes unique ids). */
+     * gets the sum of its biases, each clamped first and summed in list
+     * order, then added to the logit in one add (the API layer passes
+     * unique ids). */
     const struct samp_bias *logit_bias;
     int32_t n_logit_bias;
     /* Seeds the request's own RNG. The API layer draws one from entropy
@@ -90,6 +92,69 @@ int samp_accept_prompt(struct sampler *s, const int32_t *tokens, int64_t n);
  * each token samp_sample returned, and with tokens it forces (if any).
  * Returns 0, or -1 when the token is outside [0, n_vocab). */
 int samp_accept(struct sampler *s, int32_t token);
+
+/* ---------------------------------------------------------------- view */
+
+/* A read-only view of a sampler's state, for a backend that samples on a
+ * device: scalar parameters here, the token lists through samp_view_seen,
+ * samp_view_prompt and samp_view_bias. Nothing in it costs O(n_vocab).
+ *
+ * The lists reproduce steps 1-3 of samp_sample exactly. For a row x of
+ * n_vocab floats, a device gets samp_sample's processed logits bit for bit
+ * by:
+ *   1. for each (t, b) of the bias list: x[t] = x[t] + b  (ids are unique:
+ *      one float add per token);
+ *   2. if penalties == 0, stop;
+ *   3. for each token t of seen UNION prompt, once:
+ *        v = x[t];
+ *        if (repetition_penalty != 1) v = v > 0 ? v / rep : v * rep;
+ *        if (t is in seen, count c)   v = v - (freq * (float)c + pres);
+ *        x[t] = v;
+ *      the product, the sum and the difference each rounded to float, no
+ *      fused multiply-add (nvcc fuses by default: use __fmul_rn,
+ *      __fadd_rn, __fsub_rn, or -fmad=false).
+ * A token both generated and in the prompt is in BOTH lists and gets the
+ * repetition penalty once: e.g. walk seen applying rep and freq/pres,
+ * then walk prompt applying rep only to tokens not in seen. A prompt-only
+ * token gets no presence/frequency penalty. Distinct tokens touch distinct
+ * logits, so the order among them does not matter. */
+struct samp_view {
+    float temperature, top_p, min_p;
+    float presence_penalty, frequency_penalty, repetition_penalty;
+    int32_t top_k;          /* as asked: <= 0, or >= n_vocab, means off */
+    int32_t n_top_logprobs; /* 0..20: top_logprobs as asked */
+    int want_logprob;       /* logprobs or top_logprobs was asked for */
+    uint64_t seed;          /* the request's seed (the CPU RNG's state is not exported) */
+    uint64_t step;          /* successful samp_accept calls so far */
+    int penalties;          /* repetition != 1 or frequency != 0 or presence != 0 */
+    /* What the list functions return now, to size buffers in one pass. */
+    int64_t n_seen, n_prompt, n_bias;
+};
+
+/* Fills *out from s. Engine thread; O(1). */
+void samp_view_get(const struct sampler *s, struct samp_view *out);
+
+/* The lists. Each reads s only (engine thread), writes its first
+ * min(count, cap) entries to the caller's arrays (caller owns them) and
+ * returns the full count; cap 0 (arrays may be NULL) just counts.
+ * O(entries written), never O(n_vocab). Each list names a token at most
+ * once and only grows: an entry keeps its position and new entries are
+ * appended, so a caller may upload a list's new tail only (counts of seen
+ * entries still change in place).
+ *
+ * seen: every token samp_accept recorded (generated, or forced by the
+ * engine), with cnt = how many times, >= 1 (saturating at INT32_MAX), in
+ * the order first accepted. */
+int64_t samp_view_seen(const struct sampler *s, int32_t *tok, int32_t *cnt, int64_t cap);
+/* prompt: every token samp_accept_prompt recorded, in the order first
+ * recorded, including those also in seen. Kept whatever
+ * repetition_penalty is; only read when it is not 1. */
+int64_t samp_view_prompt(const struct sampler *s, int32_t *tok, int64_t cap);
+/* bias: one (token, bias) pair per distinct token of logit_bias, in
+ * ascending id order; the bias is the list-order sum of that token's
+ * entries, each clamped to [-SAMP_MAX_BIAS, SAMP_MAX_BIAS] (so beyond
+ * +-100 only when the request listed a token twice). */
+int64_t samp_view_bias(const struct sampler *s, int32_t *tok, float *val, int64_t cap);
 
 /* Picks the next token from logits (n_vocab floats), writes it and its
  * logprobs to *out and returns it. logits is modified in place: on return
