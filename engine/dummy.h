@@ -19,11 +19,16 @@
 
 struct dummy_model;
 
+/* What dummy_open writes: nothing (every value zero, the mapping untouched,
+ * no memory used: shapes only), every tensor, or only the vectors (norms
+ * and biases, a few KB) when a GPU makes the matrices itself from
+ * dummy_fill_of. */
+enum { DUMMY_FILL_NONE = 0, DUMMY_FILL_ALL = 1, DUMMY_FILL_VECTORS = 2 };
+
 /* Builds every tensor config c implies, of dtype (K_F32, K_F16 or K_BF16;
- * vectors are always f32), in one anonymous mapping. fill 0 leaves every
- * value zero and the mapping untouched (no memory used: shapes only). Returns -1 with the
- * reason in err (out of memory names the bytes needed). *out is owned by
- * the caller. */
+ * vectors are always f32), in one anonymous mapping, filled as fill
+ * (DUMMY_FILL_*) says. Returns -1 with the reason in err (out of memory
+ * names the bytes needed). *out is owned by the caller. */
 int dummy_open(const struct model_config *c, enum k_dtype dtype, uint64_t seed, int fill,
                struct dummy_model **out, char *err, size_t errlen);
 void dummy_close(struct dummy_model *d);

@@ -77,16 +77,67 @@ static int64_t mem_available(void)
     return kb < 0 ? -1 : (int64_t)kb * 1024;
 }
 
+/* The KV budget on a GPU: what --gpu-memory-utilization of its memory
+ * leaves after everything already on it (the weights, cuBLAS, other
+ * processes) and what the steps will take (model_step_bytes). */
+static int device_budget(struct engine *e, const struct engine_opts *o, int64_t block_bytes,
+                         int64_t *budget, char *err, size_t errlen)
+{
+    double util = o->gpu_memory_utilization > 0 ? o->gpu_memory_utilization : 0.9;
+    if (o->gpu_memory_utilization < 0 || util > 1) {
+        snprintf(err, errlen, "--gpu-memory-utilization must be in (0, 1], got %g",
+                 o->gpu_memory_utilization);
+        return -1;
+    }
+    int64_t fr, tot;
+    if (model_device_memory(e->m, &fr, &tot) != 0) {
+        snprintf(err, errlen, "cannot read the GPU's free memory");
+        return -1;
+    }
+    int64_t step = model_step_bytes(e->m, e->lim.max_batched_tokens, e->lim.max_seqs);
+    int64_t used = tot - fr;
+    *budget = (int64_t)((double)tot * util) - used - step;
+    if (*budget < block_bytes) {
+        snprintf(err, errlen,
+                 "GPU memory: %.1f GiB of %.1f GiB is in use (weights and runtime) and steps "
+                 "of %lld tokens over %d sequences need %.1f GiB more, which leaves no room "
+                 "for the KV cache under --gpu-memory-utilization %.2f; raise it, or lower "
+                 "--max-batched-tokens or --max-seqs",
+                 (double)used / 1073741824.0, (double)tot / 1073741824.0,
+                 (long long)e->lim.max_batched_tokens, e->lim.max_seqs,
+                 (double)step / 1073741824.0, util);
+        return -1;
+    }
+    return 0;
+}
+
 static int set_limits(struct engine *e, const struct engine_opts *o, char *err, size_t errlen)
 {
     struct kv_geom g = model_kv_geom(e->m);
     int64_t block_bytes = kv_bytes_per_token(&g) * KV_BLOCK_TOKENS;
+    struct engine_limits *l = &e->lim;
+    l->max_seqs = o->max_seqs > 0 ? o->max_seqs : 64;
+    if (o->max_seqs < 0 || l->max_seqs > 65536) {
+        snprintf(err, errlen, "--max-seqs must be between 1 and 65536, got %d", o->max_seqs);
+        return -1;
+    }
+    l->max_batched_tokens = o->max_batched_tokens > 0 ? o->max_batched_tokens : 256;
+    if (o->max_batched_tokens < 0 || l->max_batched_tokens > (1 << 20)) {
+        snprintf(err, errlen, "--max-batched-tokens must be between 1 and %d, got %lld",
+                 1 << 20, (long long)o->max_batched_tokens);
+        return -1;
+    }
+    if (l->max_batched_tokens < l->max_seqs)
+        l->max_batched_tokens = l->max_seqs;
     int64_t budget = o->kv_cache_bytes;
     if (budget < 0) {
         snprintf(err, errlen, "--kv-cache-memory must not be negative");
         return -1;
     }
-    if (budget == 0) {
+    if (budget == 0 && model_on_device(e->m)) {
+        if (device_budget(e, o, block_bytes, &budget, err, errlen))
+            return -1;
+    } else if (budget == 0) {
         /* MemAvailable counts the page cache, where the mmapped weights
          * live: take them off, as they must stay resident. */
         struct model_stats ms;
@@ -112,23 +163,9 @@ static int set_limits(struct engine *e, const struct engine_opts *o, char *err, 
                  (long long)budget, KV_BLOCK_TOKENS, (long long)block_bytes);
         return -1;
     }
-    struct engine_limits *l = &e->lim;
     l->kv_blocks = n_blocks;
     l->kv_tokens = n_blocks * KV_BLOCK_TOKENS;
     l->kv_bytes = n_blocks * block_bytes;
-    l->max_seqs = o->max_seqs > 0 ? o->max_seqs : 64;
-    if (o->max_seqs < 0 || l->max_seqs > 65536) {
-        snprintf(err, errlen, "--max-seqs must be between 1 and 65536, got %d", o->max_seqs);
-        return -1;
-    }
-    l->max_batched_tokens = o->max_batched_tokens > 0 ? o->max_batched_tokens : 256;
-    if (o->max_batched_tokens < 0 || l->max_batched_tokens > (1 << 20)) {
-        snprintf(err, errlen, "--max-batched-tokens must be between 1 and %d, got %lld",
-                 1 << 20, (long long)o->max_batched_tokens);
-        return -1;
-    }
-    if (l->max_batched_tokens < l->max_seqs)
-        l->max_batched_tokens = l->max_seqs;
     l->max_queue = o->max_queue > 0 ? o->max_queue : 1024;
     if (o->max_queue < 0) {
         snprintf(err, errlen, "--max-queue must be positive, got %d", o->max_queue);
@@ -745,10 +782,18 @@ struct engine *engine_create(struct model *m, const struct engine_opts *opts,
     e->order = calloc((size_t)e->lim.max_seqs, sizeof(*e->order));
     e->rows = calloc((size_t)e->lim.max_batched_tokens, sizeof(*e->rows));
     e->logits_copy = malloc((size_t)e->cfg->n_vocab * sizeof(float));
-    if (!e->running || !e->sched || !e->order || !e->rows || !e->logits_copy) {
+    e->samples = calloc((size_t)e->lim.max_seqs, sizeof(*e->samples));
+    e->samp_of = calloc((size_t)e->lim.max_seqs, sizeof(*e->samp_of));
+    if (!e->running || !e->sched || !e->order || !e->rows || !e->logits_copy || !e->samples ||
+        !e->samp_of) {
         snprintf(err, errlen, "out of memory for the scheduler");
         goto fail;
     }
+    /* On a GPU: every step buffer and the decode graphs, now, so that no
+     * step allocates. */
+    if (model_prepare(m, e->kv, e->lim.max_batched_tokens, e->lim.max_seqs,
+                      e->lim.max_model_len, err, errlen))
+        goto fail;
     stats_init(&e->w);
     stats_init(&e->stats);
     publish_stats(e);
@@ -805,6 +850,8 @@ void engine_destroy(struct engine *e)
     free(e->rows);
     free(e->logits);
     free(e->logits_copy);
+    free(e->samples);
+    free(e->samp_of);
     pthread_cond_destroy(&e->cv);
     pthread_mutex_destroy(&e->mu);
     free(e);

@@ -51,6 +51,10 @@ struct engine_opts {
     /* Longest prompt + completion; 0: the model's context length. Lowered
      * to what the KV cache holds, so that any one request can always run. */
     int64_t max_model_len;
+    /* On a GPU, with kv_cache_bytes 0: the fraction of its memory inferd
+     * may fill, weights, step buffers and KV cache together (vLLM's
+     * --gpu-memory-utilization); 0: 0.9. */
+    double gpu_memory_utilization;
     /* Called on the engine thread at most once per step, after that step's
      * events are posted, when there were any (an event loop's wakeup). */
     void (*wake)(void *arg);

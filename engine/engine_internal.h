@@ -107,6 +107,8 @@ struct engine {
     float *logits;            /* (cap_logits, n_vocab) */
     int64_t cap_logits;
     float *logits_copy;       /* (n_vocab) one row for a forked sample */
+    struct model_sample *samples; /* (max_seqs) this step's draws */
+    int *samp_of;             /* (max_seqs) per scheduled sample: its draw, or -1 */
     int64_t admit_counter;
     uint64_t stamp;
     struct engine_req *touched;

@@ -129,7 +129,9 @@ static uint64_t block_key(const struct kv_cache *kv, uint64_t parent, int rope_l
 
 int64_t kv_bytes_per_token(const struct kv_geom *g)
 {
-    return 2 * g->n_layer * g->n_kv_heads * g->head_dim * (int64_t)sizeof(float);
+    /* f32 on the host; bf16 where a GPU holds them (kcuda.h's layout) */
+    int64_t elem = g->external ? 2 : (int64_t)sizeof(float);
+    return 2 * g->n_layer * g->n_kv_heads * g->head_dim * elem;
 }
 
 struct kv_cache *kv_create(const struct kv_geom *g, int64_t n_blocks,
@@ -152,12 +154,14 @@ struct kv_cache *kv_create(const struct kv_geom *g, int64_t n_blocks,
     /* Anonymous pages: page-aligned for the SIMD loads of attention, and
      * committed only when first written, so a large budget costs nothing at
      * start (inferd starts in about a second whatever --kv-cache-memory). */
-    kv->slab_bytes = floats * sizeof(float);
-    void *slab = mmap(NULL, kv->slab_bytes, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (slab == MAP_FAILED)
-        goto oom;
-    kv->slab = slab;
+    if (!g->external) {
+        kv->slab_bytes = floats * sizeof(float);
+        void *slab = mmap(NULL, kv->slab_bytes, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (slab == MAP_FAILED)
+            goto oom;
+        kv->slab = slab;
+    }
     kv->free_list = malloc((size_t)n_blocks * sizeof(int32_t));
     kv->refs = calloc((size_t)n_blocks, sizeof(int32_t));
     kv->seqs = calloc((size_t)max_seqs, sizeof(struct kv_seq));

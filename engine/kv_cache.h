@@ -38,11 +38,17 @@ struct kv_geom {
     int64_t n_layer;
     int64_t n_kv_heads;
     int64_t head_dim;
+    /* Nonzero: the K/V values live elsewhere (a GPU's memory, in the same
+     * block numbering) and this cache only allocates blocks and keeps the
+     * tables and the prefix index: no host slab, and kv_block_k/v must not
+     * be called. */
+    int external;
 };
 
 struct kv_cache;
 
-/* Bytes one token of cache takes (K and V, all layers). */
+/* Bytes one token of cache takes (K and V, all layers) where it is stored:
+ * f32 on the host, bf16 when external. */
 int64_t kv_bytes_per_token(const struct kv_geom *g);
 
 /* Allocates n_blocks blocks for up to max_seqs sequences and draws the

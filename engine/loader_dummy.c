@@ -174,7 +174,7 @@ int dummy_open(const struct model_config *c, enum k_dtype dtype, uint64_t seed, 
     d->map_bytes = total ? total : 64;
     /* huge pages: filling 16 GB in 4 KiB page faults costs more than the
      * filling itself on a VM */
-    if (fill_values)
+    if (fill_values == DUMMY_FILL_ALL)
         madvise(d->map, d->map_bytes, MADV_HUGEPAGE);
     /* Each tensor starts where the one stream stands after the tensors
      * before it; the fill starts there too, so these states are exactly
@@ -187,7 +187,8 @@ int dummy_open(const struct model_config *c, enum k_dtype dtype, uint64_t seed, 
         d->t[i].name = d->names[i];
         d->fills[i].state = state;
         state += draws(&d->fills[i]) * GOLDEN_GAMMA; /* mod 2^64, as mix adds */
-        if (fill_values) {
+        if (fill_values == DUMMY_FILL_ALL ||
+            (fill_values == DUMMY_FILL_VECTORS && d->t[i].n_dims == 1)) {
             uint64_t rng = d->fills[i].state;
             fill(&d->t[i], (char *)d->map + off, d->fills[i].kind, &rng);
         }

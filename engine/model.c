@@ -297,9 +297,10 @@ io:
     return -1;
 }
 
-/* dummy: 0 real weights, 1 random ones, 2 shapes only (model.h) */
-static int load_hf(struct model *m, const char *dir, int dummy, uint64_t seed, char *err,
-                   size_t errlen)
+/* dummy: 0 real weights, 1 random ones, 2 shapes only (model.h); on_gpu:
+ * random matrices are made on the device (model_cuda.c), not here */
+static int load_hf(struct model *m, const char *dir, int dummy, int on_gpu, uint64_t seed,
+                   char *err, size_t errlen)
 {
     char cpath[1200];
     struct stat sb;
@@ -324,7 +325,10 @@ static int load_hf(struct model *m, const char *dir, int dummy, uint64_t seed, c
     if (rc)
         return -1;
     if (dummy)
-        return dummy_open(&m->cfg, K_BF16, seed, dummy == 1, &m->dummy, err, errlen);
+        return dummy_open(&m->cfg, K_BF16, seed,
+                          dummy != 1 ? DUMMY_FILL_NONE
+                                     : on_gpu ? DUMMY_FILL_VECTORS : DUMMY_FILL_ALL,
+                          &m->dummy, err, errlen);
     return st_open(dir, &m->st, err, errlen);
 }
 
@@ -344,11 +348,11 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
         goto fail;
     }
     if (opts && opts->load_format != MODEL_LOAD_AUTO) {
-        if (load_hf(m, path, opts->load_format == MODEL_LOAD_DUMMY ? 1 : 2, opts->dummy_seed,
-                    err, errlen))
+        if (load_hf(m, path, opts->load_format == MODEL_LOAD_DUMMY ? 1 : 2,
+                    opts->device == MODEL_DEVICE_CUDA, opts->dummy_seed, err, errlen))
             goto fail;
     } else if (S_ISDIR(sb.st_mode)) {
-        if (load_hf(m, path, 0, 0, err, errlen))
+        if (load_hf(m, path, 0, 0, 0, err, errlen))
             goto fail;
         m->stats.file_bytes = st_file_bytes(m->st);
     } else {
@@ -368,7 +372,7 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
     if (opts && opts->device == MODEL_DEVICE_CUDA) {
 #ifdef INFERD_CUDA
         /* the CPU layout is not used: no repacking */
-        if (mcu_create(m, opts->deterministic, &m->cuda, err, errlen))
+        if (mcu_create(m, opts->deterministic, opts->enforce_eager, &m->cuda, err, errlen))
             goto fail;
         *out = m;
         return 0;
@@ -428,7 +432,7 @@ void model_get_stats(const struct model *m, struct model_stats *st) { *st = m->s
 
 struct kv_geom model_kv_geom(const struct model *m)
 {
-    struct kv_geom g = {m->cfg.n_layer, m->cfg.n_head_kv, m->cfg.head_dim};
+    struct kv_geom g = {m->cfg.n_layer, m->cfg.n_head_kv, m->cfg.head_dim, m->cuda != NULL};
     return g;
 }
 
@@ -762,7 +766,7 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
 #ifdef INFERD_CUDA
     if (m->cuda) {
         free(next);
-        return mcu_forward(m, kv, rows, n, logits, err, errlen);
+        return mcu_forward_sample(m, kv, rows, n, logits, NULL, 0, err, errlen);
     }
 #endif
     if (model_check_batch(m, kv, rows, n, next, err, errlen)) {
@@ -820,5 +824,58 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
     for (int64_t r = 0; r < n; r++)
         kv_seq_set_len(kv, rows[r].seq, next[rows[r].seq]);
     free(next);
+    return 0;
+}
+
+int model_forward_sample(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                         int64_t n, float *logits, struct model_sample *samples,
+                         int64_t n_samples, char *err, size_t errlen)
+{
+#ifdef INFERD_CUDA
+    if (m->cuda)
+        return mcu_forward_sample(m, kv, rows, n, logits, samples, n_samples, err, errlen);
+#endif
+    if (model_forward(m, kv, rows, n, logits, err, errlen))
+        return -1;
+    size_t V = (size_t)m->cfg.n_vocab;
+    for (int64_t i = 0; i < n_samples; i++)
+        samp_sample(samples[i].s, logits + (size_t)samples[i].row * V, &samples[i].res);
+    return 0;
+}
+
+int model_on_device(const struct model *m)
+{
+    return m->cuda != NULL;
+}
+
+int model_device_memory(const struct model *m, int64_t *free_bytes, int64_t *total_bytes)
+{
+#ifdef INFERD_CUDA
+    if (m->cuda)
+        return mcu_memory(free_bytes, total_bytes);
+#endif
+    (void)m;
+    *free_bytes = *total_bytes = 0;
+    return -1;
+}
+
+int64_t model_step_bytes(const struct model *m, int64_t max_rows, int max_seqs)
+{
+#ifdef INFERD_CUDA
+    if (m->cuda)
+        return mcu_step_bytes(m, max_rows, max_seqs);
+#endif
+    (void)m, (void)max_rows, (void)max_seqs;
+    return 0;
+}
+
+int model_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_seqs,
+                  int64_t max_len, char *err, size_t errlen)
+{
+#ifdef INFERD_CUDA
+    if (m->cuda)
+        return mcu_prepare(m, kv, max_rows, max_seqs, max_len, err, errlen);
+#endif
+    (void)m, (void)kv, (void)max_rows, (void)max_seqs, (void)max_len, (void)err, (void)errlen;
     return 0;
 }

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "engine/kv_cache.h"
+#include "engine/sampler.h"
 #include "kernels/kernels.h"
 
 #define MODEL_MAX_ROPE_PAIRS 256
@@ -81,6 +82,9 @@ struct model_opts {
      * GEMM algorithm per shape without split-K), so a request's output
      * does not depend on its batch, as on the CPU, which always is. */
     int deterministic;
+    /* On the GPU: run every step kernel by kernel (vLLM's --enforce-eager)
+     * instead of replaying decode steps from CUDA graphs. */
+    int enforce_eager;
 };
 enum { MODEL_DEVICE_CPU = 0, MODEL_DEVICE_CUDA = 1 };
 /* MODEL_LOAD_SHAPES: as DUMMY with every weight zero and never written,
@@ -144,5 +148,39 @@ struct model_row {
 int model_forward(struct model *m, struct kv_cache *kv,
                   const struct model_row *rows, int64_t n, float *logits,
                   char *err, size_t errlen);
+
+/* One sample drawn inside model_forward_sample from a want_logits row. */
+struct model_sample {
+    int64_t row;            /* index among the batch's want_logits rows */
+    struct sampler *s;      /* read (its RNG may advance); samp_accept
+                             * stays the caller's job */
+    struct samp_result res; /* out: the token and its logprobs */
+};
+
+/* model_forward, then one draw per entry of samples (distinct rows). On a
+ * GPU the logits of those rows never leave it: sampling runs there and
+ * only the results come back. logits gets the rows no sample names (in
+ * want-row order, at their want-row index); the named rows' slots are
+ * scratch. On the CPU this is model_forward followed by samp_sample. */
+int model_forward_sample(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                         int64_t n, float *logits, struct model_sample *samples,
+                         int64_t n_samples, char *err, size_t errlen);
+
+/* Whether the forward pass runs on a GPU (the KV cache then lives there:
+ * model_kv_geom says external). */
+int model_on_device(const struct model *m);
+/* The device's free and total memory in bytes; -1 on the CPU. */
+int model_device_memory(const struct model *m, int64_t *free_bytes, int64_t *total_bytes);
+/* Device memory model_prepare takes beyond the KV cache for steps of up
+ * to max_rows rows over up to max_seqs sequences (activations, logits,
+ * sampling, graphs); 0 on the CPU. */
+int64_t model_step_bytes(const struct model *m, int64_t max_rows, int max_seqs);
+/* Binds the device's KV storage to kv and allocates every per-step buffer
+ * for steps of up to max_rows rows, max_seqs sequences and max_len tokens
+ * per sequence, so that no step allocates; captures the decode graphs
+ * (unless enforce_eager). Nothing to do on the CPU. A step beyond these
+ * sizes, or over another kv, prepares again first (allocating then). */
+int model_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_seqs,
+                  int64_t max_len, char *err, size_t errlen);
 
 #endif

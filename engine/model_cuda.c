@@ -25,6 +25,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "engine/dummy.h"
 #include "engine/kv_cache.h"
 #include "engine/model_internal.h"
 
@@ -39,9 +40,23 @@ struct cu_layer {
     kc_bf16 *wdown;                /* (E, n_ff) */
 };
 
+/* The step's per-row and per-sequence inputs, in one buffer (pinned on
+ * the host, mirrored on the device) so one copy carries them. Offsets are
+ * fixed for given (rows, seqs): a graph captured for a batch size reads
+ * the same addresses every replay. */
+struct step_layout {
+    size_t ids, pos, slot, tab, cu_q, seq_len, sel, prm, seen_off, prompt_off, bias_off, total;
+};
+
+/* One decode graph: a batch size of the ladder, and its replayable step. */
+struct cu_graph {
+    int rows;
+    kc_graph exec;
+};
+
 struct model_cuda {
     int64_t n_layer;
-    int deterministic;
+    int deterministic, eager;
     void *decode_ws; /* split decode's partials (not deterministic) */
     kc_stream stream;
     struct kc_gemm *gemm;
@@ -55,18 +70,28 @@ struct model_cuda {
     kc_event stage_ev[2];
     int cur;
     size_t fill;
-    /* the KV cache: per layer (n_blocks, 16, n_kv_head, head_dim) */
+    /* the KV cache: per layer (n_blocks, 16, n_kv_head, head_dim), bound
+     * to one host kv_cache's block numbering */
+    const struct kv_cache *kv_bound;
     int64_t kv_blocks;
     kc_bf16 **kc, **vc;
-    /* activations for up to cap_rows rows */
-    int64_t cap_rows;
+    /* what mcu_prepare sized everything for */
+    int64_t cap_rows, cap_seqs, cap_blocks;
     kc_bf16 *x, *h, *qkv, *q, *k, *v, *att, *y, *gu, *act;
-    int64_t cap_logits;
-    kc_bf16 *hsel, *lg;
-    float *lg32;
-    /* one step's inputs: pinned on the host, then one copy */
+    kc_bf16 *hsel, *lg; /* (cap_seqs, E), (cap_seqs, n_vocab) */
+    float *lg32;        /* (cap_seqs, n_vocab) */
+    void *samp_ws;
+    /* inputs: in (layout at capacity), block tables (cap_seqs, cap_blocks)
+     * and the sampling lists, each pinned on the host and on the device */
     void *in_host, *in_dev;
     size_t in_cap;
+    int32_t *bt_host, *bt_dev;
+    void *ls_host, *ls_dev;
+    int64_t ls_cap; /* entries per list kind */
+    /* outputs: token, logprob, top tokens, top logprobs per sampled row */
+    void *out_host, *out_dev;
+    struct cu_graph *graphs;
+    int n_graphs;
     double load_s;
     uint64_t uploaded;
 };
@@ -129,6 +154,22 @@ fail:
 static int upload_matrix(struct model *m, struct model_cuda *c, const struct k_matrix *w,
                          kc_bf16 *dst, char *err, size_t errlen)
 {
+    struct dummy_fill f;
+    if (m->dummy && dummy_fill_of(m->dummy, w->data, &f) == 0 && f.dtype == K_BF16 &&
+        f.n == w->rows * w->cols) {
+        /* --load-format dummy: the same values the CPU loader would have
+         * written, made here from the stream state (no host memory, no
+         * copy) */
+        int e = f.kind == DUMMY_FILL_RANDOM
+                    ? kc_fill_dummy_bf16(c->stream, dst, f.n, f.state)
+                    : kc_fill_bf16(c->stream, dst, f.n, f.kind == DUMMY_FILL_ONES ? 0x3f80 : 0);
+        if (e != 0) {
+            snprintf(err, errlen, "CUDA kernel: %s (dummy weights)", kc_error_string(e));
+            return -1;
+        }
+        c->uploaded += (uint64_t)f.n * 2;
+        return 0;
+    }
     int64_t cols = w->cols;
     size_t row_bytes = (size_t)cols * 2;
     int64_t per = (int64_t)(STAGE_BYTES / row_bytes);
@@ -199,8 +240,8 @@ static int dev_alloc(void **p, size_t bytes, char *err, size_t errlen)
             goto fail;                                                                       \
     } while (0)
 
-int mcu_create(struct model *m, int deterministic, struct model_cuda **out, char *err,
-               size_t errlen)
+int mcu_create(struct model *m, int deterministic, int enforce_eager, struct model_cuda **out,
+               char *err, size_t errlen)
 {
     const struct model_config *cf = &m->cfg;
     int64_t E = cf->n_embd, hd = cf->head_dim, nq = cf->n_head * hd, nkv = cf->n_head_kv * hd;
@@ -224,6 +265,7 @@ int mcu_create(struct model *m, int deterministic, struct model_cuda **out, char
     }
     c->n_layer = cf->n_layer;
     c->deterministic = deterministic;
+    c->eager = enforce_eager;
     c->L = calloc((size_t)cf->n_layer, sizeof(*c->L));
     if (!c->L) {
         snprintf(err, errlen, "out of memory");
@@ -315,17 +357,57 @@ fail:
     return -1;
 }
 
-static void free_acts(struct model_cuda *c)
+
+/* ------------------------------------------------------- step buffers */
+
+#define N_TOP 20 /* kc_sample's top logprobs per row */
+
+static void free_step(struct model_cuda *c)
 {
     kc_bf16 *all[] = {c->x, c->h, c->qkv, c->q, c->k, c->v, c->att, c->y, c->gu, c->act,
                       c->hsel, c->lg};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         kc_free(all[i]);
-    kc_free(c->lg32);
     c->x = c->h = c->qkv = c->q = c->k = c->v = c->att = c->y = c->gu = c->act = NULL;
     c->hsel = c->lg = NULL;
+    kc_free(c->lg32);
     c->lg32 = NULL;
-    c->cap_rows = c->cap_logits = 0;
+    kc_free(c->samp_ws);
+    kc_free(c->decode_ws);
+    c->samp_ws = c->decode_ws = NULL;
+    kc_free_host(c->in_host);
+    kc_free(c->in_dev);
+    kc_free_host(c->bt_host);
+    kc_free(c->bt_dev);
+    kc_free_host(c->ls_host);
+    kc_free(c->ls_dev);
+    kc_free_host(c->out_host);
+    kc_free(c->out_dev);
+    c->in_host = c->in_dev = c->ls_host = c->ls_dev = c->out_host = c->out_dev = NULL;
+    c->bt_host = c->bt_dev = NULL;
+    c->in_cap = 0;
+    c->ls_cap = 0;
+    for (int i = 0; i < c->n_graphs; i++)
+        kc_graph_destroy(c->graphs[i].exec);
+    free(c->graphs);
+    c->graphs = NULL;
+    c->n_graphs = 0;
+    c->cap_rows = c->cap_seqs = c->cap_blocks = 0;
+}
+
+static void free_kv(struct model_cuda *c)
+{
+    for (int64_t il = 0; il < c->n_layer; il++) {
+        if (c->kc)
+            kc_free(c->kc[il]);
+        if (c->vc)
+            kc_free(c->vc[il]);
+    }
+    free(c->kc);
+    free(c->vc);
+    c->kc = c->vc = NULL;
+    c->kv_bound = NULL;
+    c->kv_blocks = 0;
 }
 
 void mcu_destroy(struct model_cuda *c)
@@ -334,23 +416,14 @@ void mcu_destroy(struct model_cuda *c)
         return;
     if (c->stream)
         kc_stream_sync(c->stream);
-    free_acts(c);
-    for (int64_t il = 0; il < c->n_layer; il++) {
-        if (c->L) {
-            struct cu_layer *D = &c->L[il];
-            kc_bf16 *all[] = {D->attn_norm, D->ffn_norm, D->wqkv, D->bqkv, D->wo, D->wgu,
-                              D->wdown};
-            for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-                kc_free(all[i]);
-        }
-        if (c->kc)
-            kc_free(c->kc[il]);
-        if (c->vc)
-            kc_free(c->vc[il]);
+    free_step(c);
+    free_kv(c);
+    for (int64_t il = 0; il < c->n_layer && c->L; il++) {
+        struct cu_layer *D = &c->L[il];
+        kc_bf16 *all[] = {D->attn_norm, D->ffn_norm, D->wqkv, D->bqkv, D->wo, D->wgu, D->wdown};
+        for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+            kc_free(all[i]);
     }
-    free(c->kc);
-    free(c->vc);
-    kc_free(c->decode_ws);
     kc_free(c->inv_freq);
     kc_free(c->out_norm);
     if (c->output != c->embd)
@@ -361,23 +434,229 @@ void mcu_destroy(struct model_cuda *c)
         kc_free_host(c->stage[b]);
         kc_event_destroy(c->stage_ev[b]);
     }
-    kc_free_host(c->in_host);
-    kc_free(c->in_dev);
     kc_stream_destroy(c->stream);
     free(c->L);
     free(c);
 }
 
-/* -------------------------------------------------------------- a step */
-
-/* The device KV cache, once the engine's kv_cache (and so the block count)
- * is known. */
-static int ensure_kv(struct model *m, struct model_cuda *c, struct kv_cache *kv, char *err,
-                     size_t errlen)
+int mcu_memory(int64_t *free_bytes, int64_t *total_bytes)
 {
-    if (c->kc)
-        return 0;
+    size_t f = 0, t = 0;
+    if (kc_mem_info(&f, &t) != 0) {
+        *free_bytes = *total_bytes = 0;
+        return -1;
+    }
+    *free_bytes = (int64_t)f;
+    *total_bytes = (int64_t)t;
+    return 0;
+}
+
+static size_t align16(size_t x)
+{
+    return (x + 15) & ~(size_t)15;
+}
+
+/* rows: token rows; seqs: sequences; sel: logits rows gathered; samp:
+ * sampled rows. */
+static struct step_layout layout(int64_t rows, int64_t seqs, int64_t sel, int64_t samp)
+{
+    struct step_layout l;
+    size_t o = 0;
+    l.ids = o, o = align16(o + (size_t)rows * 4);
+    l.pos = o, o = align16(o + (size_t)rows * 4);
+    l.slot = o, o = align16(o + (size_t)rows * 8);
+    l.tab = o, o = align16(o + (size_t)rows);
+    l.cu_q = o, o = align16(o + (size_t)(seqs + 1) * 4);
+    l.seq_len = o, o = align16(o + (size_t)seqs * 4);
+    l.sel = o, o = align16(o + (size_t)(sel ? sel : 1) * 4);
+    l.prm = o, o = align16(o + (size_t)(samp ? samp : 1) * sizeof(struct kc_samp_row));
+    l.seen_off = o, o = align16(o + (size_t)(samp + 1) * 4);
+    l.prompt_off = o, o = align16(o + (size_t)(samp + 1) * 4);
+    l.bias_off = o, o = align16(o + (size_t)(samp + 1) * 4);
+    l.total = o;
+    return l;
+}
+
+/* The lists buffer: seen tokens, their counts, prompt tokens, bias tokens
+ * and bias values, cap entries each. */
+static size_t lists_bytes(int64_t cap)
+{
+    return (size_t)cap * 5 * 4;
+}
+
+static size_t out_bytes(int64_t rows)
+{
+    return (size_t)rows * (4 + 4 + N_TOP * 8);
+}
+
+int64_t mcu_step_bytes(const struct model *m, int64_t max_rows, int max_seqs)
+{
     const struct model_config *cf = &m->cfg;
+    int64_t E = cf->n_embd, hd = cf->head_dim, nq = cf->n_head * hd, nkv = cf->n_head_kv * hd;
+    size_t R = (size_t)max_rows, S = (size_t)max_seqs, V = (size_t)cf->n_vocab;
+    size_t b = R * (size_t)E * 2 * 3 + R * (size_t)(nq + 2 * nkv) * 2 * 2 + R * (size_t)nkv * 2 * 2 +
+               R * (size_t)nq * 2 + R * (size_t)(3 * cf->n_ff) * 2;
+    b += S * (size_t)E * 2 + S * V * 2 + S * V * 4 + kc_sample_workspace(max_seqs, cf->n_vocab);
+    b += kc_attn_decode_workspace(max_seqs, (int)cf->n_head, (int)hd, 0);
+    b += layout(max_rows, max_seqs, max_rows, max_seqs).total + out_bytes(max_seqs);
+    /* cuBLASLt's workspace, the graphs, and the allocator's rounding */
+    b += (size_t)512 << 20;
+    return (int64_t)b;
+}
+
+/* ------------------------------------------------------------ a step */
+
+/* What one step runs, built on the host before anything is enqueued. */
+struct step {
+    int64_t n, n_seqs, nw, n_samp, max_q, max_blocks;
+    int64_t pitch;    /* block-table row stride: max_blocks, or cap_blocks for a graph */
+    int64_t n_host;   /* logits rows that go back to the host */
+    int graph;        /* index into c->graphs, or -1 */
+    int64_t rows;     /* rows the kernels see: n, or the graph's size */
+    struct step_layout lo;
+    int64_t n_seen, n_prompt, n_bias;
+    int64_t *next;    /* (max_seqs) each sequence's length after the step */
+    int64_t *order;   /* (n) position p of the step runs caller row order[p] */
+    int64_t *want_pos;/* (nw) step position of each want row */
+    int64_t *host_w;  /* (n_host) want index of each host logits row, in sel order */
+};
+
+static void step_free(struct step *st)
+{
+    free(st->next);
+    free(st->order);
+    free(st->want_pos);
+    free(st->host_w);
+}
+
+/* The decode graph sizes: dense where batches are small, then every 8 up
+ * to 256 and every 32 beyond (a batch runs in the smallest that holds it;
+ * the padding rows cost little next to the weights every row reads). */
+static int graph_sizes(int64_t cap, int *out, int max)
+{
+    int n = 0;
+    for (int64_t b = 1; b <= cap && n < max;) {
+        out[n++] = (int)b;
+        b = b < 8 ? 2 * b : b < 256 ? b + 8 : b + 32;
+    }
+    if (n < max && (n == 0 || out[n - 1] < cap))
+        out[n++] = (int)cap;
+    return n;
+}
+
+static int pick_graph(const struct model_cuda *c, int64_t n)
+{
+    for (int i = 0; i < c->n_graphs; i++)
+        if (c->graphs[i].rows >= n)
+            return c->graphs[i].exec ? i : -1;
+    return -1;
+}
+
+/* Enqueues the forward pass of st (inputs already on the device) up to
+ * the final norm, whose output is h. */
+static int enqueue_body(struct model *m, struct model_cuda *c, const struct step *st, char *err,
+                        size_t errlen)
+{
+    const struct model_config *cf = &m->cfg;
+    int64_t E = cf->n_embd, hd = cf->head_dim, nh = cf->n_head, nkvh = cf->n_head_kv;
+    int64_t nq = nh * hd, nkv = nkvh * hd, nqkv = nq + 2 * nkv, ff = cf->n_ff, V = cf->n_vocab;
+    int64_t n = st->rows;
+    const struct step_layout *lo = &st->lo;
+    char *D = c->in_dev;
+    const int32_t *d_ids = (const int32_t *)(D + lo->ids), *d_pos = (const int32_t *)(D + lo->pos);
+    const int64_t *d_slot = (const int64_t *)(D + lo->slot);
+    const int8_t *d_tab = (const int8_t *)(D + lo->tab);
+    const int32_t *d_cu_q = (const int32_t *)(D + lo->cu_q);
+    const int32_t *d_seq_len = (const int32_t *)(D + lo->seq_len);
+    kc_stream s = c->stream;
+    float eps = (float)cf->rms_eps, scale = (float)(1.0 / sqrt((double)hd));
+    int window = (int)cf->sliding_window;
+
+    KL(kc_embed(s, c->x, c->embd, d_ids, n, E, V));
+    for (int64_t il = 0; il < cf->n_layer; il++) {
+        struct cu_layer *L = &c->L[il];
+        /* x is the residual stream; y the last block's output, added in
+         * by the fused norm (none before the first layer) */
+        if (il == 0)
+            KL(kc_rmsnorm(s, c->h, NULL, c->x, L->attn_norm, n, E, eps));
+        else
+            KL(kc_rmsnorm(s, c->h, c->x, c->y, L->attn_norm, n, E, eps));
+        KL(kc_gemm(c->gemm, s, c->qkv, c->h, L->wqkv, n, nqkv, E));
+        if (L->bqkv)
+            KL(kc_bias_add(s, c->qkv, L->bqkv, n, nqkv));
+        /* q, k and v as three contiguous arrays, as the rope kernel takes */
+        CK(kc_copy_2d_d2d(s, c->q, (size_t)nq * 2, c->qkv, (size_t)nqkv * 2, (size_t)nq * 2,
+                          (size_t)n));
+        CK(kc_copy_2d_d2d(s, c->k, (size_t)nkv * 2, c->qkv + nq, (size_t)nqkv * 2,
+                          (size_t)nkv * 2, (size_t)n));
+        CK(kc_copy_2d_d2d(s, c->v, (size_t)nkv * 2, c->qkv + nq + nkv, (size_t)nqkv * 2,
+                          (size_t)nkv * 2, (size_t)n));
+        KL(kc_rope_kv_write(s, c->q, c->k, c->v, d_pos, d_slot, n, (int)nh, (int)nkvh, (int)hd,
+                            (int)cf->rope_dim, cf->rope_interleaved, c->inv_freq, d_tab,
+                            cf->rope_mscale, c->kc[il], c->vc[il]));
+        if (st->max_q == 1) /* a decode step; --deterministic: one pass per head */
+            KL(kc_attn_decode(s, c->att, c->q, c->kc[il], c->vc[il], c->bt_dev, (int)st->pitch,
+                              d_seq_len, (int)st->n_seqs, (int)nh, (int)nkvh, (int)hd, scale,
+                              window, c->deterministic ? 1 : 0, c->decode_ws));
+        else
+            KL(kc_attn_prefill(s, c->att, c->q, c->kc[il], c->vc[il], c->bt_dev, (int)st->pitch,
+                               d_cu_q, d_seq_len, (int)st->n_seqs, (int)st->max_q, (int)nh,
+                               (int)nkvh, (int)hd, scale, window));
+        KL(kc_gemm(c->gemm, s, c->y, c->att, L->wo, n, E, nq));
+        KL(kc_rmsnorm(s, c->h, c->x, c->y, L->ffn_norm, n, E, eps));
+        KL(kc_gemm(c->gemm, s, c->gu, c->h, L->wgu, n, 2 * ff, E));
+        KL(kc_silu_mul(s, c->act, c->gu, n, ff)); /* every supported model: SiLU */
+        KL(kc_gemm(c->gemm, s, c->y, c->act, L->wdown, n, E, ff));
+    }
+    KL(kc_rmsnorm(s, c->h, c->x, c->y, c->out_norm, n, E, eps));
+    return 0;
+fail:
+    return -1;
+}
+
+/* The LM head over rows r0 .. r0 + k of sel (sampled rows first, then
+ * the rows going back to the host) into lg32, and the sampler over its
+ * first ns rows when ns > 0. */
+static int enqueue_head(struct model *m, struct model_cuda *c, const struct step *st, int64_t r0,
+                        int64_t k, int64_t ns, char *err, size_t errlen)
+{
+    const struct model_config *cf = &m->cfg;
+    int64_t E = cf->n_embd, V = cf->n_vocab;
+    const struct step_layout *lo = &st->lo;
+    char *D = c->in_dev;
+    kc_stream s = c->stream;
+    /* the rows asked for, gathered (an embedding lookup into h) */
+    KL(kc_embed(s, c->hsel, c->h, (const int32_t *)(D + lo->sel) + r0, k, E, st->rows));
+    KL(kc_gemm(c->gemm, s, c->lg, c->hsel, c->output, k, V, E));
+    KL(kc_bf16_to_f32(s, c->lg32, c->lg, k * V));
+    if (ns > 0) {
+        char *L = c->ls_dev;
+        size_t lc = (size_t)c->ls_cap;
+        struct kc_samp_lists ls = {
+            (const int32_t *)(D + lo->seen_off), (const int32_t *)L,
+            (const int32_t *)(L + lc * 4), (const int32_t *)(D + lo->prompt_off),
+            (const int32_t *)(L + lc * 8), (const int32_t *)(D + lo->bias_off),
+            (const int32_t *)(L + lc * 12), (const float *)(L + lc * 16)};
+        char *O = c->out_dev;
+        size_t S = (size_t)c->cap_seqs;
+        KL(kc_sample(s, c->lg32, (int)ns, V, (const struct kc_samp_row *)(D + lo->prm), &ls,
+                     (int32_t *)O, (float *)(O + S * 4), (int32_t *)(O + S * 8),
+                     (float *)(O + S * (8 + N_TOP * 4)), c->samp_ws));
+    }
+    return 0;
+fail:
+    return -1;
+}
+
+/* Binds the device KV storage to kv. */
+static int bind_kv(struct model *m, struct model_cuda *c, struct kv_cache *kv, char *err,
+                   size_t errlen)
+{
+    const struct model_config *cf = &m->cfg;
+    if (c->kv_bound == kv && c->kv_blocks == kv_n_blocks(kv))
+        return 0;
+    CK(kc_stream_sync(c->stream));
+    free_kv(c);
     size_t per = (size_t)kv_n_blocks(kv) * KC_BLOCK_TOKENS * (size_t)cf->n_head_kv *
                  (size_t)cf->head_dim * 2;
     c->kc = calloc((size_t)cf->n_layer, sizeof(*c->kc));
@@ -386,166 +665,353 @@ static int ensure_kv(struct model *m, struct model_cuda *c, struct kv_cache *kv,
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    c->kv_blocks = kv_n_blocks(kv);
     for (int64_t il = 0; il < cf->n_layer; il++) {
         DALLOC(c->kc[il], per);
         DALLOC(c->vc[il], per);
     }
-    /* sized for the most sequences a step can hold, which serves any
-     * smaller batch (kcuda.h) */
-    if (!c->deterministic)
-        DALLOC(c->decode_ws, kc_attn_decode_workspace(kv_max_seqs(kv), (int)cf->n_head,
-                                                      (int)cf->head_dim, 0));
-    return 0;
-fail:
-    return -1;
-}
-
-static int ensure_acts(struct model *m, struct model_cuda *c, int64_t rows, int64_t n_logits,
-                       char *err, size_t errlen)
-{
-    const struct model_config *cf = &m->cfg;
-    int64_t E = cf->n_embd, hd = cf->head_dim, nq = cf->n_head * hd, nkv = cf->n_head_kv * hd;
-    if (rows > c->cap_rows || n_logits > c->cap_logits) {
-        int64_t r = rows > c->cap_rows ? rows : c->cap_rows;
-        int64_t nl = n_logits > c->cap_logits ? n_logits : c->cap_logits;
-        free_acts(c);
-        size_t R = (size_t)r;
-        DALLOC(c->x, R * (size_t)E * 2);
-        DALLOC(c->h, R * (size_t)E * 2);
-        DALLOC(c->y, R * (size_t)E * 2);
-        DALLOC(c->qkv, R * (size_t)(nq + 2 * nkv) * 2);
-        DALLOC(c->q, R * (size_t)nq * 2);
-        DALLOC(c->k, R * (size_t)nkv * 2);
-        DALLOC(c->v, R * (size_t)nkv * 2);
-        DALLOC(c->att, R * (size_t)nq * 2);
-        DALLOC(c->gu, R * (size_t)(2 * cf->n_ff) * 2);
-        DALLOC(c->act, R * (size_t)cf->n_ff * 2);
-        DALLOC(c->hsel, (size_t)(nl ? nl : 1) * (size_t)E * 2);
-        DALLOC(c->lg, (size_t)(nl ? nl : 1) * (size_t)cf->n_vocab * 2);
-        DALLOC(c->lg32, (size_t)(nl ? nl : 1) * (size_t)cf->n_vocab * sizeof(float));
-        c->cap_rows = r;
-        c->cap_logits = nl;
+    c->kv_bound = kv;
+    c->kv_blocks = kv_n_blocks(kv);
+    /* graphs hold the old cache's addresses */
+    for (int i = 0; i < c->n_graphs; i++) {
+        kc_graph_destroy(c->graphs[i].exec);
+        c->graphs[i].exec = NULL;
     }
     return 0;
 fail:
-    free_acts(c);
+    free_kv(c);
     return -1;
 }
 
-/* The step's inputs, laid out in one buffer (host pinned, then device). */
-struct step_layout {
-    size_t ids, pos, slot, tab, cu_q, seq_len, btab, sel, total;
-};
-
-static size_t align16(size_t x)
+/* The sampling lists' capacity: grown (re-capturing the graphs, which
+ * hold its address) when a step needs more. */
+static int ensure_lists(struct model_cuda *c, int64_t need, char *err, size_t errlen)
 {
-    return (x + 15) & ~(size_t)15;
+    if (need <= c->ls_cap)
+        return 0;
+    int64_t cap = c->ls_cap ? c->ls_cap : 4096;
+    while (cap < need)
+        cap *= 2;
+    CK(kc_stream_sync(c->stream));
+    kc_free_host(c->ls_host);
+    kc_free(c->ls_dev);
+    c->ls_host = c->ls_dev = NULL;
+    c->ls_cap = 0;
+    CK(kc_malloc_host(&c->ls_host, lists_bytes(cap)));
+    DALLOC(c->ls_dev, lists_bytes(cap));
+    c->ls_cap = cap;
+    for (int i = 0; i < c->n_graphs; i++) {
+        kc_graph_destroy(c->graphs[i].exec);
+        c->graphs[i].exec = NULL;
+    }
+    return 0;
+fail:
+    return -1;
 }
 
-static struct step_layout layout(int64_t n, int64_t n_seqs, int64_t max_blocks, int64_t nw)
-{
-    struct step_layout l;
-    size_t o = 0;
-    l.ids = o, o = align16(o + (size_t)n * 4);
-    l.pos = o, o = align16(o + (size_t)n * 4);
-    l.slot = o, o = align16(o + (size_t)n * 8);
-    l.tab = o, o = align16(o + (size_t)n);
-    l.cu_q = o, o = align16(o + (size_t)(n_seqs + 1) * 4);
-    l.seq_len = o, o = align16(o + (size_t)n_seqs * 4);
-    l.btab = o, o = align16(o + (size_t)(n_seqs * max_blocks) * 4);
-    l.sel = o, o = align16(o + (size_t)(nw ? nw : 1) * 4);
-    l.total = o;
-    return l;
-}
+static int capture_graphs(struct model *m, struct model_cuda *c, char *err, size_t errlen);
 
-int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
-                float *logits, char *err, size_t errlen)
+int mcu_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_seqs,
+                int64_t max_len, char *err, size_t errlen)
 {
     struct model_cuda *c = m->cuda;
     const struct model_config *cf = &m->cfg;
-    int64_t E = cf->n_embd, hd = cf->head_dim, nh = cf->n_head, nkvh = cf->n_head_kv;
-    int64_t nq = nh * hd, nkv = nkvh * hd, nqkv = nq + 2 * nkv, ff = cf->n_ff;
+    int64_t E = cf->n_embd, hd = cf->head_dim, nq = cf->n_head * hd, nkv = cf->n_head_kv * hd;
     int64_t V = cf->n_vocab;
-    int64_t *next = NULL, *order = NULL, *inv_order = NULL;
-    int *seq_of = NULL;
-    int64_t *seq_first = NULL, *seq_count = NULL;
-    if (n <= 0)
-        return 0;
-    int max_seqs = kv_max_seqs(kv);
-    next = malloc((size_t)max_seqs * sizeof(*next));
-    seq_first = malloc((size_t)max_seqs * sizeof(*seq_first));
-    seq_count = calloc((size_t)max_seqs, sizeof(*seq_count));
-    order = malloc((size_t)n * sizeof(*order));
-    inv_order = malloc((size_t)n * sizeof(*inv_order));
-    seq_of = malloc((size_t)n * sizeof(*seq_of));
-    if (!next || !seq_first || !seq_count || !order || !inv_order || !seq_of) {
+    if (bind_kv(m, c, kv, err, errlen))
+        return -1;
+    int64_t blocks = (max_len + KC_BLOCK_TOKENS - 1) / KC_BLOCK_TOKENS;
+    if (blocks > kv_n_blocks(kv))
+        blocks = kv_n_blocks(kv);
+    if (max_seqs > kv_max_seqs(kv))
+        max_seqs = kv_max_seqs(kv);
+    if (max_rows < max_seqs)
+        max_rows = max_seqs;
+    if (max_rows <= c->cap_rows && max_seqs <= c->cap_seqs && blocks <= c->cap_blocks &&
+        c->graphs)
+        return capture_graphs(m, c, err, errlen);
+    CK(kc_stream_sync(c->stream));
+    if (max_rows < c->cap_rows)
+        max_rows = c->cap_rows;
+    if (max_seqs < c->cap_seqs)
+        max_seqs = (int)c->cap_seqs;
+    if (blocks < c->cap_blocks)
+        blocks = c->cap_blocks;
+    int64_t ls_cap = c->ls_cap;
+    free_step(c);
+    size_t R = (size_t)max_rows, S = (size_t)max_seqs;
+    DALLOC(c->x, R * (size_t)E * 2);
+    DALLOC(c->h, R * (size_t)E * 2);
+    DALLOC(c->y, R * (size_t)E * 2);
+    DALLOC(c->qkv, R * (size_t)(nq + 2 * nkv) * 2);
+    DALLOC(c->q, R * (size_t)nq * 2);
+    DALLOC(c->k, R * (size_t)nkv * 2);
+    DALLOC(c->v, R * (size_t)nkv * 2);
+    DALLOC(c->att, R * (size_t)nq * 2);
+    DALLOC(c->gu, R * (size_t)(2 * cf->n_ff) * 2);
+    DALLOC(c->act, R * (size_t)cf->n_ff * 2);
+    DALLOC(c->hsel, S * (size_t)E * 2);
+    DALLOC(c->lg, S * (size_t)V * 2);
+    DALLOC(c->lg32, S * (size_t)V * sizeof(float));
+    DALLOC(c->samp_ws, kc_sample_workspace(max_seqs, V));
+    /* sized for the most sequences a step can hold, which serves any
+     * smaller batch (kcuda.h) */
+    if (!c->deterministic)
+        DALLOC(c->decode_ws, kc_attn_decode_workspace(max_seqs, (int)cf->n_head, (int)hd, 0));
+    c->in_cap = layout(max_rows, max_seqs, max_rows, max_seqs).total;
+    CK(kc_malloc_host(&c->in_host, c->in_cap));
+    DALLOC(c->in_dev, c->in_cap);
+    CK(kc_malloc_host((void **)&c->bt_host, S * (size_t)blocks * 4));
+    DALLOC(c->bt_dev, S * (size_t)blocks * 4);
+    CK(kc_malloc_host(&c->out_host, out_bytes(max_seqs)));
+    DALLOC(c->out_dev, out_bytes(max_seqs));
+    c->cap_rows = max_rows;
+    c->cap_seqs = max_seqs;
+    c->cap_blocks = blocks;
+    if (ensure_lists(c, ls_cap > 4096 ? ls_cap : 4096, err, errlen))
+        goto fail;
+    int sizes[128];
+    int ng = graph_sizes(max_seqs, sizes, 128);
+    c->graphs = calloc((size_t)ng, sizeof(*c->graphs));
+    if (!c->graphs) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    if (model_check_batch(m, kv, rows, n, next, err, errlen))
+    for (int i = 0; i < ng; i++)
+        c->graphs[i].rows = sizes[i];
+    c->n_graphs = ng;
+    return capture_graphs(m, c, err, errlen);
+fail:
+    free_step(c);
+    return -1;
+}
+
+/* A graph step of g.rows rows: every row a sequence's decode row, every
+ * row sampled (padding rows too, greedily, their results unread). */
+static void graph_step_shape(const struct model_cuda *c, int gi, struct step *st)
+{
+    int64_t b = c->graphs[gi].rows;
+    memset(st, 0, sizeof(*st));
+    st->n = st->n_seqs = st->nw = st->n_samp = st->rows = b;
+    st->max_q = 1;
+    st->pitch = c->cap_blocks;
+    st->max_blocks = c->cap_blocks;
+    st->graph = gi;
+    st->lo = layout(b, b, b, b);
+}
+
+static int capture_graphs(struct model *m, struct model_cuda *c, char *err, size_t errlen)
+{
+    if (c->eager)
+        return 0;
+    for (int i = 0; i < c->n_graphs; i++) {
+        if (c->graphs[i].exec)
+            continue;
+        struct step st;
+        graph_step_shape(c, i, &st);
+        int e = kc_capture_begin(c->stream);
+        if (e == 0) {
+            int rc = enqueue_body(m, c, &st, err, errlen);
+            if (rc == 0)
+                rc = enqueue_head(m, c, &st, 0, st.rows, st.rows, err, errlen);
+            kc_graph g = NULL;
+            e = kc_capture_end(c->stream, &g);
+            if (rc != 0 && e == 0) {
+                kc_graph_destroy(g);
+                e = -1;
+            }
+            c->graphs[i].exec = g;
+        }
+        if (e != 0) {
+            /* Not fatal: the same kernels run eagerly, only slower. */
+            fprintf(stderr, "inferd: CUDA graph capture for %d rows failed (%s); decode steps "
+                    "run eagerly\n", c->graphs[i].rows,
+                    e > 0 ? kc_error_string(e) : err);
+            for (int j = 0; j < c->n_graphs; j++) {
+                kc_graph_destroy(c->graphs[j].exec);
+                c->graphs[j].exec = NULL;
+            }
+            c->eager = 1;
+            return 0;
+        }
+    }
+    return 0;
+}
+
+/* The tokens a sample's penalties and bias read, appended to the lists
+ * (host side of ls) at *at; the row's offsets are written by the caller. */
+static void lists_put(struct model_cuda *c, struct sampler *sp, const struct samp_view *v,
+                      int64_t *seen, int64_t *prompt, int64_t *bias)
+{
+    char *L = c->ls_host;
+    size_t lc = (size_t)c->ls_cap;
+    int64_t cap = c->ls_cap;
+    if (v->penalties) {
+        *seen += samp_view_seen(sp, (int32_t *)L + *seen, (int32_t *)(L + lc * 4) + *seen,
+                                cap - *seen);
+        if (v->repetition_penalty != 1.0f)
+            *prompt += samp_view_prompt(sp, (int32_t *)(L + lc * 8) + *prompt, cap - *prompt);
+    }
+    *bias += samp_view_bias(sp, (int32_t *)(L + lc * 12) + *bias,
+                            (float *)(L + lc * 16) + *bias, cap - *bias);
+}
+
+/* Entries the samples' lists need, the longest kind. */
+static int64_t lists_need(struct model_sample *samples, int64_t n_samples)
+{
+    int64_t seen = 0, prompt = 0, bias = 0;
+    for (int64_t i = 0; i < n_samples; i++) {
+        struct samp_view v;
+        samp_view_get(samples[i].s, &v);
+        if (v.penalties) {
+            seen += v.n_seen;
+            if (v.repetition_penalty != 1.0f)
+                prompt += v.n_prompt;
+        }
+        bias += v.n_bias;
+    }
+    int64_t need = seen > prompt ? seen : prompt;
+    return need > bias ? need : bias;
+}
+
+static void row_params(struct kc_samp_row *p, const struct samp_view *v)
+{
+    memset(p, 0, sizeof(*p));
+    p->temperature = v->temperature;
+    p->top_p = v->top_p;
+    p->min_p = v->min_p;
+    p->presence_penalty = v->presence_penalty;
+    p->frequency_penalty = v->frequency_penalty;
+    p->repetition_penalty = v->repetition_penalty;
+    p->top_k = v->top_k;
+    p->n_top_logprobs = v->n_top_logprobs;
+    p->seed = v->seed;
+    p->step = v->step;
+}
+
+/* Builds st's inputs on the host (in_host, bt_host, ls_host). */
+static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv,
+                      const struct model_row *rows, int64_t n, struct model_sample *samples,
+                      int64_t n_samples, struct step *st, char *err, size_t errlen)
+{
+    int max_seqs = kv_max_seqs(kv);
+    int *seq_of = malloc((size_t)n * sizeof(*seq_of));
+    int64_t *seq_first = malloc((size_t)max_seqs * sizeof(*seq_first));
+    int64_t *seq_count = calloc((size_t)max_seqs, sizeof(*seq_count));
+    int64_t *fill = calloc((size_t)max_seqs, sizeof(*fill));
+    char *is_samp = NULL;
+    memset(st, 0, sizeof(*st));
+    st->graph = -1;
+    st->next = malloc((size_t)max_seqs * sizeof(*st->next));
+    st->order = malloc((size_t)n * sizeof(*st->order));
+    st->want_pos = malloc((size_t)n * sizeof(*st->want_pos));
+    st->host_w = malloc((size_t)n * sizeof(*st->host_w));
+    is_samp = calloc((size_t)n, 1);
+    if (!seq_of || !seq_first || !seq_count || !fill || !st->next || !st->order ||
+        !st->want_pos || !st->host_w || !is_samp) {
+        snprintf(err, errlen, "out of memory");
         goto fail;
-    if (ensure_kv(m, c, kv, err, errlen))
+    }
+    if (model_check_batch(m, kv, rows, n, st->next, err, errlen))
         goto fail;
 
     /* Rows grouped by sequence (in order of first appearance, each
      * sequence's rows in batch order), which is how the attention kernels
      * take them; every other op works row by row, so the whole step runs
      * in this order and only the logits go back to the callers' order. */
-    int64_t n_seqs = 0, nw = 0, max_q = 0, max_blocks = 0;
     for (int64_t r = 0; r < n; r++) {
-        int s = rows[r].seq;
-        if (seq_count[s]++ == 0)
-            seq_of[n_seqs++] = s;
-        nw += rows[r].want_logits != 0;
+        int sq = rows[r].seq;
+        if (seq_count[sq]++ == 0)
+            seq_of[st->n_seqs++] = sq;
+        st->nw += rows[r].want_logits != 0;
+    }
+    int64_t off = 0;
+    for (int64_t i = 0; i < st->n_seqs; i++) {
+        int sq = seq_of[i];
+        seq_first[sq] = off;
+        off += seq_count[sq];
+        if (seq_count[sq] > st->max_q)
+            st->max_q = seq_count[sq];
+        int64_t blocks = (st->next[sq] + KC_BLOCK_TOKENS - 1) / KC_BLOCK_TOKENS;
+        if (blocks > st->max_blocks)
+            st->max_blocks = blocks;
     }
     {
-        int64_t off = 0;
-        for (int64_t i = 0; i < n_seqs; i++) {
-            int s = seq_of[i];
-            seq_first[s] = off;
-            off += seq_count[s];
-            if (seq_count[s] > max_q)
-                max_q = seq_count[s];
-            int64_t blocks = (next[s] + KC_BLOCK_TOKENS - 1) / KC_BLOCK_TOKENS;
-            if (blocks > max_blocks)
-                max_blocks = blocks;
+        int64_t w = 0;
+        for (int64_t r = 0; r < n; r++) {
+            int sq = rows[r].seq;
+            int64_t p = seq_first[sq] + fill[sq]++;
+            st->order[p] = r; /* position p of the step runs row r */
+            if (rows[r].want_logits)
+                st->want_pos[w++] = p;
         }
-        int64_t *fill = calloc((size_t)max_seqs, sizeof(*fill));
-        if (!fill) {
-            snprintf(err, errlen, "out of memory");
+    }
+    for (int64_t i = 0; i < n_samples; i++) {
+        if (samples[i].row < 0 || samples[i].row >= st->nw || is_samp[samples[i].row]) {
+            snprintf(err, errlen, "sample %lld names row %lld of %lld logits rows (or twice)",
+                     (long long)i, (long long)samples[i].row, (long long)st->nw);
             goto fail;
         }
-        for (int64_t r = 0; r < n; r++) {
-            int s = rows[r].seq;
-            int64_t p = seq_first[s] + fill[s]++;
-            order[p] = r;     /* position p of the step runs row r */
-            inv_order[r] = p;
-        }
-        free(fill);
+        is_samp[samples[i].row] = 1;
     }
-    if (ensure_acts(m, c, n, nw, err, errlen))
+    st->n_samp = n_samples;
+    for (int64_t w = 0; w < st->nw; w++)
+        if (!is_samp[w])
+            st->host_w[st->n_host++] = w;
+
+    /* Sizes beyond what was prepared: prepare again (allocates). */
+    if (n > c->cap_rows || st->n_seqs > c->cap_seqs || n_samples > c->cap_seqs ||
+        st->max_blocks > c->cap_blocks) {
+        int64_t len = st->max_blocks * KC_BLOCK_TOKENS;
+        if (len < c->cap_blocks * KC_BLOCK_TOKENS)
+            len = c->cap_blocks * KC_BLOCK_TOKENS;
+        int64_t ms = st->n_seqs > n_samples ? st->n_seqs : n_samples;
+        if (mcu_prepare(m, kv, n, (int)(ms > c->cap_seqs ? ms : c->cap_seqs), len, err,
+                        errlen))
+            goto fail;
+    }
+    if (n_samples > c->cap_seqs) {
+        snprintf(err, errlen, "%lld samples in one step: at most %lld", (long long)n_samples,
+                 (long long)c->cap_seqs);
         goto fail;
-    struct step_layout lo = layout(n, n_seqs, max_blocks, nw);
-    if (lo.total > c->in_cap) {
-        kc_free_host(c->in_host);
-        kc_free(c->in_dev);
-        c->in_host = c->in_dev = NULL;
-        c->in_cap = 0;
-        CK(kc_malloc_host(&c->in_host, lo.total));
-        DALLOC(c->in_dev, lo.total);
-        c->in_cap = lo.total;
     }
-    /* the previous step's copies from in_host are complete: each step ends
-     * with a synchronize */
+    int64_t need = lists_need(samples, n_samples);
+    if (ensure_lists(c, need, err, errlen) || capture_graphs(m, c, err, errlen))
+        goto fail;
+
+    /* A decode step of sampled rows replays the graph of its size. */
+    st->rows = n;
+    st->pitch = st->max_blocks;
+    if (!c->eager && st->max_q == 1 && st->n_samp == n && st->nw == n) {
+        int gi = pick_graph(c, n);
+        if (gi >= 0) {
+            struct step g;
+            graph_step_shape(c, gi, &g);
+            st->graph = gi;
+            st->rows = g.rows;
+            st->pitch = g.pitch;
+        }
+    }
+    int64_t R = st->rows, NS = st->graph >= 0 ? st->rows : st->n_seqs;
+    int64_t NSEL = st->graph >= 0 ? st->rows : st->nw;
+    int64_t NSAMP = st->graph >= 0 ? st->rows : st->n_samp;
+    st->lo = layout(R, NS, NSEL, NSAMP);
+    const struct step_layout *lo = &st->lo;
     char *H = c->in_host;
-    int32_t *ids = (int32_t *)(H + lo.ids), *pos = (int32_t *)(H + lo.pos);
-    int64_t *slot = (int64_t *)(H + lo.slot);
-    int8_t *tab = (int8_t *)(H + lo.tab);
-    int32_t *cu_q = (int32_t *)(H + lo.cu_q), *seq_len = (int32_t *)(H + lo.seq_len);
-    int32_t *btab = (int32_t *)(H + lo.btab), *sel = (int32_t *)(H + lo.sel);
-    for (int64_t p = 0; p < n; p++) {
-        const struct model_row *row = &rows[order[p]];
+    int32_t *ids = (int32_t *)(H + lo->ids), *pos = (int32_t *)(H + lo->pos);
+    int64_t *slot = (int64_t *)(H + lo->slot);
+    int8_t *tab = (int8_t *)(H + lo->tab);
+    int32_t *cu_q = (int32_t *)(H + lo->cu_q), *seq_len = (int32_t *)(H + lo->seq_len);
+    int32_t *sel = (int32_t *)(H + lo->sel);
+    struct kc_samp_row *prm = (struct kc_samp_row *)(H + lo->prm);
+    int32_t *seen_off = (int32_t *)(H + lo->seen_off);
+    int32_t *prompt_off = (int32_t *)(H + lo->prompt_off);
+    int32_t *bias_off = (int32_t *)(H + lo->bias_off);
+    for (int64_t p = 0; p < R; p++) {
+        if (p >= n) { /* graph padding: no cache write, nothing attended */
+            ids[p] = 0, pos[p] = 0, slot[p] = -1, tab[p] = 0;
+            continue;
+        }
+        const struct model_row *row = &rows[st->order[p]];
         int64_t nb;
         const int32_t *t = kv_seq_blocks(kv, row->seq, &nb);
         ids[p] = row->token;
@@ -555,96 +1021,167 @@ int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *ro
         tab[p] = (int8_t)(kv_seq_rope_long(kv, row->seq) ? 1 : 0);
     }
     cu_q[0] = 0;
-    for (int64_t i = 0; i < n_seqs; i++) {
-        int s = seq_of[i];
-        cu_q[i + 1] = cu_q[i] + (int32_t)seq_count[s];
-        seq_len[i] = (int32_t)next[s];
+    for (int64_t i = 0; i < NS; i++) {
+        if (i >= st->n_seqs) {
+            cu_q[i + 1] = cu_q[i] + 1;
+            seq_len[i] = 0;
+            continue;
+        }
+        int sq = seq_of[i];
+        cu_q[i + 1] = cu_q[i] + (int32_t)seq_count[sq];
+        seq_len[i] = (int32_t)st->next[sq];
         int64_t nb;
-        const int32_t *t = kv_seq_blocks(kv, s, &nb);
-        int64_t need = (next[s] + KC_BLOCK_TOKENS - 1) / KC_BLOCK_TOKENS;
-        for (int64_t b = 0; b < max_blocks; b++)
-            btab[i * max_blocks + b] = b < need && b < nb ? t[b] : 0;
+        const int32_t *t = kv_seq_blocks(kv, sq, &nb);
+        int64_t need_b = (st->next[sq] + KC_BLOCK_TOKENS - 1) / KC_BLOCK_TOKENS;
+        int32_t *bt = c->bt_host + i * st->pitch;
+        for (int64_t b = 0; b < st->max_blocks; b++)
+            bt[b] = b < need_b && b < nb ? t[b] : 0;
     }
-    /* logits in the callers' row order */
-    {
-        int64_t w = 0;
-        for (int64_t r = 0; r < n; r++)
-            if (rows[r].want_logits)
-                sel[w++] = (int32_t)inv_order[r];
+    /* sel: the sampled rows in sample order, then the host's in want order */
+    for (int64_t i = 0; i < n_samples; i++)
+        sel[i] = (int32_t)st->want_pos[samples[i].row];
+    for (int64_t j = 0; j < st->n_host; j++)
+        sel[n_samples + j] = (int32_t)st->want_pos[st->host_w[j]];
+    for (int64_t i = st->nw; i < NSEL; i++)
+        sel[i] = (int32_t)i; /* graph padding rows */
+    int64_t ns = 0, np = 0, nbias = 0;
+    for (int64_t i = 0; i < NSAMP; i++) {
+        seen_off[i] = (int32_t)ns, prompt_off[i] = (int32_t)np, bias_off[i] = (int32_t)nbias;
+        if (i >= n_samples) {
+            struct samp_view g;
+            memset(&g, 0, sizeof(g));
+            g.top_p = 1.0f, g.repetition_penalty = 1.0f; /* greedy, nothing else */
+            row_params(&prm[i], &g);
+            continue;
+        }
+        struct samp_view v;
+        samp_view_get(samples[i].s, &v);
+        row_params(&prm[i], &v);
+        lists_put(c, samples[i].s, &v, &ns, &np, &nbias);
     }
-    CK(kc_copy_h2d(c->stream, c->in_dev, c->in_host, lo.total));
-    char *D = c->in_dev;
-    const int32_t *d_ids = (const int32_t *)(D + lo.ids), *d_pos = (const int32_t *)(D + lo.pos);
-    const int64_t *d_slot = (const int64_t *)(D + lo.slot);
-    const int8_t *d_tab = (const int8_t *)(D + lo.tab);
-    const int32_t *d_cu_q = (const int32_t *)(D + lo.cu_q);
-    const int32_t *d_seq_len = (const int32_t *)(D + lo.seq_len);
-    const int32_t *d_btab = (const int32_t *)(D + lo.btab);
-    const int32_t *d_sel = (const int32_t *)(D + lo.sel);
-    kc_stream st = c->stream;
-    float eps = (float)cf->rms_eps, scale = (float)(1.0 / sqrt((double)hd));
-    int window = (int)cf->sliding_window;
-
-    KL(kc_embed(st, c->x, c->embd, d_ids, n, E, V));
-    for (int64_t il = 0; il < cf->n_layer; il++) {
-        struct cu_layer *L = &c->L[il];
-        /* x is the residual stream; y the last block's output, added in
-         * by the fused norm (none before the first layer) */
-        if (il == 0)
-            KL(kc_rmsnorm(st, c->h, NULL, c->x, L->attn_norm, n, E, eps));
-        else
-            KL(kc_rmsnorm(st, c->h, c->x, c->y, L->attn_norm, n, E, eps));
-        KL(kc_gemm(c->gemm, st, c->qkv, c->h, L->wqkv, n, nqkv, E));
-        if (L->bqkv)
-            KL(kc_bias_add(st, c->qkv, L->bqkv, n, nqkv));
-        /* q, k and v as three contiguous arrays, as the rope kernel takes */
-        CK(kc_copy_2d_d2d(st, c->q, (size_t)nq * 2, c->qkv, (size_t)nqkv * 2, (size_t)nq * 2,
-                          (size_t)n));
-        CK(kc_copy_2d_d2d(st, c->k, (size_t)nkv * 2, c->qkv + nq, (size_t)nqkv * 2,
-                          (size_t)nkv * 2, (size_t)n));
-        CK(kc_copy_2d_d2d(st, c->v, (size_t)nkv * 2, c->qkv + nq + nkv, (size_t)nqkv * 2,
-                          (size_t)nkv * 2, (size_t)n));
-        KL(kc_rope_kv_write(st, c->q, c->k, c->v, d_pos, d_slot, n, (int)nh, (int)nkvh, (int)hd,
-                            (int)cf->rope_dim, cf->rope_interleaved, c->inv_freq, d_tab,
-                            cf->rope_mscale, c->kc[il], c->vc[il]));
-        if (max_q == 1) /* a decode step; --deterministic: one pass per head */
-            KL(kc_attn_decode(st, c->att, c->q, c->kc[il], c->vc[il], d_btab, (int)max_blocks,
-                              d_seq_len, (int)n_seqs, (int)nh, (int)nkvh, (int)hd, scale,
-                              window, c->deterministic ? 1 : 0, c->decode_ws));
-        else
-            KL(kc_attn_prefill(st, c->att, c->q, c->kc[il], c->vc[il], d_btab,
-                               (int)max_blocks, d_cu_q, d_seq_len, (int)n_seqs, (int)max_q,
-                               (int)nh, (int)nkvh, (int)hd, scale, window));
-        KL(kc_gemm(c->gemm, st, c->y, c->att, L->wo, n, E, nq));
-        KL(kc_rmsnorm(st, c->h, c->x, c->y, L->ffn_norm, n, E, eps));
-        KL(kc_gemm(c->gemm, st, c->gu, c->h, L->wgu, n, 2 * ff, E));
-        KL(kc_silu_mul(st, c->act, c->gu, n, ff));
-        KL(kc_gemm(c->gemm, st, c->y, c->act, L->wdown, n, E, ff));
-    }
-    KL(kc_rmsnorm(st, c->h, c->x, c->y, c->out_norm, n, E, eps));
-    if (nw) {
-        /* the rows asked for, gathered (an embedding lookup into h) */
-        KL(kc_embed(st, c->hsel, c->h, d_sel, nw, E, n));
-        KL(kc_gemm(c->gemm, st, c->lg, c->hsel, c->output, nw, V, E));
-        KL(kc_bf16_to_f32(st, c->lg32, c->lg, nw * V));
-        CK(kc_copy_d2h(st, logits, c->lg32, (size_t)nw * (size_t)V * sizeof(float)));
-    }
-    CK(kc_stream_sync(st));
-    for (int64_t r = 0; r < n; r++)
-        kv_seq_set_len(kv, rows[r].seq, next[rows[r].seq]);
-    free(next);
+    seen_off[NSAMP] = (int32_t)ns, prompt_off[NSAMP] = (int32_t)np, bias_off[NSAMP] = (int32_t)nbias;
+    st->n_seen = ns, st->n_prompt = np, st->n_bias = nbias;
+    free(seq_of);
     free(seq_first);
     free(seq_count);
-    free(order);
-    free(inv_order);
-    free(seq_of);
+    free(fill);
+    free(is_samp);
     return 0;
 fail:
-    free(next);
+    free(seq_of);
     free(seq_first);
     free(seq_count);
-    free(order);
-    free(inv_order);
-    free(seq_of);
+    free(fill);
+    free(is_samp);
+    step_free(st);
+    return -1;
+}
+
+/* Copies st's inputs to the device. */
+static int upload_step(struct model_cuda *c, const struct step *st, char *err, size_t errlen)
+{
+    kc_stream s = c->stream;
+    CK(kc_copy_h2d(s, c->in_dev, c->in_host, st->lo.total));
+    if (st->n_seqs > 0 && st->max_blocks > 0)
+        CK(kc_copy_2d_h2d(s, c->bt_dev, (size_t)st->pitch * 4, c->bt_host,
+                          (size_t)st->pitch * 4, (size_t)st->max_blocks * 4,
+                          (size_t)st->n_seqs));
+    char *Ld = c->ls_dev, *Lh = c->ls_host;
+    size_t lc = (size_t)c->ls_cap;
+    if (st->n_seen) {
+        CK(kc_copy_h2d(s, Ld, Lh, (size_t)st->n_seen * 4));
+        CK(kc_copy_h2d(s, Ld + lc * 4, Lh + lc * 4, (size_t)st->n_seen * 4));
+    }
+    if (st->n_prompt)
+        CK(kc_copy_h2d(s, Ld + lc * 8, Lh + lc * 8, (size_t)st->n_prompt * 4));
+    if (st->n_bias) {
+        CK(kc_copy_h2d(s, Ld + lc * 12, Lh + lc * 12, (size_t)st->n_bias * 4));
+        CK(kc_copy_h2d(s, Ld + lc * 16, Lh + lc * 16, (size_t)st->n_bias * 4));
+    }
+    return 0;
+fail:
+    return -1;
+}
+
+int mcu_forward_sample(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                       int64_t n, float *logits, struct model_sample *samples, int64_t n_samples,
+                       char *err, size_t errlen)
+{
+    struct model_cuda *c = m->cuda;
+    int64_t V = m->cfg.n_vocab;
+    struct step st;
+    if (n <= 0)
+        return 0;
+    if (c->kv_bound != kv || !c->in_host) {
+        /* a caller that did not prepare (tools, tests): size for this
+         * batch and the cache's longest possible sequence */
+        int64_t len = kv_n_blocks(kv) * KC_BLOCK_TOKENS;
+        if (m->cfg.n_ctx > 0 && len > m->cfg.n_ctx)
+            len = m->cfg.n_ctx;
+        if (mcu_prepare(m, kv, n, kv_max_seqs(kv), len, err, errlen))
+            return -1;
+    }
+    if (build_step(m, c, kv, rows, n, samples, n_samples, &st, err, errlen))
+        return -1;
+    kc_stream s = c->stream;
+    if (upload_step(c, &st, err, errlen))
+        goto fail;
+    if (st.graph >= 0) {
+        CK(kc_graph_launch(c->graphs[st.graph].exec, s));
+    } else {
+        if (enqueue_body(m, c, &st, err, errlen))
+            goto fail;
+        for (int64_t r0 = 0; r0 < st.nw; r0 += c->cap_seqs) {
+            int64_t k = st.nw - r0 < c->cap_seqs ? st.nw - r0 : c->cap_seqs;
+            if (enqueue_head(m, c, &st, r0, k, r0 == 0 ? n_samples : 0, err, errlen))
+                goto fail;
+            /* this chunk's host rows, in runs of consecutive want rows */
+            int64_t j0 = r0 > n_samples ? r0 : n_samples;
+            for (int64_t j = j0; j < r0 + k;) {
+                int64_t w = st.host_w[j - n_samples], run = 1;
+                while (j + run < r0 + k && st.host_w[j + run - n_samples] == w + run)
+                    run++;
+                CK(kc_copy_d2h(s, logits + (size_t)w * (size_t)V,
+                               c->lg32 + (size_t)(j - r0) * (size_t)V,
+                               (size_t)run * (size_t)V * sizeof(float)));
+                j += run;
+            }
+        }
+    }
+    if (n_samples > 0) {
+        char *O = c->out_dev, *Oh = c->out_host;
+        size_t S = (size_t)c->cap_seqs, k = (size_t)n_samples;
+        CK(kc_copy_d2h(s, Oh, O, k * 8)); /* tokens, then logprobs at S * 4 */
+        CK(kc_copy_d2h(s, Oh + S * 4, O + S * 4, k * 4));
+        CK(kc_copy_d2h(s, Oh + S * 8, O + S * 8, k * N_TOP * 4));
+        CK(kc_copy_d2h(s, Oh + S * (8 + N_TOP * 4), O + S * (8 + N_TOP * 4), k * N_TOP * 4));
+    }
+    CK(kc_stream_sync(s));
+    if (n_samples > 0) {
+        const char *Oh = c->out_host;
+        size_t S = (size_t)c->cap_seqs;
+        const int32_t *tok = (const int32_t *)Oh, *ttok = (const int32_t *)(Oh + S * 8);
+        const float *lp = (const float *)(Oh + S * 4);
+        const float *tlp = (const float *)(Oh + S * (8 + N_TOP * 4));
+        for (int64_t i = 0; i < n_samples; i++) {
+            struct samp_view v;
+            struct samp_result *res = &samples[i].res;
+            samp_view_get(samples[i].s, &v);
+            memset(res, 0, sizeof(*res));
+            res->token = tok[i];
+            res->logprob = lp[i];
+            res->n_top = v.n_top_logprobs;
+            for (int t = 0; t < res->n_top && t < SAMP_MAX_TOP_LOGPROBS; t++) {
+                res->top[t].token = ttok[(size_t)i * N_TOP + (size_t)t];
+                res->top[t].logprob = tlp[(size_t)i * N_TOP + (size_t)t];
+            }
+        }
+    }
+    for (int64_t r = 0; r < n; r++)
+        kv_seq_set_len(kv, rows[r].seq, st.next[rows[r].seq]);
+    step_free(&st);
+    return 0;
+fail:
+    step_free(&st);
     return -1;
 }

@@ -63,11 +63,16 @@ int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_r
 /* model_cuda.c: the weights on the device (bf16), and the forward pass
  * there; logits come back to the host as f32, so the engine's sampler and
  * everything after it are the same as on the CPU. */
-int mcu_create(struct model *m, int deterministic, struct model_cuda **out, char *err,
-               size_t errlen);
+int mcu_create(struct model *m, int deterministic, int enforce_eager, struct model_cuda **out,
+               char *err, size_t errlen);
 void mcu_destroy(struct model_cuda *c);
-int mcu_forward(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
-                float *logits, char *err, size_t errlen);
+int mcu_forward_sample(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                       int64_t n, float *logits, struct model_sample *samples, int64_t n_samples,
+                       char *err, size_t errlen);
+int mcu_memory(int64_t *free_bytes, int64_t *total_bytes);
+int64_t mcu_step_bytes(const struct model *m, int64_t max_rows, int max_seqs);
+int mcu_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_seqs,
+                int64_t max_len, char *err, size_t errlen);
 #endif
 
 #endif

@@ -272,13 +272,15 @@ static int is_stop(const struct engine *e, const struct engine_req *r, int32_t t
     return 0;
 }
 
-/* Samples the next token of s from row (n_vocab logits, modified). */
-static void sample(struct engine *e, struct seq *s, float *row)
+/* Takes s's next token, drawn on the host or by the model's device:
+ * events, stop checks, bookkeeping. */
+static void took(struct engine *e, struct seq *s, const struct samp_result *res)
 {
     struct engine_req *r = s->r;
     struct engine_event ev;
     memset(&ev, 0, sizeof(ev));
-    int32_t tok = samp_sample(s->samp, row, &ev.tok);
+    ev.tok = *res;
+    int32_t tok = res->token;
     double t = engine_now();
     if (s->t_last == 0)
         engine_hist_observe(&e->w.ttft, t - r->t_submit);
@@ -304,6 +306,14 @@ static void sample(struct engine *e, struct seq *s, float *row)
     s->n_gen++;
     if (s->n_gen >= r->max_tokens)
         engine_finish_seq(e, s, ENGINE_FINISH_LENGTH, -1, NULL);
+}
+
+/* Samples the next token of s from row (n_vocab logits, modified). */
+static void sample(struct engine *e, struct seq *s, float *row)
+{
+    struct samp_result res;
+    samp_sample(s->samp, row, &res);
+    took(e, s, &res);
 }
 
 /* Samples 1..n-1 are born when sample 0 first finishes the prompt: each
@@ -335,19 +345,32 @@ static void fork_samples(struct engine *e, struct seq *s, const float *row)
     }
 }
 
+/* Whether s's next token must be drawn on the host from its logits row:
+ * sample 0 finishing the prompt of a request with n > 1, whose row the
+ * forked samples draw from too. Every other draw happens inside
+ * model_forward_sample (on the GPU there). */
+static int draws_on_host(const struct seq *s)
+{
+    return s->index == 0 && s->r->n > 1 && !s->r->forked;
+}
+
 /* After the model ran s's scheduled rows: publish its new full blocks and,
- * when the rows reached its last token, sample. */
-static void advance(struct engine *e, struct seq *s, float *row)
+ * when the rows reached its last token, take the token drawn (res) or
+ * sample it from row. */
+static void advance(struct engine *e, struct seq *s, float *row, const struct samp_result *res)
 {
     if (!(s->n_gen > 0 && s->sched == 1)) /* recompute counts as prompt */
         e->w.prompt_tokens_computed += s->sched;
     s->computed += s->sched;
     s->sched = 0;
     kv_seq_publish(e->kv, s->kv, s->tokens, s->computed);
+    if (res) {
+        took(e, s, res);
+        return;
+    }
     if (!row)
         return;
-    struct engine_req *r = s->r;
-    if (s->index == 0 && r->n > 1 && !r->forked)
+    if (draws_on_host(s))
         fork_samples(e, s, row);
     sample(e, s, row);
 }
@@ -384,6 +407,45 @@ static int ensure_logits(struct engine *e, int64_t rows)
     return 0;
 }
 
+/* Runs the model over the scheduled samples list[0..n) and advances each:
+ * their rows in one batch, one draw per sample whose rows reach its last
+ * token (on the host only where draws_on_host says). Returns 0, or -1
+ * with the model's message in err and nothing advanced. */
+static int run_batch(struct engine *e, struct seq *const *list, int n_list, int64_t *n_rows,
+                     char *err, size_t errlen)
+{
+    int64_t want;
+    int64_t n = fill_rows(e, list, n_list, &want);
+    *n_rows = n;
+    if (ensure_logits(e, want) != 0) {
+        snprintf(err, errlen, "out of memory for logits");
+        return -1;
+    }
+    int64_t ns = 0, k = 0;
+    for (int i = 0; i < n_list; i++) {
+        struct seq *s = list[i];
+        e->samp_of[i] = -1;
+        if (s->computed + s->sched != s->n_tokens)
+            continue;
+        if (!draws_on_host(s)) {
+            e->samples[ns].row = k;
+            e->samples[ns].s = s->samp;
+            e->samp_of[i] = (int)ns++;
+        }
+        k++;
+    }
+    if (model_forward_sample(e->m, e->kv, e->rows, n, e->logits, e->samples, ns, err, errlen))
+        return -1;
+    k = 0;
+    for (int i = 0; i < n_list; i++) {
+        struct seq *s = list[i];
+        int last = s->computed + s->sched == s->n_tokens;
+        float *row = last ? e->logits + (size_t)(k++) * (size_t)e->cfg->n_vocab : NULL;
+        advance(e, s, row, e->samp_of[i] >= 0 ? &e->samples[e->samp_of[i]].res : NULL);
+    }
+    return 0;
+}
+
 /* The batch failed as a whole (it should not: requests are validated at
  * submit). Run each sample alone so that only one that fails by itself
  * fails, with the model's message. */
@@ -392,17 +454,9 @@ static void run_isolated(struct engine *e)
     char err[256];
     for (int i = 0; i < e->n_sched; i++) {
         struct seq *s = e->sched[i];
-        int64_t want;
-        int64_t n = fill_rows(e, &s, 1, &want);
-        if (ensure_logits(e, 1) != 0) {
-            engine_end_request(e, s->r, ENGINE_FINISH_ERROR, "out of memory for logits");
-            continue;
-        }
-        if (model_forward(e->m, e->kv, e->rows, n, e->logits, err, sizeof(err)) != 0) {
+        int64_t n;
+        if (run_batch(e, &s, 1, &n, err, sizeof(err)) != 0)
             engine_end_request(e, s->r, ENGINE_FINISH_ERROR, err);
-            continue;
-        }
-        advance(e, s, want ? e->logits : NULL);
     }
 }
 
@@ -426,20 +480,10 @@ int64_t sched_step(struct engine *e)
         return 0;
     }
     double t0 = engine_now();
-    int64_t want;
-    int64_t n = fill_rows(e, e->sched, e->n_sched, &want);
+    int64_t n;
     char err[256];
-    if (ensure_logits(e, want) != 0 ||
-        model_forward(e->m, e->kv, e->rows, n, e->logits, err, sizeof(err)) != 0) {
+    if (run_batch(e, e->sched, e->n_sched, &n, err, sizeof(err)) != 0)
         run_isolated(e);
-    } else {
-        int64_t k = 0;
-        for (int i = 0; i < e->n_sched; i++) {
-            struct seq *s = e->sched[i];
-            int last = s->computed + s->sched == s->n_tokens;
-            advance(e, s, last ? e->logits + (size_t)(k++) * (size_t)e->cfg->n_vocab : NULL);
-        }
-    }
     e->n_sched = 0;
     e->w.steps++;
     engine_hist_observe(&e->w.step_time, engine_now() - t0);

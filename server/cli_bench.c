@@ -52,8 +52,25 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double 
     float *logits = malloc((size_t)B * (size_t)c->n_vocab * sizeof(float));
     int *seq = calloc((size_t)B, sizeof(int));
     int32_t *last = calloc((size_t)B, sizeof(int32_t));
-    if (!kv || !rows || !logits || !seq || !last) {
+    /* greedy draws inside the step: on a GPU only token ids come back, as
+     * in serving */
+    struct model_sample *smp = calloc((size_t)B, sizeof(*smp));
+    if (!kv || !rows || !logits || !seq || !last || !smp) {
         cli_error("bench: %s", kv ? "out of memory" : err);
+        goto done;
+    }
+    struct samp_params sp = samp_params_default();
+    sp.temperature = 0;
+    for (int64_t b = 0; b < B; b++) {
+        smp[b].row = b;
+        if (!(smp[b].s = samp_create(&sp, c->n_vocab, err, sizeof(err)))) {
+            cli_error("bench: %s", err);
+            goto done;
+        }
+    }
+    /* step buffers and decode graphs before the clock starts */
+    if (model_prepare(m, kv, B * P, (int)B, P + G, err, sizeof(err))) {
+        cli_error("bench: %s", err);
         goto done;
     }
     uint64_t rs = 0x9e3779b97f4a7c15ull;
@@ -69,13 +86,13 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double 
         }
     }
     double t0 = now_s();
-    if (model_forward(m, kv, rows, B * P, logits, err, sizeof(err))) {
+    if (model_forward_sample(m, kv, rows, B * P, logits, smp, B, err, sizeof(err))) {
         cli_error("bench: %s", err);
         goto done;
     }
     double t_prefill = now_s() - t0;
     for (int64_t b = 0; b < B; b++)
-        last[b] = (int32_t)cli_argmax(logits + b * c->n_vocab, c->n_vocab);
+        last[b] = smp[b].res.token;
     t0 = now_s();
     for (int64_t step = 0; step < G; step++) {
         for (int64_t b = 0; b < B; b++) {
@@ -84,12 +101,12 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double 
             rows[b].pos = P + step;
             rows[b].want_logits = 1;
         }
-        if (model_forward(m, kv, rows, B, logits, err, sizeof(err))) {
+        if (model_forward_sample(m, kv, rows, B, logits, smp, B, err, sizeof(err))) {
             cli_error("bench: %s", err);
             goto done;
         }
         for (int64_t b = 0; b < B; b++)
-            last[b] = (int32_t)cli_argmax(logits + b * c->n_vocab, c->n_vocab);
+            last[b] = smp[b].res.token;
     }
     double t_decode = now_s() - t0;
 
@@ -106,6 +123,9 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double 
     res->prefill_ceiling = peak > 0 ? peak / (2.0 * (double)st.matmul_params + attn) : 0;
     rc = 0;
 done:
+    for (int64_t b = 0; smp && b < B; b++)
+        samp_destroy(smp[b].s);
+    free(smp);
     free(rows);
     free(logits);
     free(seq);
@@ -126,13 +146,14 @@ static int bench_engine(int argc, char **argv)
         {"load-format", required_argument, 0, 'L'},
         {"device", required_argument, 0, 'D'},
         {"deterministic", no_argument, 0, 'T'},
+        {"enforce-eager", no_argument, 0, 'E'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *batches = "1,8", *json_path = NULL;
     int64_t P = 128, G = 32, threads = 0;
     int c, no_repack = 0, load_format = MODEL_LOAD_AUTO, device = MODEL_DEVICE_CPU;
-    int deterministic = 0;
+    int deterministic = 0, eager = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -155,6 +176,7 @@ static int bench_engine(int argc, char **argv)
                 return 2;
             break;
         case 'T': deterministic = 1; break;
+        case 'E': eager = 1; break;
         case 'h':
             puts("usage: inferd bench engine MODEL [options]\n"
                  "  --batch LIST   batch sizes, comma-separated (default 1,8)\n"
@@ -164,6 +186,7 @@ static int bench_engine(int argc, char **argv)
                  "  --no-repack    keep every weight in the file's layout\n"
                  "  --device D     cpu (default) or cuda (the first GPU; builds with CUDA)\n"
                  "  --deterministic  GPU: batch-invariant kernels (the CPU always is)\n"
+                 "  --enforce-eager  GPU: no CUDA graphs for decode steps\n"
                  "  --load-format dummy  MODEL is a config.json (or its directory): random\n"
                  "                 bf16 weights at that shape, no weight files needed\n"
                  "  --json FILE    also write the results as JSON");
@@ -191,7 +214,7 @@ static int bench_engine(int argc, char **argv)
     struct model *m;
     struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack,
                             .load_format = load_format, .device = device,
-                            .deterministic = deterministic};
+                            .deterministic = deterministic, .enforce_eager = eager};
     double t0 = now_s();
     if (model_load(path, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);

@@ -51,7 +51,8 @@ struct serve_args {
     struct http_limits lim;
     int64_t max_prompt_bytes;
     double ping_interval;
-    int device, deterministic;
+    int device, deterministic, enforce_eager;
+    double gpu_util;
 };
 
 struct serve {
@@ -208,6 +209,10 @@ static void usage(FILE *f)
           "                             (builds with the CUDA toolkit; not yet run on a GPU)\n"
           "  --deterministic            GPU: batch-invariant kernels, so a request's output\n"
           "                             does not depend on its batch (the CPU always is)\n"
+          "  --gpu-memory-utilization F GPU: fraction of its memory for weights, step\n"
+          "                             buffers and KV cache together (default 0.9)\n"
+          "  --enforce-eager            GPU: no CUDA graphs (each decode step's kernels\n"
+          "                             are launched one by one)\n"
           "engine:\n"
           "  --kv-cache-memory SIZE     KV cache budget (default: half the free memory, <= 4G)\n"
           "  --max-seqs N               sequences resident at once (default 64)\n"
@@ -278,7 +283,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 {
     enum { O_HOST = 256, O_PORT, O_NAME, O_KEY, O_KEYFILE, O_CERT, O_TLSKEY, O_TMPL, O_TRUST,
            O_THREADS, O_KV, O_SEQS, O_BATCH, O_QUEUE, O_MLEN, O_DRAIN, O_HDR, O_BODY, O_PROMPT,
-           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_HELP };
+           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_GPUMEM, O_EAGER, O_HELP };
     static const struct option opts[] = {
         {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT},
@@ -309,6 +314,8 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         {"log-level", required_argument, 0, O_LOG},
         {"device", required_argument, 0, O_DEV},
         {"deterministic", no_argument, 0, O_DET},
+        {"gpu-memory-utilization", required_argument, 0, O_GPUMEM},
+        {"enforce-eager", no_argument, 0, O_EAGER},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -378,6 +385,17 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
             break;
         case O_DEV: rc = cli_parse_device(optarg, &a->device); break;
         case O_DET: a->deterministic = 1; break;
+        case O_EAGER: a->enforce_eager = 1; break;
+        case O_GPUMEM: {
+            char *end = NULL;
+            a->gpu_util = strtod(optarg, &end);
+            if (!end || *end || end == optarg || !(a->gpu_util > 0 && a->gpu_util <= 1)) {
+                cli_error("--gpu-memory-utilization: expected a fraction in (0, 1], got '%s'",
+                          optarg);
+                rc = -1;
+            }
+            break;
+        }
         case O_PING: rc = parse_seconds("--sse-ping-interval", optarg, &a->ping_interval); break;
         case O_LOG: {
             int l = log_parse_level(optarg);
@@ -453,7 +471,8 @@ int cli_serve(int argc, char **argv)
     }
 
     struct model_opts mo = {.n_threads = (int)a.threads, .device = a.device,
-                            .deterministic = a.deterministic};
+                            .deterministic = a.deterministic,
+                            .enforce_eager = a.enforce_eager};
     if (model_load(path, &mo, &model, err, sizeof(err))) {
         cli_error("%s", err);
         goto done;
@@ -495,6 +514,7 @@ int cli_serve(int argc, char **argv)
     }
     struct engine_opts eo = {
         .kv_cache_bytes = a.kv_bytes,
+        .gpu_memory_utilization = a.gpu_util,
         .max_seqs = (int)a.max_seqs,
         .max_batched_tokens = a.max_batched,
         .max_queue = (int)a.max_queue,

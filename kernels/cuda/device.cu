@@ -119,3 +119,58 @@ extern "C" int kc_copy_2d_d2d(kc_stream s, void *dst, size_t dpitch, const void 
     return (int)cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
                                   cudaMemcpyDeviceToDevice, (cudaStream_t)s);
 }
+
+extern "C" int kc_copy_2d_h2d(kc_stream s, void *dst, size_t dpitch, const void *src,
+                              size_t spitch, size_t width, size_t height)
+{
+    return (int)cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
+                                  cudaMemcpyHostToDevice, (cudaStream_t)s);
+}
+
+extern "C" int kc_mem_info(size_t *free_bytes, size_t *total_bytes)
+{
+    return (int)cudaMemGetInfo(free_bytes, total_bytes);
+}
+
+extern "C" int kc_memset(kc_stream s, void *dst, int value, size_t bytes)
+{
+    return (int)cudaMemsetAsync(dst, value, bytes, (cudaStream_t)s);
+}
+
+// Thread-local capture: another thread's CUDA calls (none today, but the
+// NCCL ranks of a later design run one per thread) must not be pulled
+// into, or invalidate, this stream's capture.
+extern "C" int kc_capture_begin(kc_stream s)
+{
+    return (int)cudaStreamBeginCapture((cudaStream_t)s, cudaStreamCaptureModeThreadLocal);
+}
+
+extern "C" int kc_capture_end(kc_stream s, kc_graph *out)
+{
+    *out = nullptr;
+    cudaGraph_t g = nullptr;
+    cudaError_t e = cudaStreamEndCapture((cudaStream_t)s, &g);
+    if (e != cudaSuccess) {
+        if (g)
+            cudaGraphDestroy(g);
+        return (int)e;
+    }
+    cudaGraphExec_t x = nullptr;
+    e = cudaGraphInstantiate(&x, g, 0);
+    cudaGraphDestroy(g); // the executable graph keeps what it needs
+    if (e != cudaSuccess)
+        return (int)e;
+    *out = (kc_graph)x;
+    return 0;
+}
+
+extern "C" int kc_graph_launch(kc_graph g, kc_stream s)
+{
+    return (int)cudaGraphLaunch((cudaGraphExec_t)g, (cudaStream_t)s);
+}
+
+extern "C" void kc_graph_destroy(kc_graph g)
+{
+    if (g)
+        cudaGraphExecDestroy((cudaGraphExec_t)g);
+}

@@ -226,6 +226,22 @@ int kc_copy_d2h(kc_stream s, void *dst, const void *src, size_t bytes);
  * dpitch bytes apart, device to device. */
 int kc_copy_2d_d2d(kc_stream s, void *dst, size_t dpitch, const void *src, size_t spitch,
                    size_t width, size_t height);
+int kc_copy_2d_h2d(kc_stream s, void *dst, size_t dpitch, const void *src, size_t spitch,
+                   size_t width, size_t height);
+int kc_memset(kc_stream s, void *dst, int value, size_t bytes);
+/* Free and total memory of the current device, in bytes. */
+int kc_mem_info(size_t *free_bytes, size_t *total_bytes);
+
+/* CUDA graphs: kc_capture_begin starts recording the work enqueued on s
+ * (nothing runs), kc_capture_end stops and instantiates it; kc_graph_launch
+ * replays it on s with the same pointers and sizes, and one CPU call
+ * instead of one per kernel. Only work that allocates nothing and does not
+ * synchronize can be captured (every launcher above qualifies). */
+typedef struct CUgraphExec_st *kc_graph;
+int kc_capture_begin(kc_stream s);
+int kc_capture_end(kc_stream s, kc_graph *out);
+int kc_graph_launch(kc_graph g, kc_stream s);
+void kc_graph_destroy(kc_graph g);
 
 #ifdef __cplusplus
 }

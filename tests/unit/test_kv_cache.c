@@ -13,7 +13,7 @@
 static int failures;
 #define CHECK(cond) do { if (!(cond)) { fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); failures++; } } while (0)
 
-static const struct kv_geom small_geom = {1, 1, 2};
+static const struct kv_geom small_geom = {1, 1, 2, 0};
 
 static struct kv_cache *make_kv(int64_t n_blocks, int max_seqs)
 {
@@ -518,7 +518,7 @@ int main(void)
 {
     test_partial_reuse();
     char err[256];
-    struct kv_geom g = {3, 2, 8};
+    struct kv_geom g = {3, 2, 8, 0};
     CHECK(kv_bytes_per_token(&g) == 2 * 3 * 2 * 8 * 4);
     CHECK(kv_create(&g, 0, 1, err, sizeof(err)) == NULL && strstr(err, "invalid size"));
     struct kv_cache *kv = kv_create(&g, 10, 4, err, sizeof(err));
