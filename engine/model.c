@@ -848,6 +848,18 @@ int model_on_device(const struct model *m)
     return m->cuda != NULL;
 }
 
+int model_device_ceilings(struct model *m, double *bytes_per_s, double *flops, char *desc,
+                          size_t desc_len)
+{
+#ifdef INFERD_CUDA
+    if (m->cuda)
+        return mcu_ceilings(bytes_per_s, flops, desc, desc_len);
+#endif
+    (void)m, (void)desc, (void)desc_len;
+    *bytes_per_s = *flops = 0;
+    return -1;
+}
+
 int model_device_memory(const struct model *m, int64_t *free_bytes, int64_t *total_bytes)
 {
 #ifdef INFERD_CUDA

@@ -169,6 +169,11 @@ int model_forward_sample(struct model *m, struct kv_cache *kv, const struct mode
 /* Whether the forward pass runs on a GPU (the KV cache then lives there:
  * model_kv_geom says external). */
 int model_on_device(const struct model *m);
+/* The GPU's ceilings, measured now (a second or so): streaming read
+ * bandwidth in bytes/s and the bf16 tensor-core rate in FLOP/s, and a
+ * one-line description of the device. -1 on the CPU. */
+int model_device_ceilings(struct model *m, double *bytes_per_s, double *flops, char *desc,
+                          size_t desc_len);
 /* The device's free and total memory in bytes; -1 on the CPU. */
 int model_device_memory(const struct model *m, int64_t *free_bytes, int64_t *total_bytes);
 /* Device memory model_prepare takes beyond the KV cache for steps of up

@@ -451,6 +451,19 @@ int mcu_memory(int64_t *free_bytes, int64_t *total_bytes)
     return 0;
 }
 
+int mcu_ceilings(double *bytes_per_s, double *flops, char *desc, size_t desc_len)
+{
+    /* 4 GiB streamed: far beyond any cache; an 8192^3 GEMM: large enough
+     * for the tensor cores' sustained rate */
+    double gbs = kc_measure_bandwidth_gbs((size_t)4 << 30);
+    double tf = kc_measure_bf16_tflops(8192, 8192, 8192);
+    *bytes_per_s = gbs > 0 ? gbs * 1e9 : 0;
+    *flops = tf > 0 ? tf * 1e12 : 0;
+    if (kc_device_describe(0, desc, desc_len) != 0)
+        snprintf(desc, desc_len, "CUDA device 0");
+    return gbs > 0 && tf > 0 ? 0 : -1;
+}
+
 static size_t align16(size_t x)
 {
     return (x + 15) & ~(size_t)15;

@@ -70,6 +70,7 @@ int mcu_forward_sample(struct model *m, struct kv_cache *kv, const struct model_
                        int64_t n, float *logits, struct model_sample *samples, int64_t n_samples,
                        char *err, size_t errlen);
 int mcu_memory(int64_t *free_bytes, int64_t *total_bytes);
+int mcu_ceilings(double *bytes_per_s, double *flops, char *desc, size_t desc_len);
 int64_t mcu_step_bytes(const struct model *m, int64_t max_rows, int max_seqs);
 int mcu_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_seqs,
                 int64_t max_len, char *err, size_t errlen);

@@ -24,7 +24,7 @@ static double now_s(void)
 
 struct bench_result {
     int64_t batch;
-    double prefill_tps, decode_tps;
+    double prefill_tps, decode_tps, step_ms;
     double prefill_ceiling, decode_roofline;
 };
 
@@ -37,8 +37,8 @@ static uint64_t rng_next(uint64_t *s)
     return *s;
 }
 
-static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double bw,
-                       double peak, struct bench_result *res)
+static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, int64_t chunk,
+                       double bw, double peak, struct bench_result *res)
 {
     const struct model_config *c = model_get_config(m);
     struct model_stats st;
@@ -69,7 +69,7 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double 
         }
     }
     /* step buffers and decode graphs before the clock starts */
-    if (model_prepare(m, kv, B * P, (int)B, P + G, err, sizeof(err))) {
+    if (model_prepare(m, kv, B * P < chunk ? B * P : chunk, (int)B, P + G, err, sizeof(err))) {
         cli_error("bench: %s", err);
         goto done;
     }
@@ -85,12 +85,25 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double 
             r->want_logits = p == P - 1;
         }
     }
+    /* Prefill whole prompts, as many per step as fit in chunk rows (at
+     * least one): what a server's chunked prefill runs. */
     double t0 = now_s();
-    if (model_forward_sample(m, kv, rows, B * P, logits, smp, B, err, sizeof(err))) {
-        cli_error("bench: %s", err);
-        goto done;
+    for (int64_t b0 = 0; b0 < B;) {
+        int64_t nseq = chunk / P < 1 ? 1 : chunk / P;
+        if (nseq > B - b0)
+            nseq = B - b0;
+        for (int64_t i = 0; i < nseq; i++)
+            smp[b0 + i].row = i;
+        if (model_forward_sample(m, kv, rows + b0 * P, nseq * P, logits, smp + b0, nseq, err,
+                                 sizeof(err))) {
+            cli_error("bench: %s", err);
+            goto done;
+        }
+        b0 += nseq;
     }
     double t_prefill = now_s() - t0;
+    for (int64_t b = 0; b < B; b++)
+        smp[b].row = b;
     for (int64_t b = 0; b < B; b++)
         last[b] = smp[b].res.token;
     t0 = now_s();
@@ -113,6 +126,7 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, double 
     res->batch = B;
     res->prefill_tps = (double)(B * P) / t_prefill;
     res->decode_tps = (double)(B * G) / t_decode;
+    res->step_ms = 1e3 * t_decode / (double)G;
     /* Decode roofline: each step streams the matmul weights once plus the
      * batch's keys and values at the mean context length. */
     double kv_read = (double)B * ((double)P + (double)G / 2) * (double)kv_bytes_per_token(&g);
@@ -147,11 +161,12 @@ static int bench_engine(int argc, char **argv)
         {"device", required_argument, 0, 'D'},
         {"deterministic", no_argument, 0, 'T'},
         {"enforce-eager", no_argument, 0, 'E'},
+        {"prefill-chunk", required_argument, 0, 'C'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *batches = "1,8", *json_path = NULL;
-    int64_t P = 128, G = 32, threads = 0;
+    int64_t P = 128, G = 32, threads = 0, chunk = 8192;
     int c, no_repack = 0, load_format = MODEL_LOAD_AUTO, device = MODEL_DEVICE_CPU;
     int deterministic = 0, eager = 0;
     optind = 1;
@@ -177,11 +192,14 @@ static int bench_engine(int argc, char **argv)
             break;
         case 'T': deterministic = 1; break;
         case 'E': eager = 1; break;
+        case 'C': if (cli_parse_int("--prefill-chunk", optarg, 1, 1 << 20, &chunk)) return 2; break;
         case 'h':
             puts("usage: inferd bench engine MODEL [options]\n"
                  "  --batch LIST   batch sizes, comma-separated (default 1,8)\n"
                  "  --prompt N     prompt tokens per sequence (default 128)\n"
                  "  --gen N        decode steps (default 32)\n"
+                 "  --prefill-chunk N  most prompt tokens per prefill step (default 8192;\n"
+                 "                 a prompt longer than that still runs whole)\n"
                  "  --threads N    CPU threads (default: all)\n"
                  "  --no-repack    keep every weight in the file's layout\n"
                  "  --device D     cpu (default) or cuda (the first GPU; builds with CUDA)\n"
@@ -233,37 +251,53 @@ static int bench_engine(int argc, char **argv)
         return 2;
     }
     struct k_pool *pool = model_pool(m);
-    double bw = k_probe_bandwidth(pool, (size_t)1 << 30);
-    double f32 = k_probe_f32_flops(pool);
-    double i8 = k_probe_int8_ops(pool);
-    int quant = 0;
-    for (int t = K_Q8_0; t < K_DTYPE_COUNT; t++)
-        quant |= st.params_by_dtype[t] > 0;
-    double peak = quant && i8 > 0 ? i8 : f32;
-
+    double bw, f32 = 0, i8 = 0, bf16 = 0, peak;
+    int quant = 0, gpu = model_on_device(m);
+    const char *peak_name = "f32 FMA";
     printf("model       %s (%s, %.3f B params, matmul weights %.1f MiB)\n", path, cf->arch_name,
            (double)st.n_params / 1e9, (double)st.matmul_bytes / 1048576.0);
-    printf("machine     %d threads, %s; read bandwidth %.1f GB/s; f32 FMA peak %.0f GFLOP/s;"
-           " int8 dot peak %.0f GOP/s\n", k_pool_size(pool), k_isa_name(k_isa_detect()),
-           bw / 1e9, f32 / 1e9, i8 / 1e9);
+    if (gpu) {
+        /* the GPU's own ceilings, measured here: HBM read bandwidth and
+         * the bf16 tensor-core rate (every GPU weight is bf16) */
+        char desc[256];
+        if (model_device_ceilings(m, &bw, &bf16, desc, sizeof(desc)))
+            cli_error("bench: the GPU's ceilings could not be measured; ratios are 0");
+        peak = bf16;
+        peak_name = "bf16 tensor-core";
+        printf("machine     %s; read bandwidth %.1f GB/s; bf16 GEMM %.1f TFLOP/s\n", desc,
+               bw / 1e9, bf16 / 1e12);
+    } else {
+        bw = k_probe_bandwidth(pool, (size_t)1 << 30);
+        f32 = k_probe_f32_flops(pool);
+        i8 = k_probe_int8_ops(pool);
+        for (int t = K_Q8_0; t < K_DTYPE_COUNT; t++)
+            quant |= st.params_by_dtype[t] > 0;
+        peak = quant && i8 > 0 ? i8 : f32;
+        if (quant && i8 > 0)
+            peak_name = "int8";
+        printf("machine     %d threads, %s; read bandwidth %.1f GB/s; f32 FMA peak %.0f GFLOP/s;"
+               " int8 dot peak %.0f GOP/s\n", k_pool_size(pool), k_isa_name(k_isa_detect()),
+               bw / 1e9, f32 / 1e9, i8 / 1e9);
+    }
     printf("load        %.3f s (repacked %lld matrices, %.1f MiB, in %.3f s)\n", t_load,
            (long long)st.repacked_tensors, (double)st.repacked_bytes / 1048576.0,
            st.repack_seconds);
     printf("prompt %lld tokens, %lld decode steps; ceilings: decode = bandwidth roofline,"
-           " prefill = %s peak\n\n", (long long)P, (long long)G, quant && i8 > 0 ? "int8" : "f32 FMA");
-    printf("%6s %14s %14s %8s %14s %14s %8s\n", "batch", "prefill tok/s", "ceiling", "ratio",
-           "decode tok/s", "roofline", "ratio");
+           " prefill = %s peak\n\n", (long long)P, (long long)G, peak_name);
+    printf("%6s %14s %14s %8s %14s %14s %8s %10s\n", "batch", "prefill tok/s", "ceiling",
+           "ratio", "decode tok/s", "roofline", "ratio", "step ms");
     struct bench_result *res = calloc((size_t)nb, sizeof(*res));
     int rc = res ? 0 : 1;
     for (int64_t i = 0; i < nb && rc == 0; i++) {
-        if (bench_batch(m, bs[i], P, G, bw, peak, &res[i])) {
+        if (bench_batch(m, bs[i], P, G, chunk, bw, peak, &res[i])) {
             rc = 1;
             break;
         }
         struct bench_result *r = &res[i];
-        printf("%6lld %14.1f %14.1f %8.2f %14.1f %14.1f %8.2f\n", (long long)r->batch,
+        printf("%6lld %14.1f %14.1f %8.2f %14.1f %14.1f %8.2f %10.3f\n", (long long)r->batch,
                r->prefill_tps, r->prefill_ceiling, r->prefill_ceiling > 0 ? r->prefill_tps / r->prefill_ceiling : 0,
-               r->decode_tps, r->decode_roofline, r->decode_roofline > 0 ? r->decode_tps / r->decode_roofline : 0);
+               r->decode_tps, r->decode_roofline, r->decode_roofline > 0 ? r->decode_tps / r->decode_roofline : 0,
+               r->step_ms);
         fflush(stdout);
     }
     if (rc == 0 && json_path) {
@@ -281,14 +315,17 @@ static int bench_engine(int argc, char **argv)
                 else
                     fputc(*q, f);
             }
-            fprintf(f, "\",\"threads\":%d,\"bandwidth_Bps\":%.0f,\"f32_flops\":%.0f,"
-                       "\"int8_ops\":%.0f,\"prompt\":%lld,\"gen\":%lld,\"results\":[",
-                    k_pool_size(pool), bw, f32, i8, (long long)P, (long long)G);
+            fprintf(f, "\",\"device\":\"%s\",\"threads\":%d,\"bandwidth_Bps\":%.0f,"
+                       "\"f32_flops\":%.0f,\"int8_ops\":%.0f,\"bf16_flops\":%.0f,"
+                       "\"load_s\":%.3f,\"prompt\":%lld,\"gen\":%lld,\"results\":[",
+                    gpu ? "cuda" : "cpu", k_pool_size(pool), bw, f32, i8, bf16, t_load,
+                    (long long)P, (long long)G);
             for (int64_t i = 0; i < nb; i++)
                 fprintf(f, "%s{\"batch\":%lld,\"prefill_tps\":%.2f,\"prefill_ceiling\":%.2f,"
-                           "\"decode_tps\":%.2f,\"decode_roofline\":%.2f}", i ? "," : "",
-                        (long long)res[i].batch, res[i].prefill_tps, res[i].prefill_ceiling,
-                        res[i].decode_tps, res[i].decode_roofline);
+                           "\"decode_tps\":%.2f,\"decode_roofline\":%.2f,\"step_ms\":%.4f}",
+                        i ? "," : "", (long long)res[i].batch, res[i].prefill_tps,
+                        res[i].prefill_ceiling, res[i].decode_tps, res[i].decode_roofline,
+                        res[i].step_ms);
             fprintf(f, "]}\n");
             fclose(f);
         }
