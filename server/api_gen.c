@@ -691,17 +691,31 @@ static void gen_pump(struct gen *g)
 
 void api_gen_pump_ready(struct api *a)
 {
+    /* One gen at a time, each taken off the list under the lock: the
+     * engine thread may notify a gen again (relinking it at the head)
+     * while an earlier one is pumped, so a private walk of the list as it
+     * stood would follow links rewritten under it and lose the gens after
+     * (their last events then never pumped: a request hung). A gen freed
+     * meanwhile has left the list under the same lock (gen_free). At most
+     * as many pumps as the list held on entry, so a busy engine cannot
+     * keep the loop from writing to the sockets: a gen notified after
+     * that has its own wake pending. */
     pthread_mutex_lock(&a->ready_mu);
-    struct gen *list = a->ready_head;
-    a->ready_head = NULL;
-    for (struct gen *g = list; g; g = g->ready_next)
-        g->in_ready = 0;
+    int budget = 0;
+    for (struct gen *g = a->ready_head; g; g = g->ready_next)
+        budget++;
     pthread_mutex_unlock(&a->ready_mu);
-    /* A gen freed while pumping an earlier one is not in this list:
-     * nothing here frees another gen. Take next first: pumping may free g. */
-    while (list) {
-        struct gen *g = list;
-        list = g->ready_next;
+    while (budget-- > 0) {
+        pthread_mutex_lock(&a->ready_mu);
+        struct gen *g = a->ready_head;
+        if (g) {
+            a->ready_head = g->ready_next;
+            g->ready_next = NULL;
+            g->in_ready = 0;
+        }
+        pthread_mutex_unlock(&a->ready_mu);
+        if (!g)
+            return;
         gen_pump(g);
     }
 }
