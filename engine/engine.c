@@ -207,6 +207,18 @@ static void req_unref(struct engine_req *r)
     free(r);
 }
 
+void engine_req_hold(struct engine_req *r)
+{
+    pthread_mutex_lock(&r->mu);
+    r->refs++;
+    pthread_mutex_unlock(&r->mu);
+}
+
+void engine_req_unhold(struct engine_req *r)
+{
+    req_unref(r);
+}
+
 void engine_post(struct engine *e, struct engine_req *r, const struct engine_event *ev)
 {
     pthread_mutex_lock(&r->mu);
@@ -726,7 +738,7 @@ static void *engine_main(void *arg)
     for (;;) {
         pthread_mutex_lock(&e->mu);
         while (!e->stop && !e->inbox_head && !e->cancel_pending && e->n_running == 0 &&
-               e->n_waiting == 0)
+               e->n_waiting == 0 && e->n_fl == 0)
             pthread_cond_wait(&e->cv, &e->mu);
         if (e->stop) {
             pthread_mutex_unlock(&e->mu);
@@ -784,8 +796,16 @@ struct engine *engine_create(struct model *m, const struct engine_opts *opts,
     e->logits_copy = malloc((size_t)e->cfg->n_vocab * sizeof(float));
     e->samples = calloc((size_t)e->lim.max_seqs, sizeof(*e->samples));
     e->samp_of = calloc((size_t)e->lim.max_seqs, sizeof(*e->samp_of));
+    for (int b = 0; b < 2; b++)
+        e->ahead_samples[b] = calloc((size_t)e->lim.max_seqs, sizeof(*e->ahead_samples[b]));
+    e->fl = calloc((size_t)e->lim.max_seqs, sizeof(*e->fl));
+    e->fl_next = calloc((size_t)e->lim.max_seqs, sizeof(*e->fl_next));
+    e->fl_rows = calloc((size_t)e->lim.max_seqs, sizeof(*e->fl_rows));
+    /* on by default where a launch returns before the step has run */
+    e->async = opts->async_scheduling > 0 || (opts->async_scheduling == 0 && model_async(m));
     if (!e->running || !e->sched || !e->order || !e->rows || !e->logits_copy || !e->samples ||
-        !e->samp_of) {
+        !e->samp_of || !e->ahead_samples[0] || !e->ahead_samples[1] || !e->fl || !e->fl_next ||
+        !e->fl_rows) {
         snprintf(err, errlen, "out of memory for the scheduler");
         goto fail;
     }
@@ -820,8 +840,11 @@ void engine_destroy(struct engine *e)
         pthread_mutex_unlock(&e->mu);
         pthread_join(e->thread, NULL);
     }
-    /* The thread is gone: this thread is the engine thread now. Requests
+    /* The thread is gone: this thread is the engine thread now. A step
+     * still in flight is collected first (its requests are held). Requests
      * still in the inbox join the live list so they end like the rest. */
+    if (e->kv)
+        sched_drain(e);
     pthread_mutex_lock(&e->mu);
     struct engine_req *inbox = e->inbox_head;
     e->inbox_head = e->inbox_tail = NULL;
@@ -852,6 +875,11 @@ void engine_destroy(struct engine *e)
     free(e->logits_copy);
     free(e->samples);
     free(e->samp_of);
+    free(e->ahead_samples[0]);
+    free(e->ahead_samples[1]);
+    free(e->fl);
+    free(e->fl_next);
+    free(e->fl_rows);
     pthread_cond_destroy(&e->cv);
     pthread_mutex_destroy(&e->mu);
     free(e);

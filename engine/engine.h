@@ -55,6 +55,14 @@ struct engine_opts {
      * may fill, weights, step buffers and KV cache together (vLLM's
      * --gpu-memory-utilization); 0: 0.9. */
     double gpu_memory_utilization;
+    /* Async scheduling: while the device runs a decode step, the next one
+     * is launched with the tokens still on the device, and only then are
+     * the first one's tokens taken (a request that stops there wastes one
+     * row). 0: on when the model runs on a GPU (model_async), 1: on (the
+     * CPU too, which gains nothing but runs the same bookkeeping: tests),
+     * -1: off. Steps with prefill rows, penalties, forks or waiting
+     * requests always run one at a time. */
+    int async_scheduling;
     /* Called on the engine thread at most once per step, after that step's
      * events are posted, when there were any (an event loop's wakeup). */
     void (*wake)(void *arg);
@@ -192,6 +200,8 @@ struct engine_stats {
     int64_t requests_finished, requests_cancelled, requests_failed;
     int64_t preemptions;
     int64_t steps;
+    int64_t steps_ahead;            /* launched before the last step's tokens
+                                     * reached the host (async scheduling) */
     int64_t prompt_tokens_computed; /* prefill rows run (recompute included) */
     int64_t generation_tokens;      /* tokens sampled */
     int64_t prefix_query_tokens, prefix_hit_tokens; /* prefix cache */

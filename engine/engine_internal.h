@@ -109,6 +109,15 @@ struct engine {
     float *logits_copy;       /* (n_vocab) one row for a forked sample */
     struct model_sample *samples; /* (max_seqs) this step's draws */
     int *samp_of;             /* (max_seqs) per scheduled sample: its draw, or -1 */
+    /* Async scheduling (scheduler.c): a decode step launched and not yet
+     * collected, its samples (fl[i] drew fl_samples[i]) and the requests
+     * held for it. */
+    int async;
+    struct model_sample *ahead_samples[2]; /* (max_seqs) each */
+    struct seq **fl, **fl_next;            /* (max_seqs) each */
+    struct model_sample *fl_samples;
+    int n_fl, fl_buf;
+    struct model_row *fl_rows;             /* (max_seqs) the next launch's rows */
     int64_t admit_counter;
     uint64_t stamp;
     struct engine_req *touched;
@@ -126,6 +135,10 @@ void engine_finish_seq(struct engine *e, struct seq *s, enum engine_finish reaso
 void engine_end_request(struct engine *e, struct engine_req *r, enum engine_finish reason,
                         const char *message);
 void engine_hist_observe(struct engine_hist *h, double v);
+/* Keeps r's memory alive while a launched step refers to its samples
+ * (engine thread), and lets it go. */
+void engine_req_hold(struct engine_req *r);
+void engine_req_unhold(struct engine_req *r);
 
 /* scheduler.c: removes s from the running or waiting list. */
 void sched_unlink(struct engine *e, struct seq *s);
@@ -135,5 +148,7 @@ int sched_wait(struct engine *e, struct seq *s);
 /* scheduler.c: plans and runs one model step; returns the rows run (0 when
  * nothing could run). */
 int64_t sched_step(struct engine *e);
+/* scheduler.c: collects a step still in flight (engine_destroy). */
+void sched_drain(struct engine *e);
 
 #endif

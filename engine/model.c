@@ -423,6 +423,8 @@ void model_destroy(struct model *m)
     gguf_close(m->gguf);
     st_close(m->st);
     dummy_close(m->dummy);
+    free(m->prev_tok);
+    free(m->rows_tmp);
     free(m);
 }
 
@@ -714,7 +716,7 @@ static void st_mlp_residual(struct rows_job *j, int64_t r0, int64_t r1)
 /* Validates a batch before anything is written. next: (kv_max_seqs)
  * scratch for each sequence's next expected position. */
 int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
-                      int64_t n, int64_t *next, char *err, size_t errlen)
+                      int64_t n, int64_t n_prev, int64_t *next, char *err, size_t errlen)
 {
     for (int64_t r = 0; r < n; r++) {
         int s = rows[r].seq;
@@ -727,7 +729,9 @@ int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_r
             snprintf(err, errlen, "row %lld: sequence %d is not open", (long long)r, row->seq);
             return -1;
         }
-        if (row->token < 0 || row->token >= m->cfg.n_vocab) {
+        if (row->token < 0 && -1 - (int64_t)row->token < n_prev)
+            ; /* MODEL_TOKEN_PREV(k): the last launch's k-th sample */
+        else if (row->token < 0 || row->token >= m->cfg.n_vocab) {
             snprintf(err, errlen, "row %lld: token id %d is outside the vocabulary (0..%lld)",
                      (long long)r, row->token, (long long)m->cfg.n_vocab - 1);
             return -1;
@@ -766,10 +770,10 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
 #ifdef INFERD_CUDA
     if (m->cuda) {
         free(next);
-        return mcu_forward_sample(m, kv, rows, n, logits, NULL, 0, err, errlen);
+        return model_forward_sample(m, kv, rows, n, logits, NULL, 0, err, errlen);
     }
 #endif
-    if (model_check_batch(m, kv, rows, n, next, err, errlen)) {
+    if (model_check_batch(m, kv, rows, n, 0, next, err, errlen)) {
         free(next);
         return -1;
     }
@@ -827,20 +831,100 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
     return 0;
 }
 
+int model_launch(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
+                 float *logits, struct model_sample *samples, int64_t n_samples, char *err,
+                 size_t errlen)
+{
+    if (m->uncollected >= 2) {
+        snprintf(err, errlen, "two steps are already launched and not collected");
+        return -1;
+    }
+#ifdef INFERD_CUDA
+    if (m->cuda) {
+        if (mcu_launch(m, kv, rows, n, logits, samples, n_samples, err, errlen))
+            return -1;
+        m->uncollected++;
+        return 0;
+    }
+#endif
+    /* The CPU runs the step now; placeholders take the last launch's
+     * tokens, which it already has. */
+    const struct model_row *run = rows;
+    for (int64_t r = 0; r < n; r++) {
+        if (rows[r].token >= 0)
+            continue;
+        if (run == rows) {
+            if (n > m->cap_rows_tmp) {
+                struct model_row *t = realloc(m->rows_tmp, (size_t)n * sizeof(*t));
+                if (!t) {
+                    snprintf(err, errlen, "out of memory");
+                    return -1;
+                }
+                m->rows_tmp = t;
+                m->cap_rows_tmp = n;
+            }
+            memcpy(m->rows_tmp, rows, (size_t)n * sizeof(*rows));
+            run = m->rows_tmp;
+        }
+        int64_t k = -1 - (int64_t)rows[r].token;
+        if (k >= m->n_prev) {
+            snprintf(err, errlen, "row %lld: token placeholder %lld names no sample of the last "
+                     "step (%lld)", (long long)r, (long long)k, (long long)m->n_prev);
+            return -1;
+        }
+        m->rows_tmp[r].token = m->prev_tok[k];
+    }
+    if (model_forward(m, kv, run, n, logits, err, errlen))
+        return -1;
+    size_t V = (size_t)m->cfg.n_vocab;
+    if (n_samples > m->cap_prev) {
+        int32_t *t = realloc(m->prev_tok, (size_t)n_samples * sizeof(*t));
+        if (!t) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        m->prev_tok = t;
+        m->cap_prev = n_samples;
+    }
+    for (int64_t i = 0; i < n_samples; i++) {
+        samp_sample(samples[i].s, logits + (size_t)samples[i].row * V, &samples[i].res);
+        m->prev_tok[i] = samples[i].res.token;
+    }
+    m->n_prev = n_samples;
+    m->uncollected++;
+    return 0;
+}
+
+int model_collect(struct model *m, char *err, size_t errlen)
+{
+    if (m->uncollected <= 0) {
+        snprintf(err, errlen, "no step launched to collect");
+        return -1;
+    }
+    m->uncollected--;
+#ifdef INFERD_CUDA
+    if (m->cuda)
+        return mcu_collect(m, err, errlen);
+#endif
+    return 0;
+}
+
+int model_async(const struct model *m)
+{
+    return m->cuda != NULL;
+}
+
 int model_forward_sample(struct model *m, struct kv_cache *kv, const struct model_row *rows,
                          int64_t n, float *logits, struct model_sample *samples,
                          int64_t n_samples, char *err, size_t errlen)
 {
-#ifdef INFERD_CUDA
-    if (m->cuda)
-        return mcu_forward_sample(m, kv, rows, n, logits, samples, n_samples, err, errlen);
-#endif
-    if (model_forward(m, kv, rows, n, logits, err, errlen))
+    if (m->uncollected > 0) {
+        snprintf(err, errlen, "a launched step is not collected");
         return -1;
-    size_t V = (size_t)m->cfg.n_vocab;
-    for (int64_t i = 0; i < n_samples; i++)
-        samp_sample(samples[i].s, logits + (size_t)samples[i].row * V, &samples[i].res);
-    return 0;
+    }
+    if (model_launch(m, kv, rows, n, logits, samples, n_samples, err, errlen))
+        return -1;
+    return model_collect(m, err, errlen);
 }
 
 int model_on_device(const struct model *m)

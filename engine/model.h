@@ -154,8 +154,15 @@ struct model_sample {
     int64_t row;            /* index among the batch's want_logits rows */
     struct sampler *s;      /* read (its RNG may advance); samp_accept
                              * stays the caller's job */
+    int32_t ahead;          /* tokens s drew that it has not accepted yet
+                             * (a step launched before the last collect):
+                             * a counter-based RNG skips that many draws */
     struct samp_result res; /* out: the token and its logprobs */
 };
+
+/* A row's token may name a token not yet known on the host: the k-th
+ * sampled token of the step launched just before (model_launch). */
+#define MODEL_TOKEN_PREV(k) (-1 - (int32_t)(k))
 
 /* model_forward, then one draw per entry of samples (distinct rows). On a
  * GPU the logits of those rows never leave it: sampling runs there and
@@ -165,6 +172,23 @@ struct model_sample {
 int model_forward_sample(struct model *m, struct kv_cache *kv, const struct model_row *rows,
                          int64_t n, float *logits, struct model_sample *samples,
                          int64_t n_samples, char *err, size_t errlen);
+
+/* model_forward_sample in two halves, so the host can prepare the next
+ * step while the device runs this one. model_launch validates the batch,
+ * advances the sequences' lengths and enqueues the step; on a GPU it
+ * returns before the step has run (model_async), on the CPU after.
+ * model_collect waits for the oldest launched step not yet collected and
+ * writes its samples' res and its logits (the arrays given at launch,
+ * which must stay valid until then). At most two launched steps may be
+ * uncollected. Rows of a launch may carry MODEL_TOKEN_PREV tokens naming
+ * the samples of the launch just before it, collected or not; the device
+ * substitutes them, so the host never waits for them. */
+int model_launch(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
+                 float *logits, struct model_sample *samples, int64_t n_samples, char *err,
+                 size_t errlen);
+int model_collect(struct model *m, char *err, size_t errlen);
+/* Whether model_launch returns before its step has run (a GPU). */
+int model_async(const struct model *m);
 
 /* Whether the forward pass runs on a GPU (the KV cache then lives there:
  * model_kv_geom says external). */

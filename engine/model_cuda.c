@@ -59,6 +59,7 @@ struct model_cuda {
     int deterministic, eager;
     void *decode_ws; /* split decode's partials (not deterministic) */
     kc_stream stream;
+    kc_event done_ev[2]; /* per launch parity: its outputs are on the host */
     struct kc_gemm *gemm;
     struct cu_layer *L;
     kc_bf16 *embd;     /* (n_vocab, E) */
@@ -83,13 +84,25 @@ struct model_cuda {
     void *samp_ws;
     /* inputs: in (layout at capacity), block tables (cap_seqs, cap_blocks)
      * and the sampling lists, each pinned on the host and on the device */
-    void *in_host, *in_dev;
+    void *in_host[2], *in_dev; /* host buffers: one per launch parity, so the
+                                * next step is built while this one's copy
+                                * may still be pending */
     size_t in_cap;
-    int32_t *bt_host, *bt_dev;
-    void *ls_host, *ls_dev;
+    int32_t *bt_host[2], *bt_dev;
+    void *ls_host[2], *ls_dev;
     int64_t ls_cap; /* entries per list kind */
     /* outputs: token, logprob, top tokens, top logprobs per sampled row */
-    void *out_host, *out_dev;
+    void *out_host[2], *out_dev;
+    /* launched steps not yet collected (model_launch), oldest first */
+    struct {
+        int par;
+        struct model_sample *samples;
+        int64_t n_samples;
+        kc_event done;
+    } fifo[2];
+    int q_head, q_len;
+    int par;              /* the host buffers the next launch fills */
+    int64_t prev_samples; /* samples of the last launch (MODEL_TOKEN_PREV) */
     struct cu_graph *graphs;
     int n_graphs;
     double load_s;
@@ -273,6 +286,8 @@ int mcu_create(struct model *m, int deterministic, int enforce_eager, struct mod
     }
     CK(kc_set_device(0));
     CK(kc_stream_create(&c->stream));
+    for (int b = 0; b < 2; b++)
+        CK(kc_event_create(&c->done_ev[b]));
     for (int b = 0; b < 2; b++) {
         CK(kc_malloc_host(&c->stage[b], STAGE_BYTES));
         CK(kc_event_create(&c->stage_ev[b]));
@@ -375,16 +390,20 @@ static void free_step(struct model_cuda *c)
     kc_free(c->samp_ws);
     kc_free(c->decode_ws);
     c->samp_ws = c->decode_ws = NULL;
-    kc_free_host(c->in_host);
+    for (int b = 0; b < 2; b++) {
+        kc_free_host(c->in_host[b]);
+        kc_free_host(c->bt_host[b]);
+        kc_free_host(c->ls_host[b]);
+        kc_free_host(c->out_host[b]);
+        c->in_host[b] = c->ls_host[b] = c->out_host[b] = NULL;
+        c->bt_host[b] = NULL;
+    }
     kc_free(c->in_dev);
-    kc_free_host(c->bt_host);
     kc_free(c->bt_dev);
-    kc_free_host(c->ls_host);
     kc_free(c->ls_dev);
-    kc_free_host(c->out_host);
     kc_free(c->out_dev);
-    c->in_host = c->in_dev = c->ls_host = c->ls_dev = c->out_host = c->out_dev = NULL;
-    c->bt_host = c->bt_dev = NULL;
+    c->in_dev = c->ls_dev = c->out_dev = NULL;
+    c->bt_dev = NULL;
     c->in_cap = 0;
     c->ls_cap = 0;
     for (int i = 0; i < c->n_graphs; i++)
@@ -433,6 +452,7 @@ void mcu_destroy(struct model_cuda *c)
     for (int b = 0; b < 2; b++) {
         kc_free_host(c->stage[b]);
         kc_event_destroy(c->stage_ev[b]);
+        kc_event_destroy(c->done_ev[b]);
     }
     kc_stream_destroy(c->stream);
     free(c->L);
@@ -585,6 +605,9 @@ static int enqueue_body(struct model *m, struct model_cuda *c, const struct step
     float eps = (float)cf->rms_eps, scale = (float)(1.0 / sqrt((double)hd));
     int window = (int)cf->sliding_window;
 
+    /* ids the host did not know yet: the last step's samples, still here */
+    KL(kc_resolve_tokens(s, (int32_t *)d_ids, n, (const int32_t *)c->out_dev,
+                         (int)c->cap_seqs));
     KL(kc_embed(s, c->x, c->embd, d_ids, n, E, V));
     for (int64_t il = 0; il < cf->n_layer; il++) {
         struct cu_layer *L = &c->L[il];
@@ -705,11 +728,15 @@ static int ensure_lists(struct model_cuda *c, int64_t need, char *err, size_t er
     while (cap < need)
         cap *= 2;
     CK(kc_stream_sync(c->stream));
-    kc_free_host(c->ls_host);
+    for (int b = 0; b < 2; b++) {
+        kc_free_host(c->ls_host[b]);
+        c->ls_host[b] = NULL;
+    }
     kc_free(c->ls_dev);
-    c->ls_host = c->ls_dev = NULL;
+    c->ls_dev = NULL;
     c->ls_cap = 0;
-    CK(kc_malloc_host(&c->ls_host, lists_bytes(cap)));
+    for (int b = 0; b < 2; b++)
+        CK(kc_malloc_host(&c->ls_host[b], lists_bytes(cap)));
     DALLOC(c->ls_dev, lists_bytes(cap));
     c->ls_cap = cap;
     for (int i = 0; i < c->n_graphs; i++) {
@@ -771,11 +798,14 @@ int mcu_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_
     if (!c->deterministic)
         DALLOC(c->decode_ws, kc_attn_decode_workspace(max_seqs, (int)cf->n_head, (int)hd, 0));
     c->in_cap = layout(max_rows, max_seqs, max_rows, max_seqs).total;
-    CK(kc_malloc_host(&c->in_host, c->in_cap));
+    for (int b = 0; b < 2; b++)
+        CK(kc_malloc_host(&c->in_host[b], c->in_cap));
     DALLOC(c->in_dev, c->in_cap);
-    CK(kc_malloc_host((void **)&c->bt_host, S * (size_t)blocks * 4));
+    for (int b = 0; b < 2; b++)
+        CK(kc_malloc_host((void **)&c->bt_host[b], S * (size_t)blocks * 4));
     DALLOC(c->bt_dev, S * (size_t)blocks * 4);
-    CK(kc_malloc_host(&c->out_host, out_bytes(max_seqs)));
+    for (int b = 0; b < 2; b++)
+        CK(kc_malloc_host(&c->out_host[b], out_bytes(max_seqs)));
     DALLOC(c->out_dev, out_bytes(max_seqs));
     c->cap_rows = max_rows;
     c->cap_seqs = max_seqs;
@@ -855,7 +885,7 @@ static int capture_graphs(struct model *m, struct model_cuda *c, char *err, size
 static void lists_put(struct model_cuda *c, struct sampler *sp, const struct samp_view *v,
                       int64_t *seen, int64_t *prompt, int64_t *bias)
 {
-    char *L = c->ls_host;
+    char *L = c->ls_host[c->par];
     size_t lc = (size_t)c->ls_cap;
     int64_t cap = c->ls_cap;
     if (v->penalties) {
@@ -886,7 +916,7 @@ static int64_t lists_need(struct model_sample *samples, int64_t n_samples)
     return need > bias ? need : bias;
 }
 
-static void row_params(struct kc_samp_row *p, const struct samp_view *v)
+static void row_params(struct kc_samp_row *p, const struct samp_view *v, int32_t ahead)
 {
     memset(p, 0, sizeof(*p));
     p->temperature = v->temperature;
@@ -898,7 +928,7 @@ static void row_params(struct kc_samp_row *p, const struct samp_view *v)
     p->top_k = v->top_k;
     p->n_top_logprobs = v->n_top_logprobs;
     p->seed = v->seed;
-    p->step = v->step;
+    p->step = v->step + (uint64_t)(ahead > 0 ? ahead : 0);
 }
 
 /* Builds st's inputs on the host (in_host, bt_host, ls_host). */
@@ -924,7 +954,7 @@ static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    if (model_check_batch(m, kv, rows, n, st->next, err, errlen))
+    if (model_check_batch(m, kv, rows, n, c->prev_samples, st->next, err, errlen))
         goto fail;
 
     /* Rows grouped by sequence (in order of first appearance, each
@@ -971,9 +1001,16 @@ static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv
         if (!is_samp[w])
             st->host_w[st->n_host++] = w;
 
-    /* Sizes beyond what was prepared: prepare again (allocates). */
+    /* Sizes beyond what was prepared: prepare again (allocates), which
+     * cannot happen under a step still in flight. */
     if (n > c->cap_rows || st->n_seqs > c->cap_seqs || n_samples > c->cap_seqs ||
         st->max_blocks > c->cap_blocks) {
+        if (c->q_len > 0) {
+            snprintf(err, errlen, "a step of %lld rows over %lld sequences exceeds what was "
+                     "prepared (%lld, %lld) while a step is in flight", (long long)n,
+                     (long long)st->n_seqs, (long long)c->cap_rows, (long long)c->cap_seqs);
+            goto fail;
+        }
         int64_t len = st->max_blocks * KC_BLOCK_TOKENS;
         if (len < c->cap_blocks * KC_BLOCK_TOKENS)
             len = c->cap_blocks * KC_BLOCK_TOKENS;
@@ -1009,7 +1046,7 @@ static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv
     int64_t NSAMP = st->graph >= 0 ? st->rows : st->n_samp;
     st->lo = layout(R, NS, NSEL, NSAMP);
     const struct step_layout *lo = &st->lo;
-    char *H = c->in_host;
+    char *H = c->in_host[c->par];
     int32_t *ids = (int32_t *)(H + lo->ids), *pos = (int32_t *)(H + lo->pos);
     int64_t *slot = (int64_t *)(H + lo->slot);
     int8_t *tab = (int8_t *)(H + lo->tab);
@@ -1046,7 +1083,7 @@ static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv
         int64_t nb;
         const int32_t *t = kv_seq_blocks(kv, sq, &nb);
         int64_t need_b = (st->next[sq] + KC_BLOCK_TOKENS - 1) / KC_BLOCK_TOKENS;
-        int32_t *bt = c->bt_host + i * st->pitch;
+        int32_t *bt = c->bt_host[c->par] + i * st->pitch;
         for (int64_t b = 0; b < st->max_blocks; b++)
             bt[b] = b < need_b && b < nb ? t[b] : 0;
     }
@@ -1064,12 +1101,12 @@ static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv
             struct samp_view g;
             memset(&g, 0, sizeof(g));
             g.top_p = 1.0f, g.repetition_penalty = 1.0f; /* greedy, nothing else */
-            row_params(&prm[i], &g);
+            row_params(&prm[i], &g, 0);
             continue;
         }
         struct samp_view v;
         samp_view_get(samples[i].s, &v);
-        row_params(&prm[i], &v);
+        row_params(&prm[i], &v, samples[i].ahead);
         lists_put(c, samples[i].s, &v, &ns, &np, &nbias);
     }
     seen_off[NSAMP] = (int32_t)ns, prompt_off[NSAMP] = (int32_t)np, bias_off[NSAMP] = (int32_t)nbias;
@@ -1094,12 +1131,12 @@ fail:
 static int upload_step(struct model_cuda *c, const struct step *st, char *err, size_t errlen)
 {
     kc_stream s = c->stream;
-    CK(kc_copy_h2d(s, c->in_dev, c->in_host, st->lo.total));
+    CK(kc_copy_h2d(s, c->in_dev, c->in_host[c->par], st->lo.total));
     if (st->n_seqs > 0 && st->max_blocks > 0)
-        CK(kc_copy_2d_h2d(s, c->bt_dev, (size_t)st->pitch * 4, c->bt_host,
+        CK(kc_copy_2d_h2d(s, c->bt_dev, (size_t)st->pitch * 4, c->bt_host[c->par],
                           (size_t)st->pitch * 4, (size_t)st->max_blocks * 4,
                           (size_t)st->n_seqs));
-    char *Ld = c->ls_dev, *Lh = c->ls_host;
+    char *Ld = c->ls_dev, *Lh = c->ls_host[c->par];
     size_t lc = (size_t)c->ls_cap;
     if (st->n_seen) {
         CK(kc_copy_h2d(s, Ld, Lh, (size_t)st->n_seen * 4));
@@ -1116,62 +1153,101 @@ fail:
     return -1;
 }
 
-int mcu_forward_sample(struct model *m, struct kv_cache *kv, const struct model_row *rows,
-                       int64_t n, float *logits, struct model_sample *samples, int64_t n_samples,
-                       char *err, size_t errlen)
+int mcu_launch(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
+               float *logits, struct model_sample *samples, int64_t n_samples, char *err,
+               size_t errlen)
 {
     struct model_cuda *c = m->cuda;
     int64_t V = m->cfg.n_vocab;
     struct step st;
-    if (n <= 0)
-        return 0;
-    if (c->kv_bound != kv || !c->in_host) {
+    memset(&st, 0, sizeof(st));
+    if (n > 0 && (c->kv_bound != kv || !c->in_dev)) {
         /* a caller that did not prepare (tools, tests): size for this
          * batch and the cache's longest possible sequence */
+        if (c->q_len > 0) {
+            snprintf(err, errlen, "a step over another KV cache is still in flight");
+            return -1;
+        }
         int64_t len = kv_n_blocks(kv) * KC_BLOCK_TOKENS;
         if (m->cfg.n_ctx > 0 && len > m->cfg.n_ctx)
             len = m->cfg.n_ctx;
         if (mcu_prepare(m, kv, n, kv_max_seqs(kv), len, err, errlen))
             return -1;
     }
-    if (build_step(m, c, kv, rows, n, samples, n_samples, &st, err, errlen))
+    if (n > 0 && build_step(m, c, kv, rows, n, samples, n_samples, &st, err, errlen))
         return -1;
     kc_stream s = c->stream;
-    if (upload_step(c, &st, err, errlen))
-        goto fail;
-    if (st.graph >= 0) {
-        CK(kc_graph_launch(c->graphs[st.graph].exec, s));
-    } else {
-        if (enqueue_body(m, c, &st, err, errlen))
+    int par = c->par;
+    if (n > 0) {
+        if (upload_step(c, &st, err, errlen))
             goto fail;
-        for (int64_t r0 = 0; r0 < st.nw; r0 += c->cap_seqs) {
-            int64_t k = st.nw - r0 < c->cap_seqs ? st.nw - r0 : c->cap_seqs;
-            if (enqueue_head(m, c, &st, r0, k, r0 == 0 ? n_samples : 0, err, errlen))
+        if (st.graph >= 0) {
+            CK(kc_graph_launch(c->graphs[st.graph].exec, s));
+        } else {
+            if (enqueue_body(m, c, &st, err, errlen))
                 goto fail;
-            /* this chunk's host rows, in runs of consecutive want rows */
-            int64_t j0 = r0 > n_samples ? r0 : n_samples;
-            for (int64_t j = j0; j < r0 + k;) {
-                int64_t w = st.host_w[j - n_samples], run = 1;
-                while (j + run < r0 + k && st.host_w[j + run - n_samples] == w + run)
-                    run++;
-                CK(kc_copy_d2h(s, logits + (size_t)w * (size_t)V,
-                               c->lg32 + (size_t)(j - r0) * (size_t)V,
-                               (size_t)run * (size_t)V * sizeof(float)));
-                j += run;
+            for (int64_t r0 = 0; r0 < st.nw; r0 += c->cap_seqs) {
+                int64_t k = st.nw - r0 < c->cap_seqs ? st.nw - r0 : c->cap_seqs;
+                if (enqueue_head(m, c, &st, r0, k, r0 == 0 ? n_samples : 0, err, errlen))
+                    goto fail;
+                /* this chunk's host rows, in runs of consecutive want rows
+                 * (a copy to pageable memory: the host waits for it) */
+                int64_t j0 = r0 > n_samples ? r0 : n_samples;
+                for (int64_t j = j0; j < r0 + k;) {
+                    int64_t w = st.host_w[j - n_samples], run = 1;
+                    while (j + run < r0 + k && st.host_w[j + run - n_samples] == w + run)
+                        run++;
+                    CK(kc_copy_d2h(s, logits + (size_t)w * (size_t)V,
+                                   c->lg32 + (size_t)(j - r0) * (size_t)V,
+                                   (size_t)run * (size_t)V * sizeof(float)));
+                    j += run;
+                }
             }
         }
     }
     if (n_samples > 0) {
-        char *O = c->out_dev, *Oh = c->out_host;
+        char *O = c->out_dev, *Oh = c->out_host[par];
         size_t S = (size_t)c->cap_seqs, k = (size_t)n_samples;
-        CK(kc_copy_d2h(s, Oh, O, k * 8)); /* tokens, then logprobs at S * 4 */
+        CK(kc_copy_d2h(s, Oh, O, k * 4)); /* tokens */
         CK(kc_copy_d2h(s, Oh + S * 4, O + S * 4, k * 4));
         CK(kc_copy_d2h(s, Oh + S * 8, O + S * 8, k * N_TOP * 4));
         CK(kc_copy_d2h(s, Oh + S * (8 + N_TOP * 4), O + S * (8 + N_TOP * 4), k * N_TOP * 4));
     }
-    CK(kc_stream_sync(s));
+    CK(kc_event_record(c->done_ev[par], s));
+    /* The cache holds these positions as far as any later launch can
+     * tell: the device runs launches in order. */
+    for (int64_t r = 0; r < n; r++)
+        kv_seq_set_len(kv, rows[r].seq, st.next[rows[r].seq]);
+    int qi = (c->q_head + c->q_len) % 2;
+    c->fifo[qi].par = par;
+    c->fifo[qi].samples = samples;
+    c->fifo[qi].n_samples = n_samples;
+    c->q_len++;
+    c->par ^= 1;
+    c->prev_samples = n_samples;
+    step_free(&st);
+    return 0;
+fail:
+    step_free(&st);
+    return -1;
+}
+
+int mcu_collect(struct model *m, char *err, size_t errlen)
+{
+    struct model_cuda *c = m->cuda;
+    if (c->q_len == 0) {
+        snprintf(err, errlen, "no step launched to collect");
+        return -1;
+    }
+    int qi = c->q_head;
+    c->q_head = (c->q_head + 1) % 2;
+    c->q_len--;
+    int par = c->fifo[qi].par;
+    struct model_sample *samples = c->fifo[qi].samples;
+    int64_t n_samples = c->fifo[qi].n_samples;
+    CK(kc_event_sync(c->done_ev[par]));
     if (n_samples > 0) {
-        const char *Oh = c->out_host;
+        const char *Oh = c->out_host[par];
         size_t S = (size_t)c->cap_seqs;
         const int32_t *tok = (const int32_t *)Oh, *ttok = (const int32_t *)(Oh + S * 8);
         const float *lp = (const float *)(Oh + S * 4);
@@ -1190,11 +1266,7 @@ int mcu_forward_sample(struct model *m, struct kv_cache *kv, const struct model_
             }
         }
     }
-    for (int64_t r = 0; r < n; r++)
-        kv_seq_set_len(kv, rows[r].seq, st.next[rows[r].seq]);
-    step_free(&st);
     return 0;
 fail:
-    step_free(&st);
     return -1;
 }

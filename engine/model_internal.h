@@ -38,6 +38,13 @@ struct model {
                                 * weights, freed at destroy */
     size_t n_owned, cap_owned;
     struct model_stats stats;
+    /* launch/collect (model.h) on the CPU: the last launch's sampled
+     * tokens (what MODEL_TOKEN_PREV names) and the launches not collected */
+    int32_t *prev_tok;
+    int64_t n_prev, cap_prev;
+    int uncollected;
+    struct model_row *rows_tmp; /* (cap_rows_tmp) rows with placeholders resolved */
+    int64_t cap_rows_tmp;
 
     /* Activations, grown to the largest batch seen. */
     int64_t cap_rows;
@@ -57,7 +64,7 @@ struct model {
 /* model.c: validates a batch as model_forward documents it; next[seq]
  * gets each sequence's length after the batch. */
 int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
-                      int64_t n, int64_t *next, char *err, size_t errlen);
+                      int64_t n, int64_t n_prev, int64_t *next, char *err, size_t errlen);
 
 #ifdef INFERD_CUDA
 /* model_cuda.c: the weights on the device (bf16), and the forward pass
@@ -66,9 +73,10 @@ int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_r
 int mcu_create(struct model *m, int deterministic, int enforce_eager, struct model_cuda **out,
                char *err, size_t errlen);
 void mcu_destroy(struct model_cuda *c);
-int mcu_forward_sample(struct model *m, struct kv_cache *kv, const struct model_row *rows,
-                       int64_t n, float *logits, struct model_sample *samples, int64_t n_samples,
-                       char *err, size_t errlen);
+int mcu_launch(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
+               float *logits, struct model_sample *samples, int64_t n_samples, char *err,
+               size_t errlen);
+int mcu_collect(struct model *m, char *err, size_t errlen);
 int mcu_memory(int64_t *free_bytes, int64_t *total_bytes);
 int mcu_ceilings(double *bytes_per_s, double *flops, char *desc, size_t desc_len);
 int64_t mcu_step_bytes(const struct model *m, int64_t max_rows, int max_seqs);

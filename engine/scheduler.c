@@ -460,8 +460,145 @@ static void run_isolated(struct engine *e)
     }
 }
 
+/* ------------------------------------------------------------ async */
+
+/* Whether s's next draw may be launched before its last one reaches the
+ * host (ahead draws in flight after this one): a running decode sample
+ * whose draw happens in the step and needs no token the host has not
+ * seen (penalties read every generated token), and which cannot reach
+ * max_tokens before the one launched ahead (that row would be past it). */
+static int can_run_ahead(const struct engine *e, const struct seq *s, int ahead)
+{
+    (void)e;
+    if (s->state != SEQ_RUNNING || draws_on_host(s))
+        return 0;
+    if (s->n_gen + 1 + ahead > s->r->max_tokens)
+        return 0;
+    struct samp_view v;
+    samp_view_get(s->samp, &v);
+    return !v.penalties;
+}
+
+/* Launches fl[0..n) (one decode row each, its token MODEL_TOKEN_PREV of
+ * the launch before when prev, else known) without collecting it. The
+ * requests are held until the step is collected. Returns 0, or -1 with
+ * nothing launched. */
+static int launch_ahead(struct engine *e, struct seq *const *list, int n, int prev)
+{
+    int buf = e->fl_buf ^ 1;
+    struct model_sample *smp = e->ahead_samples[buf];
+    for (int k = 0; k < n; k++) {
+        const struct seq *s = list[k];
+        int64_t pos = prev ? s->computed + 1 : s->computed;
+        e->fl_rows[k].token = prev ? MODEL_TOKEN_PREV(k) : s->tokens[pos];
+        e->fl_rows[k].seq = s->kv;
+        e->fl_rows[k].pos = pos;
+        e->fl_rows[k].want_logits = 1;
+        smp[k].row = k;
+        smp[k].s = s->samp;
+        smp[k].ahead = prev ? 1 : 0;
+    }
+    char err[256];
+    if (ensure_logits(e, n) != 0 ||
+        model_launch(e->m, e->kv, e->fl_rows, n, e->logits, smp, n, err, sizeof(err)))
+        return -1;
+    for (int k = 0; k < n; k++)
+        engine_req_hold(list[k]->r);
+    e->fl_buf = buf;
+    e->w.steps_ahead += prev;
+    return 0;
+}
+
+/* Collects the step in flight (fl, its samples fl_samples) and advances
+ * every sample of it still running. */
+static void collect_inflight(struct engine *e, struct seq **fl, int n,
+                             struct model_sample *smp)
+{
+    char err[256];
+    int rc = model_collect(e->m, err, sizeof(err));
+    for (int k = 0; k < n; k++) {
+        struct seq *s = fl[k];
+        if (s->state == SEQ_RUNNING && s->sched == 1) {
+            if (rc == 0)
+                advance(e, s, NULL, &smp[k].res);
+            else
+                engine_end_request(e, s->r, ENGINE_FINISH_ERROR, err);
+        }
+    }
+    for (int k = 0; k < n; k++)
+        engine_req_unhold(fl[k]->r);
+}
+
+/* The step in flight: launch the next one ahead of it when every one of
+ * its samples can go on (nobody waiting to be admitted, blocks for one
+ * more row each), then take its tokens. */
+static int64_t step_inflight(struct engine *e)
+{
+    int n = e->n_fl;
+    struct seq **fl = e->fl;
+    struct model_sample *smp = e->fl_samples;
+    int ahead = e->n_waiting == 0;
+    for (int k = 0; k < n && ahead; k++) {
+        struct seq *s = fl[k];
+        ahead = s->sched == 1 && can_run_ahead(e, s, 1) &&
+                kv_seq_reserve(e->kv, s->kv, s->computed + 2) == 0;
+    }
+    if (ahead && launch_ahead(e, fl, n, 1) != 0)
+        ahead = 0;
+    e->n_fl = 0;
+    collect_inflight(e, fl, n, smp);
+    if (!ahead)
+        return n;
+    /* The step launched ahead is in flight now: its samples that are still
+     * running have their row scheduled (position computed, the token just
+     * taken), the others' results will be dropped. */
+    for (int k = 0; k < n; k++) {
+        e->fl_next[k] = fl[k];
+        if (fl[k]->state == SEQ_RUNNING)
+            fl[k]->sched = 1;
+    }
+    struct seq **t = e->fl;
+    e->fl = e->fl_next;
+    e->fl_next = t;
+    e->fl_samples = e->ahead_samples[e->fl_buf];
+    e->n_fl = n;
+    return n;
+}
+
+void sched_drain(struct engine *e)
+{
+    if (e->n_fl == 0)
+        return;
+    int n = e->n_fl;
+    e->n_fl = 0;
+    collect_inflight(e, e->fl, n, e->fl_samples);
+}
+
+/* Whether this plan may start a chain of steps launched ahead: decode rows
+ * only, each able to run ahead, nobody waiting. */
+static int plan_runs_ahead(const struct engine *e)
+{
+    /* every running sample in the step: a chain only carries its own */
+    if (!e->async || e->n_waiting > 0 || e->n_sched == 0 || e->n_sched != e->n_running)
+        return 0;
+    for (int i = 0; i < e->n_sched; i++) {
+        const struct seq *s = e->sched[i];
+        if (s->sched != 1 || s->n_tokens - s->computed != 1 || !can_run_ahead(e, s, 1))
+            return 0;
+    }
+    return 1;
+}
+
 int64_t sched_step(struct engine *e)
 {
+    if (e->n_fl > 0) {
+        double t0 = engine_now();
+        int64_t n = step_inflight(e);
+        e->w.steps++;
+        engine_hist_observe(&e->w.step_time, engine_now() - t0);
+        engine_hist_observe(&e->w.tokens_per_step, (double)n);
+        return n;
+    }
     if (e->n_running == 0 && e->n_waiting == 0)
         return 0;
     plan(e);
@@ -482,8 +619,16 @@ int64_t sched_step(struct engine *e)
     double t0 = engine_now();
     int64_t n;
     char err[256];
-    if (run_batch(e, e->sched, e->n_sched, &n, err, sizeof(err)) != 0)
+    if (plan_runs_ahead(e) && launch_ahead(e, e->sched, e->n_sched, 0) == 0) {
+        /* in flight: taken by the next call, after it launches the step
+         * after this one */
+        memcpy(e->fl, e->sched, (size_t)e->n_sched * sizeof(*e->fl));
+        e->n_fl = e->n_sched;
+        e->fl_samples = e->ahead_samples[e->fl_buf];
+        n = e->n_sched;
+    } else if (run_batch(e, e->sched, e->n_sched, &n, err, sizeof(err)) != 0) {
         run_isolated(e);
+    }
     e->n_sched = 0;
     e->w.steps++;
     engine_hist_observe(&e->w.step_time, engine_now() - t0);

@@ -103,6 +103,9 @@ void api_metrics(struct api *a, struct jw *out)
     counter(&m, "num_preemptions_total", "Sequences preempted for KV cache space.",
             (uint64_t)st.preemptions);
     counter(&m, "engine_steps_total", "Model steps run.", (uint64_t)st.steps);
+    counter(&m, "engine_steps_ahead_total",
+            "Decode steps launched before the previous step's tokens reached the host.",
+            (uint64_t)st.steps_ahead);
     counter(&m, "requests_rejected_total", "Requests refused because the queue was full.",
             (uint64_t)st.requests_rejected);
     head(&m, "request_success_total", "counter", "Choices finished, by finish reason.");

@@ -51,7 +51,7 @@ struct serve_args {
     struct http_limits lim;
     int64_t max_prompt_bytes;
     double ping_interval;
-    int device, deterministic, enforce_eager;
+    int device, deterministic, enforce_eager, async_sched;
     double gpu_util;
 };
 
@@ -213,6 +213,9 @@ static void usage(FILE *f)
           "                             buffers and KV cache together (default 0.9)\n"
           "  --enforce-eager            GPU: no CUDA graphs (each decode step's kernels\n"
           "                             are launched one by one)\n"
+          "  --async-scheduling, --no-async-scheduling\n"
+          "                             launch each decode step before the last one's\n"
+          "                             tokens reach the host (default: on with a GPU)\n"
           "engine:\n"
           "  --kv-cache-memory SIZE     KV cache budget (default: half the free memory, <= 4G)\n"
           "  --max-seqs N               sequences resident at once (default 64)\n"
@@ -283,7 +286,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 {
     enum { O_HOST = 256, O_PORT, O_NAME, O_KEY, O_KEYFILE, O_CERT, O_TLSKEY, O_TMPL, O_TRUST,
            O_THREADS, O_KV, O_SEQS, O_BATCH, O_QUEUE, O_MLEN, O_DRAIN, O_HDR, O_BODY, O_PROMPT,
-           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_GPUMEM, O_EAGER, O_HELP };
+           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_GPUMEM, O_EAGER, O_ASYNC, O_NOASYNC, O_HELP };
     static const struct option opts[] = {
         {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT},
@@ -316,6 +319,8 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         {"deterministic", no_argument, 0, O_DET},
         {"gpu-memory-utilization", required_argument, 0, O_GPUMEM},
         {"enforce-eager", no_argument, 0, O_EAGER},
+        {"async-scheduling", no_argument, 0, O_ASYNC},
+        {"no-async-scheduling", no_argument, 0, O_NOASYNC},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -386,6 +391,8 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         case O_DEV: rc = cli_parse_device(optarg, &a->device); break;
         case O_DET: a->deterministic = 1; break;
         case O_EAGER: a->enforce_eager = 1; break;
+        case O_ASYNC: a->async_sched = 1; break;
+        case O_NOASYNC: a->async_sched = -1; break;
         case O_GPUMEM: {
             char *end = NULL;
             a->gpu_util = strtod(optarg, &end);
@@ -515,6 +522,7 @@ int cli_serve(int argc, char **argv)
     struct engine_opts eo = {
         .kv_cache_bytes = a.kv_bytes,
         .gpu_memory_utilization = a.gpu_util,
+        .async_scheduling = (int)a.async_sched,
         .max_seqs = (int)a.max_seqs,
         .max_batched_tokens = a.max_batched,
         .max_queue = (int)a.max_queue,

@@ -236,6 +236,39 @@ extern "C" int kc_embed(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const i
     return (int)cudaGetLastError();
 }
 
+namespace {
+
+// One thread per id: a placeholder -1 - k becomes prev[k] (k < n_prev);
+// a placeholder out of range becomes -1, which kc_embed turns into zeros
+// (the host checks the range; this only keeps a bad one in bounds).
+__global__ void resolve_kernel(int32_t *ids, int64_t n, const int32_t *prev, int n_prev)
+{
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n)
+        return;
+    const int32_t v = ids[i];
+    if (v >= 0)
+        return;
+    const int64_t k = -1 - (int64_t)v;
+    ids[i] = k < n_prev ? prev[k] : -1;
+}
+
+} // namespace
+
+extern "C" int kc_resolve_tokens(kc_stream s, int32_t *ids, int64_t n, const int32_t *prev,
+                                 int n_prev)
+{
+    if (n < 0 || n_prev < 0)
+        return (int)cudaErrorInvalidValue;
+    if (n == 0)
+        return 0;
+    if (!ids || (n_prev > 0 && !prev))
+        return (int)cudaErrorInvalidValue;
+    resolve_kernel<<<(unsigned)((n + kThreads - 1) / kThreads), kThreads, 0, (cudaStream_t)s>>>(
+        ids, n, prev, n_prev);
+    return (int)cudaGetLastError();
+}
+
 extern "C" int kc_bias_add(kc_stream s, kc_bf16 *x, const kc_bf16 *bias, int64_t rows, int64_t dim)
 {
     if (rows < 0 || dim <= 0)

@@ -75,6 +75,13 @@ int kc_gelu_mul(kc_stream s, kc_bf16 *out, const kc_bf16 *gate_up, int64_t rows,
 int kc_embed(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const int32_t *ids, int64_t n,
              int64_t dim, int64_t n_vocab);
 
+/* The token ids of a step launched before the previous step's tokens
+ * reached the host: every id -1 - k (k >= 0) is replaced in place by
+ * prev[k], the previous step's k-th sampled token (still on the device);
+ * other ids are left alone. A k >= n_prev gives -1 (then zeros from
+ * kc_embed). */
+int kc_resolve_tokens(kc_stream s, int32_t *ids, int64_t n, const int32_t *prev, int n_prev);
+
 /* x[r][i] += bias[i]: (rows, dim). */
 int kc_bias_add(kc_stream s, kc_bf16 *x, const kc_bf16 *bias, int64_t rows, int64_t dim);
 

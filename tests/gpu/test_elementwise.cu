@@ -328,6 +328,39 @@ static void test_embed(gc_rng &rng, int64_t n, int64_t dim, int64_t n_vocab, int
     GC_CUDA(cudaFree(dids));
 }
 
+/* ------------------------------------------------- token placeholders */
+
+// kc_resolve_tokens: ids -1 - k take prev[k]; others stay; k past n_prev
+// gives -1. Exact.
+static void test_resolve(gc_rng &rng, int64_t n, int n_prev)
+{
+    char cas[80];
+    snprintf(cas, sizeof cas, "n=%lld prev=%d", (long long)n, n_prev);
+    std::vector<int32_t> prev(n_prev > 0 ? n_prev : 1), ids(n), want(n);
+    for (auto &p : prev)
+        p = (int32_t)(rng.next() % 150000);
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t r = rng.next();
+        if (r % 3 == 0) { // a real id
+            ids[i] = (int32_t)(r % 150000);
+            want[i] = ids[i];
+        } else { // a placeholder, now and then out of range
+            int64_t k = (int64_t)((r >> 8) % (uint64_t)(n_prev + 2));
+            ids[i] = (int32_t)(-1 - k);
+            want[i] = k < n_prev ? prev[k] : -1;
+        }
+    }
+    int32_t *dids = gc_upload(ids), *dprev = gc_upload(prev);
+    GC_LAUNCH(kc_resolve_tokens(nullptr, dids, n, dprev, n_prev));
+    std::vector<int32_t> got = gc_download(dids, (size_t)n);
+    size_t bad = 0;
+    for (int64_t i = 0; i < n; i++)
+        bad += got[i] != want[i];
+    gc_check("resolve_tokens", cas, (double)bad, 0);
+    GC_CUDA(cudaFree(dids));
+    GC_CUDA(cudaFree(dprev));
+}
+
 /* -------------------------------------------------------------- bias add */
 
 static void test_bias_add(gc_rng &rng, int64_t rows, int64_t dim, int off)
@@ -622,6 +655,10 @@ int main(int argc, char **argv)
     test_embed(rng, 7, 1001, 300, 0);
     test_embed(rng, 9, 256, 40, 1);
     test_embed(rng, 1, 8, 1, 0);
+    test_resolve(rng, 1, 1);
+    test_resolve(rng, 256, 256);
+    test_resolve(rng, 5000, 300);
+    test_resolve(rng, 7, 0);
 
     test_bias_add(rng, 1, 4096, 0);
     test_bias_add(rng, 4096, 1536, 0);

@@ -109,6 +109,26 @@ int kc_embed(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const int32_t *ids
     return submit(&o);
 }
 
+static void run_resolve(const struct op *o)
+{
+    int32_t *ids = (int32_t *)o->p[0];
+    const int32_t *prev = o->p[1];
+    for (int64_t i = 0; i < o->a[0]; i++) {
+        if (ids[i] >= 0)
+            continue;
+        int64_t k = -1 - (int64_t)ids[i];
+        ids[i] = k < o->a[1] ? prev[k] : -1;
+        fake_kc.resolved++;
+    }
+}
+
+int kc_resolve_tokens(kc_stream s, int32_t *ids, int64_t n, const int32_t *prev, int n_prev)
+{
+    (void)s;
+    struct op o = {.fn = run_resolve, .p = {ids, prev}, .a = {n, n_prev}};
+    return submit(&o);
+}
+
 static void run_rmsnorm(const struct op *o)
 {
     kc_bf16 *out = (kc_bf16 *)o->p[0], *resid = (kc_bf16 *)o->p[1];

@@ -15,6 +15,7 @@ struct fake_kc_stats {
     int64_t captures;        /* graphs captured */
     int64_t graph_launches;  /* graphs replayed */
     int64_t decode_calls, prefill_calls, sample_rows;
+    int64_t resolved;        /* placeholder ids replaced by kc_resolve_tokens */
     int64_t violations;      /* broken invariants (see fake_kcuda.c) */
     char first_violation[160];
 };

@@ -20,6 +20,11 @@
 #include "engine/model.h"
 
 static atomic_int failures;
+/* "async" on the command line: every engine but the solo references'
+ * runs with async scheduling (decode steps launched ahead of their
+ * predecessor's tokens), which must change no token and no logprob bit. */
+static int g_async, g_force_sync;
+static int64_t g_steps_ahead;
 #define CHECK(cond) do { if (!(cond)) { fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); failures++; } } while (0)
 
 static void fail(const char *fmt, ...)
@@ -335,6 +340,7 @@ static struct engine *make_engine(struct model *m, int64_t kv_blocks, int max_se
     o.max_seqs = max_seqs;
     o.max_batched_tokens = max_batched;
     o.max_queue = max_queue;
+    o.async_scheduling = g_async && !g_force_sync ? 1 : -1;
     if (wake_count) {
         o.wake = count_cb;
         o.wake_arg = wake_count;
@@ -475,7 +481,9 @@ static void solo_runs(struct model *m, const struct spec *specs, int n_specs, st
      * until the engine is idle, and then every request must have had one. */
     atomic_int *notify = calloc((size_t)n_specs, sizeof(*notify));
     struct engine_req **held = calloc((size_t)n_specs, sizeof(*held));
+    g_force_sync = 1;
     struct engine *e = make_engine(m, 512, 8, 0, 0, &wake);
+    g_force_sync = 0;
     int64_t generated = 0, sampled_first = 0, cached = 0, computed_min = 0;
     uint64_t last_id = 0;
     for (int i = 0; i < n_specs; i++) {
@@ -712,6 +720,9 @@ static void mix_run(struct model *m, const struct spec *specs, int n_specs,
            (long long)n_tokens, n_stopped, n_cancelled,
            (long long)st.steps, (long long)st.preemptions, (long long)st.prefix_hit_tokens,
            (long long)st.prompt_tokens_computed);
+    g_steps_ahead += st.steps_ahead;
+    if (!g_async)
+        CHECK(st.steps_ahead == 0);
     CHECK(st.kv_blocks_used == 0);
     CHECK(st.running == 0);
     CHECK(st.waiting == 0);
@@ -1240,15 +1251,22 @@ static void run_suite(const char *path, const char *name)
 
 int main(int argc, char **argv)
 {
-    if (argc != 2) {
-        fprintf(stderr, "usage: test_engine MODEL_DIR\n");
+    if (argc < 2 || argc > 3 || (argc == 3 && strcmp(argv[2], "async") != 0)) {
+        fprintf(stderr, "usage: test_engine MODEL_DIR [async]\n");
         return 2;
     }
+    g_async = argc == 3;
     char gguf[4096];
     snprintf(gguf, sizeof(gguf), "%s/model-q8_0.gguf", argv[1]);
     double t0 = now_s();
     run_suite(argv[1], "f32");
     run_suite(gguf, "q8_0");
+    if (g_async) {
+        /* the mixes must have run chains of steps ahead, or this mode
+         * tested nothing */
+        printf("engine: %lld decode steps launched ahead\n", (long long)g_steps_ahead);
+        CHECK(g_steps_ahead > 0);
+    }
     int nf = atomic_load(&failures);
     if (nf)
         fprintf(stderr, "%d checks failed\n", nf);

@@ -17,8 +17,11 @@
  *     replays with padding rows;
  *   - decode steps replay captured graphs, allocate nothing, and growing
  *     the sampling lists re-captures them;
+ *   - a step launched before the last one is collected takes its tokens
+ *     on the device (MODEL_TOKEN_PREV) and skips the draws not accepted;
  *   - --enforce-eager captures nothing; the engine sizes the KV cache from
- *     the device's free memory and serves a request through all of it. */
+ *     the device's free memory and serves a request through all of it,
+ *     launching decode steps ahead of their tokens. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -320,7 +323,49 @@ static void test_steps(void)
         CHECK(smp[i].res.token == expect_token(last[i]));
         CHECK(smp[i].res.top[0].token == 1100);
         check_digest(&smp[i], "lists");
+        last[i] = smp[i].res.token;
         len[i]++;
+    }
+
+    /* Launch ahead: step Q is launched before step P is collected, its
+     * tokens named MODEL_TOKEN_PREV (P's samples, in another order); the
+     * device substitutes them; the RNG step counts the draw not yet
+     * accepted. A third launch without a collect is refused. */
+    {
+        struct model_sample sp[3], sq[3];
+        struct model_row rp[3], rq[3];
+        int who[3] = {0, 2, 3};
+        struct sampler *plain[3];
+        for (int k = 0; k < 3; k++) {
+            plain[k] = sampler(0.0f, 40 + (uint64_t)k, 0.0f, 1.0f, 8, 0);
+            rp[k] = (struct model_row){last[who[k]], seq[who[k]], len[who[k]], 1};
+            sp[k] = (struct model_sample){.row = k, .s = plain[k]};
+            /* Q's rows in reverse: row j continues P's sample 2 - j */
+            rq[2 - k] = (struct model_row){MODEL_TOKEN_PREV(k), seq[who[k]], len[who[k]] + 1, 1};
+            sq[2 - k] = (struct model_sample){.row = 2 - k, .s = plain[k], .ahead = 1};
+        }
+        int64_t res0 = fake_kc.resolved;
+        CHECK(model_launch(m, kv, rp, 3, logits, sp, 3, err, sizeof(err)) == 0);
+        CHECK(model_launch(m, kv, rq, 3, logits, sq, 3, err, sizeof(err)) == 0);
+        CHECK(model_launch(m, kv, rq, 3, logits, sq, 3, err, sizeof(err)) != 0);
+        CHECK(strstr(err, "not collected") != NULL);
+        CHECK(model_collect(m, err, sizeof(err)) == 0);
+        for (int k = 0; k < 3; k++) {
+            CHECK(sp[k].res.token == expect_token(last[who[k]]));
+            CHECK(sp[k].res.top[3].token == 0);
+        }
+        CHECK(model_collect(m, err, sizeof(err)) == 0);
+        CHECK(model_collect(m, err, sizeof(err)) != 0);
+        CHECK(fake_kc.resolved == res0 + 3);
+        for (int k = 0; k < 3; k++) {
+            CHECK(sq[2 - k].res.token == expect_token(sp[k].res.token));
+            CHECK(sq[2 - k].res.top[3].token == 1); /* step + ahead */
+            last[who[k]] = sq[2 - k].res.token;
+            len[who[k]] += 2;
+        }
+        check_clean("launch ahead");
+        for (int k = 0; k < 3; k++)
+            samp_destroy(plain[k]);
     }
 
     /* model_forward: 30 rows all wanting logits, more than the 8 rows
@@ -457,6 +502,11 @@ static void test_engine(void)
     }
     CHECK(done && got == 8);
     check_clean("engine");
+    /* on a device the engine launches decode steps ahead by default */
+    struct engine_stats st;
+    engine_get_stats(e, &st);
+    CHECK(st.steps_ahead > 0);
+    CHECK(fake_kc.resolved > 0);
     if (r)
         engine_release(r);
     engine_destroy(e);
