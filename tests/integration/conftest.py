@@ -376,14 +376,14 @@ def tiny(tmp_path_factory):
 ASAN_BUILD_DIR = ROOT / os.environ.get("INFERD_ASAN_BUILD_DIR", "build-asan")
 
 
-def _builds():
+def server_builds():
     out = [BUILD]
     if (ASAN_BUILD_DIR / "inferd").exists():
         out.append(ASAN_BUILD_DIR)
     return out
 
 
-@pytest.fixture(scope="session", params=_builds(), ids=lambda b: b.name)
+@pytest.fixture(scope="session", params=server_builds(), ids=lambda b: b.name)
 def tiny_any(request, tmp_path_factory):
     """The tiny daemon from each build: release (the `tiny` fixture) and,
     when built, ASan+UBSan, for the tests that send hostile input. A

@@ -15,18 +15,11 @@ import time
 
 import pytest
 
-from inferd_serve_harness import (ASAN_BUILD_DIR, BUILD, TINY, RawConn, http_request,
-                                  start_server, tiny_args)
+from inferd_serve_harness import (TINY, RawConn, http_request, server_builds, start_server,
+                                  tiny_args)
 
 
-def _builds():
-    out = [BUILD]
-    if (ASAN_BUILD_DIR / "inferd").exists():
-        out.append(ASAN_BUILD_DIR)
-    return out
-
-
-@pytest.fixture(scope="module", params=_builds(), ids=lambda b: b.name)
+@pytest.fixture(scope="module", params=server_builds(), ids=lambda b: b.name)
 def tiny_async(request, tmp_path_factory):
     s = start_server(tmp_path_factory, TINY, *tiny_args(), "--async-scheduling", name="tiny",
                      exe=request.param / "inferd")
