@@ -105,6 +105,10 @@ struct model_cuda {
     int64_t prev_samples; /* samples of the last launch (MODEL_TOKEN_PREV) */
     struct cu_graph *graphs;
     int n_graphs;
+    /* build_step's host arrays, sized with the step buffers: a step
+     * allocates nothing, here either */
+    void *scratch;
+    int64_t scr_rows, scr_seqs;
     double load_s;
     uint64_t uploaded;
 };
@@ -455,6 +459,7 @@ void mcu_destroy(struct model_cuda *c)
         kc_event_destroy(c->done_ev[b]);
     }
     kc_stream_destroy(c->stream);
+    free(c->scratch);
     free(c->L);
     free(c);
 }
@@ -554,12 +559,60 @@ struct step {
     int64_t *host_w;  /* (n_host) want index of each host logits row, in sel order */
 };
 
+/* The step's host arrays live in c->scratch (ensure_scratch). */
 static void step_free(struct step *st)
 {
-    free(st->next);
-    free(st->order);
-    free(st->want_pos);
-    free(st->host_w);
+    (void)st;
+}
+
+struct scratch_view {
+    int *seq_of;
+    int64_t *seq_first, *seq_count, *fill, *next, *order, *want_pos, *host_w;
+    char *is_samp;
+};
+
+/* Grows c->scratch to hold rows rows over seqs sequences (its contents
+ * are lost only when it grows). Kept across mcu_prepare: build_step may
+ * prepare again while its arrays are in use. */
+static int grow_scratch(struct model_cuda *c, int64_t rows, int64_t seqs)
+{
+    if (rows > c->scr_rows || seqs > c->scr_seqs) {
+        int64_t r = rows > c->scr_rows ? rows : c->scr_rows;
+        int64_t q = seqs > c->scr_seqs ? seqs : c->scr_seqs;
+        void *p = malloc((size_t)r * (sizeof(int) + 3 * sizeof(int64_t) + 1) +
+                         (size_t)q * 4 * sizeof(int64_t) + 64);
+        if (!p)
+            return -1;
+        free(c->scratch);
+        c->scratch = p;
+        c->scr_rows = r;
+        c->scr_seqs = q;
+    }
+    return 0;
+}
+
+/* build_step's arrays for rows rows over seqs sequences, in c->scratch,
+ * the counters cleared. */
+static int ensure_scratch(struct model_cuda *c, int64_t rows, int64_t seqs,
+                          struct scratch_view *v)
+{
+    if (grow_scratch(c, rows, seqs))
+        return -1;
+    char *b = c->scratch;
+    size_t R = (size_t)c->scr_rows, Q = (size_t)c->scr_seqs;
+    v->seq_first = (int64_t *)b, b += Q * sizeof(int64_t);
+    v->seq_count = (int64_t *)b, b += Q * sizeof(int64_t);
+    v->fill = (int64_t *)b, b += Q * sizeof(int64_t);
+    v->next = (int64_t *)b, b += Q * sizeof(int64_t);
+    v->order = (int64_t *)b, b += R * sizeof(int64_t);
+    v->want_pos = (int64_t *)b, b += R * sizeof(int64_t);
+    v->host_w = (int64_t *)b, b += R * sizeof(int64_t);
+    v->seq_of = (int *)b, b += R * sizeof(int);
+    v->is_samp = b;
+    memset(v->seq_count, 0, (size_t)seqs * sizeof(int64_t));
+    memset(v->fill, 0, (size_t)seqs * sizeof(int64_t));
+    memset(v->is_samp, 0, (size_t)rows);
+    return 0;
 }
 
 /* The decode graph sizes: dense where batches are small, then every 8 up
@@ -810,6 +863,10 @@ int mcu_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_
     c->cap_rows = max_rows;
     c->cap_seqs = max_seqs;
     c->cap_blocks = blocks;
+    if (grow_scratch(c, max_rows, kv_max_seqs(kv))) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
     if (ensure_lists(c, ls_cap > 4096 ? ls_cap : 4096, err, errlen))
         goto fail;
     int sizes[128];
@@ -937,23 +994,20 @@ static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv
                       int64_t n_samples, struct step *st, char *err, size_t errlen)
 {
     int max_seqs = kv_max_seqs(kv);
-    int *seq_of = malloc((size_t)n * sizeof(*seq_of));
-    int64_t *seq_first = malloc((size_t)max_seqs * sizeof(*seq_first));
-    int64_t *seq_count = calloc((size_t)max_seqs, sizeof(*seq_count));
-    int64_t *fill = calloc((size_t)max_seqs, sizeof(*fill));
-    char *is_samp = NULL;
+    struct scratch_view sv;
     memset(st, 0, sizeof(*st));
     st->graph = -1;
-    st->next = malloc((size_t)max_seqs * sizeof(*st->next));
-    st->order = malloc((size_t)n * sizeof(*st->order));
-    st->want_pos = malloc((size_t)n * sizeof(*st->want_pos));
-    st->host_w = malloc((size_t)n * sizeof(*st->host_w));
-    is_samp = calloc((size_t)n, 1);
-    if (!seq_of || !seq_first || !seq_count || !fill || !st->next || !st->order ||
-        !st->want_pos || !st->host_w || !is_samp) {
+    if (ensure_scratch(c, n, max_seqs, &sv)) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
+    int *seq_of = sv.seq_of;
+    int64_t *seq_first = sv.seq_first, *seq_count = sv.seq_count, *fill = sv.fill;
+    char *is_samp = sv.is_samp;
+    st->next = sv.next;
+    st->order = sv.order;
+    st->want_pos = sv.want_pos;
+    st->host_w = sv.host_w;
     if (model_check_batch(m, kv, rows, n, c->prev_samples, st->next, err, errlen))
         goto fail;
 
@@ -1111,19 +1165,8 @@ static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv
     }
     seen_off[NSAMP] = (int32_t)ns, prompt_off[NSAMP] = (int32_t)np, bias_off[NSAMP] = (int32_t)nbias;
     st->n_seen = ns, st->n_prompt = np, st->n_bias = nbias;
-    free(seq_of);
-    free(seq_first);
-    free(seq_count);
-    free(fill);
-    free(is_samp);
     return 0;
 fail:
-    free(seq_of);
-    free(seq_first);
-    free(seq_count);
-    free(fill);
-    free(is_samp);
-    step_free(st);
     return -1;
 }
 

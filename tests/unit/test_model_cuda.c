@@ -388,6 +388,20 @@ static void test_steps(void)
             ok &= logits[(size_t)p * V + (size_t)j] == expect_logit((int32_t)(p * 31 % V), j);
     CHECK(ok);
 
+    /* A step larger than prepared (100 rows > 64): prepared again inside
+     * the step, its host arrays kept through it. */
+    {
+        static struct model_row big_rows[100];
+        int s7 = kv_seq_open(kv, 0);
+        CHECK(kv_seq_reserve(kv, s7, 100) == 0);
+        for (int64_t p = 0; p < 100; p++)
+            big_rows[p] = (struct model_row){(int32_t)(p * 13 % V), s7, p, p == 99};
+        smp[0] = (struct model_sample){.row = 0, .s = sb};
+        forward(m, kv, big_rows, 100, logits, smp, 1);
+        check_clean("re-prepare");
+        CHECK(smp[0].res.token == expect_token((int32_t)(99 * 13 % V)));
+    }
+
     /* Another cache: the device storage follows it. */
     struct kv_cache *kv2 = make_kv(m, 20, 2);
     int t0 = kv_seq_open(kv2, 0);
