@@ -1,0 +1,328 @@
+/* comm_nccl.c: the communicator across GPUs, one NCCL rank per GPU, built
+ * only with the CUDA toolkit and NCCL. The handle's own thread (the rank's
+ * GPU worker) makes every call; collectives are enqueued on its stream.
+ *
+ * The communicator is nonblocking (ncclConfig_t.blocking = 0): no NCCL call
+ * parks the thread inside NCCL, every wait is a poll here that also reads
+ * the abort flag and the communicator's asynchronous error, as NCCL's
+ * fault-tolerance guide prescribes. That is what lets a dead peer or a
+ * stopping engine end with ncclCommAbort instead of a hang, at init,
+ * enqueue, sync or finalize alike. After an abort or any NCCL or CUDA
+ * error the handle is dead: ncclCommAbort has run, and every later call
+ * fails with the first reason. Peers are not told; the engine's control
+ * plane aborts them.
+ */
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine/comm_internal.h"
+
+_Static_assert(sizeof(ncclUniqueId) == COMM_NCCL_ID_BYTES, "COMM_NCCL_ID_BYTES");
+
+/* How long comm_destroy lets an orderly finalize take before it aborts: a
+ * peer that vanished without aborting would otherwise hold it forever. */
+#define FINALIZE_TIMEOUT_MS 10000
+
+struct nccl_rank {
+    struct comm base;    /* first: the handle callers see */
+    ncclComm_t nc;       /* NULL once dead */
+    cudaStream_t stream; /* borrowed */
+    int *barrier_word;   /* device: (1) int, the barrier's all-reduce */
+    int dead;
+    char dead_msg[COMM_ERR_LEN];
+    /* comm_abort from any thread: the request, and its reason under mu. */
+    atomic_int abort_req;
+    pthread_mutex_t abort_mu;
+    char abort_why[COMM_WHY_LEN];
+};
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+/* ---- Death: the one way out of every failure ---------------------------- */
+
+/* Aborts the communicator and keeps msg as the answer to every later call.
+ * Returns -1. */
+static int die(struct nccl_rank *r, const char *msg)
+{
+    if (!r->dead) {
+        snprintf(r->dead_msg, sizeof(r->dead_msg), "%s", msg);
+        r->dead = 1;
+        if (r->nc) {
+            ncclResult_t res = ncclCommAbort(r->nc);
+            r->nc = NULL;
+            if (res != ncclSuccess) {
+                size_t len = strlen(r->dead_msg);
+                snprintf(r->dead_msg + len, sizeof(r->dead_msg) - len, " (then ncclCommAbort: %s)",
+                         ncclGetErrorString(res));
+            }
+        }
+    }
+    return comm_fail(&r->base, "%s", r->dead_msg);
+}
+
+static int die_nccl(struct nccl_rank *r, const char *what, ncclResult_t res)
+{
+    char msg[COMM_ERR_LEN];
+    const char *last = r->nc ? ncclGetLastError(r->nc) : NULL;
+    snprintf(msg, sizeof(msg), "%s: %s%s%s", what, ncclGetErrorString(res),
+             last && *last ? ": " : "", last && *last ? last : "");
+    return die(r, msg);
+}
+
+static int die_cuda(struct nccl_rank *r, const char *what, cudaError_t e)
+{
+    char msg[COMM_ERR_LEN];
+    snprintf(msg, sizeof(msg), "%s: %s", what, cudaGetErrorString(e));
+    return die(r, msg);
+}
+
+/* Acts on a pending comm_abort: returns -1 (the handle is now dead) or 0. */
+static int take_abort(struct nccl_rank *r)
+{
+    if (!atomic_load_explicit(&r->abort_req, memory_order_acquire))
+        return 0;
+    char msg[COMM_ERR_LEN];
+    pthread_mutex_lock(&r->abort_mu);
+    snprintf(msg, sizeof(msg), "aborted: %s", r->abort_why);
+    pthread_mutex_unlock(&r->abort_mu);
+    return die(r, msg);
+}
+
+/* Every call starts here: a dead or aborted handle fails at once. */
+static int enter(struct nccl_rank *r)
+{
+    if (r->dead)
+        return comm_fail(&r->base, "%s", r->dead_msg);
+    return take_abort(r);
+}
+
+/* Waits until the communicator's pending NCCL call has finished its host
+ * side (nonblocking mode returns ncclInProgress first), then reports its
+ * outcome. deadline_ms <= 0: none. Returns 0 or -1 (dead). */
+static int settle(struct nccl_rank *r, const char *what, ncclResult_t res, double deadline_ms)
+{
+    while (res == ncclInProgress) {
+        if (take_abort(r) != 0)
+            return -1;
+        if (deadline_ms > 0 && now_ms() > deadline_ms) {
+            char msg[COMM_ERR_LEN];
+            snprintf(msg, sizeof(msg), "%s: timed out", what);
+            return die(r, msg);
+        }
+        /* Let NCCL's own threads, which do the work, have the core. */
+        sched_yield();
+        ncclResult_t q = ncclCommGetAsyncError(r->nc, &res);
+        if (q != ncclSuccess)
+            return die_nccl(r, "ncclCommGetAsyncError", q);
+    }
+    if (res != ncclSuccess)
+        return die_nccl(r, what, res);
+    return 0;
+}
+
+/* ---- Collectives ------------------------------------------------------ */
+
+static int nccl_allreduce_f32(struct comm *c, float *buf, int64_t n)
+{
+    struct nccl_rank *r = (struct nccl_rank *)c;
+    if (enter(r) != 0)
+        return -1;
+    if (n < 0)
+        return comm_fail(c, "allreduce_f32: bad element count %lld", (long long)n);
+    if (n == 0)
+        return 0; /* every rank has n == 0 too: nothing to meet for */
+    return settle(r, "ncclAllReduce",
+                  ncclAllReduce(buf, buf, (size_t)n, ncclFloat32, ncclSum, r->nc, r->stream), 0);
+}
+
+static int nccl_allgather_f32(struct comm *c, const float *send, int64_t n_per_rank, float *recv)
+{
+    struct nccl_rank *r = (struct nccl_rank *)c;
+    if (enter(r) != 0)
+        return -1;
+    if (n_per_rank < 0)
+        return comm_fail(c, "allgather_f32: bad element count %lld", (long long)n_per_rank);
+    if (n_per_rank == 0)
+        return 0;
+    return settle(r, "ncclAllGather",
+                  ncclAllGather(send, recv, (size_t)n_per_rank, ncclFloat32, r->nc, r->stream), 0);
+}
+
+static int nccl_broadcast(struct comm *c, void *buf, size_t bytes, int root)
+{
+    struct nccl_rank *r = (struct nccl_rank *)c;
+    if (enter(r) != 0)
+        return -1;
+    if (root < 0 || root >= c->size)
+        return comm_fail(c, "broadcast: root %d not in [0, %d)", root, c->size);
+    if (bytes == 0)
+        return 0;
+    return settle(r, "ncclBroadcast",
+                  ncclBroadcast(buf, buf, bytes, ncclUint8, root, r->nc, r->stream), 0);
+}
+
+/* Waits for the stream, watching for an abort or an asynchronous NCCL
+ * error (a peer gone: the kernels would otherwise wait forever). Polls
+ * with sched_yield, so it holds a core while it waits; a decode step's
+ * wait is short. */
+static int nccl_sync(struct comm *c)
+{
+    struct nccl_rank *r = (struct nccl_rank *)c;
+    if (enter(r) != 0)
+        return -1;
+    for (;;) {
+        cudaError_t e = cudaStreamQuery(r->stream);
+        if (e == cudaSuccess)
+            return 0;
+        if (e != cudaErrorNotReady)
+            return die_cuda(r, "cudaStreamQuery", e);
+        if (take_abort(r) != 0)
+            return -1;
+        ncclResult_t st;
+        ncclResult_t q = ncclCommGetAsyncError(r->nc, &st);
+        if (q != ncclSuccess)
+            return die_nccl(r, "ncclCommGetAsyncError", q);
+        if (st != ncclSuccess && st != ncclInProgress)
+            return die_nccl(r, "asynchronous NCCL error", st);
+        sched_yield();
+    }
+}
+
+/* A one-int all-reduce meets every rank; waiting for it on the stream
+ * makes it a host barrier too. */
+static int nccl_barrier(struct comm *c)
+{
+    struct nccl_rank *r = (struct nccl_rank *)c;
+    if (enter(r) != 0)
+        return -1;
+    if (settle(r, "ncclAllReduce (barrier)",
+               ncclAllReduce(r->barrier_word, r->barrier_word, 1, ncclInt32, ncclSum, r->nc,
+                             r->stream),
+               0) != 0)
+        return -1;
+    return nccl_sync(c);
+}
+
+static void nccl_abort(struct comm *c, const char *why)
+{
+    struct nccl_rank *r = (struct nccl_rank *)c;
+    pthread_mutex_lock(&r->abort_mu);
+    if (!atomic_load_explicit(&r->abort_req, memory_order_relaxed)) {
+        snprintf(r->abort_why, sizeof(r->abort_why), "%s", why ? why : "(no reason given)");
+        atomic_store_explicit(&r->abort_req, 1, memory_order_release);
+    }
+    pthread_mutex_unlock(&r->abort_mu);
+}
+
+static void nccl_destroy(struct comm *c)
+{
+    struct nccl_rank *r = (struct nccl_rank *)c;
+    if (r->nc && take_abort(r) == 0) {
+        /* Orderly: finalize flushes what was issued and waits for the peers
+         * to be quiescent, then destroy frees without blocking. */
+        if (settle(r, "ncclCommFinalize", ncclCommFinalize(r->nc),
+                   now_ms() + FINALIZE_TIMEOUT_MS) == 0) {
+            (void)ncclCommDestroy(r->nc); /* no caller left to tell of a failure */
+            r->nc = NULL;
+        }
+    }
+    /* settle and take_abort aborted r->nc on any failure. */
+    if (r->barrier_word)
+        (void)cudaFree(r->barrier_word); /* likewise */
+    pthread_mutex_destroy(&r->abort_mu);
+    free(r);
+}
+
+static const struct comm_ops nccl_ops = {
+    .allreduce_f32 = nccl_allreduce_f32,
+    .allgather_f32 = nccl_allgather_f32,
+    .broadcast = nccl_broadcast,
+    .barrier = nccl_barrier,
+    .sync = nccl_sync,
+    .abort = nccl_abort,
+    .destroy = nccl_destroy,
+};
+
+/* ---- Creation --------------------------------------------------------- */
+
+int comm_nccl_unique_id(void *out, char *err, size_t errlen)
+{
+    ncclUniqueId id;
+    ncclResult_t res = ncclGetUniqueId(&id);
+    if (res != ncclSuccess) {
+        snprintf(err, errlen, "ncclGetUniqueId: %s", ncclGetErrorString(res));
+        return -1;
+    }
+    memcpy(out, &id, sizeof(id));
+    return 0;
+}
+
+struct comm *comm_nccl_create(int rank, int size, const void *unique_id, void *stream,
+                              int timeout_ms, char *err, size_t errlen)
+{
+    if (size < 1 || rank < 0 || rank >= size || !unique_id) {
+        snprintf(err, errlen, "comm_nccl_create: rank %d of %d%s", rank, size,
+                 unique_id ? "" : ", no unique id");
+        return NULL;
+    }
+    struct nccl_rank *r = calloc(1, sizeof(*r));
+    if (!r) {
+        snprintf(err, errlen, "comm_nccl_create: out of memory");
+        return NULL;
+    }
+    if (pthread_mutex_init(&r->abort_mu, NULL) != 0) {
+        snprintf(err, errlen, "comm_nccl_create: pthread_mutex_init failed");
+        free(r);
+        return NULL;
+    }
+    atomic_init(&r->abort_req, 0);
+    r->base.ops = &nccl_ops;
+    r->base.rank = rank;
+    r->base.size = size;
+    r->stream = (cudaStream_t)stream;
+
+    cudaError_t e = cudaMalloc((void **)&r->barrier_word, sizeof(int));
+    if (e != cudaSuccess) {
+        r->barrier_word = NULL;
+        die_cuda(r, "cudaMalloc (barrier word)", e);
+        goto fail;
+    }
+    /* The barrier sums whatever is there; zeroed so no tool sees a read of
+     * uninitialised memory. On the rank's stream, ahead of any barrier. */
+    e = cudaMemsetAsync(r->barrier_word, 0, sizeof(int), r->stream);
+    if (e != cudaSuccess) {
+        die_cuda(r, "cudaMemsetAsync (barrier word)", e);
+        goto fail;
+    }
+
+    ncclUniqueId id;
+    memcpy(&id, unique_id, sizeof(id));
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    cfg.blocking = 0; /* see the top of the file */
+    ncclResult_t res = ncclCommInitRankConfig(&r->nc, size, id, rank, &cfg);
+    if (res != ncclSuccess && res != ncclInProgress) {
+        die_nccl(r, "ncclCommInitRankConfig", res);
+        goto fail;
+    }
+    /* Init meets every rank: the part that waits on peers, hence the limit. */
+    if (settle(r, "ncclCommInitRankConfig (waiting for every rank)", res,
+               timeout_ms > 0 ? now_ms() + timeout_ms : 0) != 0)
+        goto fail;
+    return &r->base;
+fail:
+    snprintf(err, errlen, "%s", r->base.err);
+    nccl_destroy(&r->base);
+    return NULL;
+}
