@@ -19,6 +19,7 @@
 #include "engine/gguf.h"
 #include "engine/json.h"
 #include "engine/model_config.h"
+#include "engine/comm.h"
 #include "engine/dummy.h"
 #include "engine/model_internal.h"
 #include "engine/safetensors.h"
@@ -364,7 +365,17 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
     }
     if (bind_all(m, err, errlen))
         goto fail;
-    m->pool = k_pool_create(opts ? opts->n_threads : 0);
+    m->kv_stride = m->cfg.n_head_kv;
+    m->tp = 1;
+    int tp = opts && opts->tp > 1 ? opts->tp : 1;
+    if (tp > 1 && opts->device == MODEL_DEVICE_CUDA) {
+        snprintf(err, errlen, "--tensor-parallel-size %d with --device cuda: the GPU ranks "
+                 "(NCCL) are not wired into the engine yet; tensor parallelism runs on the "
+                 "CPU for now", tp);
+        goto fail;
+    }
+    /* the rank models run the pool's threads between them */
+    m->pool = k_pool_create(tp > 1 ? 1 : opts ? opts->n_threads : 0);
     if (!m->pool) {
         snprintf(err, errlen, "cannot start the CPU thread pool");
         goto fail;
@@ -382,8 +393,13 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
         goto fail;
 #endif
     }
-    if (!(opts && opts->no_repack) && repack_all(m, err, errlen))
+    if (tp > 1) {
+        /* the ranks slice the file's rows; repacked layouts do not slice */
+        if (model_tp_create(m, tp, opts->n_threads, err, errlen))
+            goto fail;
+    } else if (!(opts && opts->no_repack) && repack_all(m, err, errlen)) {
         goto fail;
+    }
     *out = m;
     return 0;
 fail:
@@ -411,6 +427,7 @@ void model_destroy(struct model *m)
 {
     if (!m)
         return;
+    model_tp_destroy(m);
     free_activations(m);
 #ifdef INFERD_CUDA
     mcu_destroy(m->cuda);
@@ -425,6 +442,8 @@ void model_destroy(struct model *m)
     dummy_close(m->dummy);
     free(m->prev_tok);
     free(m->rows_tmp);
+    free(m->tp_logits);
+    free(m->tp_gather);
     free(m);
 }
 
@@ -434,7 +453,10 @@ void model_get_stats(const struct model *m, struct model_stats *st) { *st = m->s
 
 struct kv_geom model_kv_geom(const struct model *m)
 {
-    struct kv_geom g = {m->cfg.n_layer, m->cfg.n_head_kv, m->cfg.head_dim, m->cuda != NULL};
+    /* with tensor parallelism every rank's heads have their place in a
+     * token row (replicated KV heads once per rank that holds them) */
+    struct kv_geom g = {m->cfg.n_layer, m->tp > 1 ? m->kv_stride : m->cfg.n_head_kv,
+                        m->cfg.head_dim, m->cuda != NULL};
     return g;
 }
 
@@ -536,6 +558,9 @@ static void attn_worker(void *ctx, int ith, int nth)
     int64_t hd = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
     int64_t group = nh / nkv;
     int64_t nqkv = (nh + 2 * nkv) * hd;
+    /* KV heads per token row of the cache, and where this model's start
+     * (a tensor-parallel rank holds some of them) */
+    int64_t kvs = m->kv_stride;
     /* Whole groups when there are enough of them to keep every thread
      * busy (prefill, large batches); single heads otherwise (decode). */
     int64_t sub = j->n_rows * nkv >= 2 * (int64_t)nth ? group : 1;
@@ -562,9 +587,9 @@ static void attn_worker(void *ctx, int ith, int nth)
             if (cnt > row->pos + 1 - p)
                 cnt = row->pos + 1 - p;
             const float *k = kv_block_k(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
-                             (in * nkv + kvh) * hd;
+                             (in * kvs + m->kv_head0 + kvh) * hd;
             for (int64_t h = 0; h < sub; h++)
-                k_dot_rows_f32(m->qkv + r * nqkv + (h0 + h) * hd, k, nkv * hd, cnt, hd,
+                k_dot_rows_f32(m->qkv + r * nqkv + (h0 + h) * hd, k, kvs * hd, cnt, hd,
                                scores + (size_t)h * (size_t)c->n_ctx + (p - start));
             p += cnt;
         }
@@ -580,11 +605,11 @@ static void attn_worker(void *ctx, int ith, int nth)
             if (cnt > row->pos + 1 - p)
                 cnt = row->pos + 1 - p;
             const float *v = kv_block_v(j->kv, j->layer, table[p / KV_BLOCK_TOKENS]) +
-                             (in * nkv + kvh) * hd;
+                             (in * kvs + m->kv_head0 + kvh) * hd;
             for (int64_t h = 0; h < sub; h++)
                 k_axpy_rows_f32(m->att + r * nh * hd + (h0 + h) * hd,
                                 scores + (size_t)h * (size_t)c->n_ctx + (p - start), v,
-                                nkv * hd, cnt, hd);
+                                kvs * hd, cnt, hd);
             p += cnt;
         }
     }
@@ -635,7 +660,13 @@ static void st_embed(struct rows_job *j, int64_t r0, int64_t r1)
     const struct model_config *c = &m->cfg;
     int64_t pairs = c->rope_dim / 2;
     for (int64_t r = r0; r < r1; r++) {
-        k_dequant_row(&m->tok_embd, j->rows[r].token, m->x + r * c->n_embd);
+        /* a tensor-parallel rank holds rows [vocab0, vocab0 + rows) of the
+         * table: zeros for the others, summed across ranks after */
+        int64_t t = (int64_t)j->rows[r].token - m->vocab0;
+        if (t >= 0 && t < m->tok_embd.rows)
+            k_dequant_row(&m->tok_embd, t, m->x + r * c->n_embd);
+        else
+            memset(m->x + r * c->n_embd, 0, (size_t)c->n_embd * sizeof(float));
         const float *inv = kv_seq_rope_long(j->kv, j->rows[r].seq) ? c->inv_freq_long : c->inv_freq_short;
         float *cs = m->rope_cs + r * 2 * pairs;
         for (int64_t i = 0; i < pairs; i++) {
@@ -680,7 +711,7 @@ static void st_qkv_post(struct rows_job *j, int64_t r0, int64_t r1)
         const int32_t *table = kv_seq_blocks(j->kv, j->rows[r].seq, &nb);
         int64_t p = j->rows[r].pos;
         int32_t b = table[p / KV_BLOCK_TOKENS];
-        size_t off = (size_t)((p % KV_BLOCK_TOKENS) * nkv * hd);
+        size_t off = (size_t)(((p % KV_BLOCK_TOKENS) * m->kv_stride + m->kv_head0) * hd);
         memcpy(kv_block_k(j->kv, j->layer, b) + off, k, (size_t)(nkv * hd) * sizeof(float));
         memcpy(kv_block_v(j->kv, j->layer, b) + off, v, (size_t)(nkv * hd) * sizeof(float));
     }
@@ -756,29 +787,22 @@ int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_r
     return 0;
 }
 
-int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *rows,
-                  int64_t n, float *logits, char *err, size_t errlen)
+/* Sums x (n floats) over the ranks of a tensor-parallel rank model; a
+ * plain model has nothing to sum. */
+static int tp_sum(struct model *m, float *x, int64_t n, char *err, size_t errlen)
+{
+    if (!m->comm || comm_allreduce_f32(m->comm, x, n) == 0)
+        return 0;
+    snprintf(err, errlen, "tensor parallel rank %d: %s", comm_rank(m->comm),
+             comm_error(m->comm));
+    return -1;
+}
+
+int model_forward_body(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                       int64_t n, float *logits, char *err, size_t errlen)
 {
     const struct model_config *c = &m->cfg;
-    if (n <= 0)
-        return 0;
-    int64_t *next = malloc((size_t)kv_max_seqs(kv) * sizeof(int64_t));
-    if (!next) {
-        snprintf(err, errlen, "out of memory");
-        return -1;
-    }
-#ifdef INFERD_CUDA
-    if (m->cuda) {
-        free(next);
-        return model_forward_sample(m, kv, rows, n, logits, NULL, 0, err, errlen);
-    }
-#endif
-    if (model_check_batch(m, kv, rows, n, 0, next, err, errlen)) {
-        free(next);
-        return -1;
-    }
     if (ensure_rows(m, n)) {
-        free(next);
         snprintf(err, errlen, "out of memory for a batch of %lld rows", (long long)n);
         return -1;
     }
@@ -787,6 +811,8 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
     void *sc = m->mm_scratch;
     struct rows_job rj = {m, kv, rows, n, 0, NULL};
     run_rows(&rj, st_embed);
+    if (tp_sum(m, m->x, n * E, err, errlen))
+        return -1;
 
     for (int64_t il = 0; il < c->n_layer; il++) {
         const struct layer *L = &m->layers[il];
@@ -803,6 +829,8 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
         struct attn_job job = {m, kv, rows, n, il};
         k_pool_run(m->pool, attn_worker, &job);
         k_matmul(m->pool, &L->wo, m->att, nq, n, m->h, E, sc);
+        if (tp_sum(m, m->h, n * E, err, errlen)) /* row-parallel: partial sums */
+            return -1;
         run_rows(&rj, st_attn_residual_ffn_norm);
         if (c->fused_gate_up) {
             k_matmul(m->pool, &L->wgate_up, m->h, E, n, m->gu, 2 * ff, sc);
@@ -812,6 +840,8 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
         }
         run_rows(&rj, st_silu_mul);
         k_matmul(m->pool, &L->wdown, m->act, ff, n, m->h, E, sc);
+        if (tp_sum(m, m->h, n * E, err, errlen))
+            return -1;
         run_rows(&rj, st_mlp_residual);
     }
 
@@ -823,12 +853,38 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
         rmsnorm_rows(m->h + nw * E, m->x + r * E, m->out_norm, 1, E, c->rms_eps);
         nw++;
     }
+    if (nw && m->comm)
+        return model_tp_logits(m, nw, logits, err, errlen);
     if (nw)
         k_matmul(m->pool, &m->output, m->h, E, nw, logits, c->n_vocab, sc);
-    for (int64_t r = 0; r < n; r++)
-        kv_seq_set_len(kv, rows[r].seq, next[rows[r].seq]);
-    free(next);
     return 0;
+}
+
+int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                  int64_t n, float *logits, char *err, size_t errlen)
+{
+    if (n <= 0)
+        return 0;
+#ifdef INFERD_CUDA
+    if (m->cuda)
+        return model_forward_sample(m, kv, rows, n, logits, NULL, 0, err, errlen);
+#endif
+    int64_t *next = malloc((size_t)kv_max_seqs(kv) * sizeof(int64_t));
+    if (!next) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    if (model_check_batch(m, kv, rows, n, 0, next, err, errlen)) {
+        free(next);
+        return -1;
+    }
+    int rc = m->tp > 1 ? model_tp_forward(m, kv, rows, n, logits, err, errlen)
+                       : model_forward_body(m, kv, rows, n, logits, err, errlen);
+    if (rc == 0)
+        for (int64_t r = 0; r < n; r++)
+            kv_seq_set_len(kv, rows[r].seq, next[rows[r].seq]);
+    free(next);
+    return rc;
 }
 
 int model_launch(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,

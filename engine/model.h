@@ -85,6 +85,12 @@ struct model_opts {
     /* On the GPU: run every step kernel by kernel (vLLM's --enforce-eager)
      * instead of replaying decode steps from CUDA graphs. */
     int enforce_eager;
+    /* Tensor parallelism (--tensor-parallel-size): the model split over tp
+     * ranks Megatron-style (tp_plan.h), each a thread with n_threads / tp
+     * CPU threads, summing partial results through a communicator; 0 or 1:
+     * none. model_load refuses a shape that does not split. CPU only for
+     * now. */
+    int tp;
 };
 enum { MODEL_DEVICE_CPU = 0, MODEL_DEVICE_CUDA = 1 };
 /* MODEL_LOAD_SHAPES: as DUMMY with every weight zero and never written,

@@ -38,6 +38,23 @@ struct model {
                                 * weights, freed at destroy */
     size_t n_owned, cap_owned;
     struct model_stats stats;
+    /* Where this model's KV heads sit in the cache's token rows: kv_stride
+     * heads per row, its own from kv_head0 (n_head_kv and 0, unless it is
+     * a tensor-parallel rank). */
+    int64_t kv_stride, kv_head0;
+    /* Tensor parallelism (model_tp.c). The model model_load returns holds
+     * tp rank models, each computing its shard on its own thread with a
+     * communicator; a rank model borrows the weights' memory from it. */
+    int tp;                    /* ranks: 1 without tensor parallelism */
+    struct model **rank;       /* (tp) rank models, or NULL */
+    struct tp_runner *runner;  /* the rank threads */
+    struct comm_group *group;
+    struct tp_shards *shards;  /* the plan's per-rank ranges */
+    struct comm *comm;         /* a rank model's communicator, else NULL */
+    const struct tp_shards *tp_shared; /* a rank model's: the main model's plan */
+    int64_t vocab0;            /* first embedding / LM head row held */
+    float *tp_logits, *tp_gather; /* a rank's logits, and everyone's */
+    int64_t cap_tp_rows;
     /* launch/collect (model.h) on the CPU: the last launch's sampled
      * tokens (what MODEL_TOKEN_PREV names) and the launches not collected */
     int32_t *prev_tok;
@@ -65,6 +82,21 @@ struct model {
  * gets each sequence's length after the batch. */
 int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
                       int64_t n, int64_t n_prev, int64_t *next, char *err, size_t errlen);
+
+/* model.c: the forward pass over validated rows (model_forward without
+ * the checks and the cache bookkeeping); a rank model sums with its peers. */
+int model_forward_body(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                       int64_t n, float *logits, char *err, size_t errlen);
+
+/* model_tp.c: splits a loaded model into tp rank models (tp_plan.h) and
+ * starts their threads; runs a step on every rank (rank 0 on the calling
+ * thread), logits gathered into logits; a rank model's LM head (its vocab
+ * rows, all-gathered: rank 0 gets every row in logits); frees it all. */
+int model_tp_create(struct model *m, int tp, int n_threads, char *err, size_t errlen);
+int model_tp_forward(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                     int64_t n, float *logits, char *err, size_t errlen);
+int model_tp_logits(struct model *m, int64_t nw, float *logits, char *err, size_t errlen);
+void model_tp_destroy(struct model *m);
 
 #ifdef INFERD_CUDA
 /* model_cuda.c: the weights on the device (bf16), and the forward pass

@@ -162,11 +162,12 @@ static int bench_engine(int argc, char **argv)
         {"deterministic", no_argument, 0, 'T'},
         {"enforce-eager", no_argument, 0, 'E'},
         {"prefill-chunk", required_argument, 0, 'C'},
+        {"tensor-parallel-size", required_argument, 0, 'P'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *batches = "1,8", *json_path = NULL;
-    int64_t P = 128, G = 32, threads = 0, chunk = 8192;
+    int64_t P = 128, G = 32, threads = 0, chunk = 8192, tp = 1;
     int c, no_repack = 0, load_format = MODEL_LOAD_AUTO, device = MODEL_DEVICE_CPU;
     int deterministic = 0, eager = 0;
     optind = 1;
@@ -193,6 +194,7 @@ static int bench_engine(int argc, char **argv)
         case 'T': deterministic = 1; break;
         case 'E': eager = 1; break;
         case 'C': if (cli_parse_int("--prefill-chunk", optarg, 1, 1 << 20, &chunk)) return 2; break;
+        case 'P': if (cli_parse_int("--tensor-parallel-size", optarg, 1, 64, &tp)) return 2; break;
         case 'h':
             puts("usage: inferd bench engine MODEL [options]\n"
                  "  --batch LIST   batch sizes, comma-separated (default 1,8)\n"
@@ -205,6 +207,7 @@ static int bench_engine(int argc, char **argv)
                  "  --device D     cpu (default) or cuda (the first GPU; builds with CUDA)\n"
                  "  --deterministic  GPU: batch-invariant kernels (the CPU always is)\n"
                  "  --enforce-eager  GPU: no CUDA graphs for decode steps\n"
+                 "  --tensor-parallel-size N  split the model over N ranks (CPU threads)\n"
                  "  --load-format dummy  MODEL is a config.json (or its directory): random\n"
                  "                 bf16 weights at that shape, no weight files needed\n"
                  "  --json FILE    also write the results as JSON");
@@ -232,7 +235,8 @@ static int bench_engine(int argc, char **argv)
     struct model *m;
     struct model_opts mo = {.n_threads = (int)threads, .no_repack = no_repack,
                             .load_format = load_format, .device = device,
-                            .deterministic = deterministic, .enforce_eager = eager};
+                            .deterministic = deterministic, .enforce_eager = eager,
+                            .tp = (int)tp};
     double t0 = now_s();
     if (model_load(path, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);

@@ -22,6 +22,8 @@ struct run_args {
     int all;                 /* logits: every position, not just the last */
     int ignore_eos;
     int no_repack;           /* keep the file's weight layout */
+    int device;              /* MODEL_DEVICE_* */
+    int64_t tp;              /* tensor-parallel ranks */
 };
 
 struct seqs {
@@ -80,6 +82,8 @@ static int parse_args(int argc, char **argv, struct run_args *a, int is_generate
         {"all", no_argument, 0, 'a'},
         {"ignore-eos", no_argument, 0, 'e'},
         {"no-repack", no_argument, 0, 'R'},
+        {"device", required_argument, 0, 'D'},
+        {"tensor-parallel-size", required_argument, 0, 'T'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -97,6 +101,11 @@ static int parse_args(int argc, char **argv, struct run_args *a, int is_generate
         case 'a': a->all = 1; break;
         case 'e': a->ignore_eos = 1; break;
         case 'R': a->no_repack = 1; break;
+        case 'D': if (cli_parse_device(optarg, &a->device)) return 2; break;
+        case 'T':
+            if (cli_parse_int("--tensor-parallel-size", optarg, 1, 64, &a->tp))
+                return 2;
+            break;
         case 'h':
             printf("usage: inferd %s MODEL --tokens IDS[;IDS...] [options]\n"
                    "  --tokens IDS      comma-separated token ids; ';' separates sequences run as one batch\n"
@@ -104,6 +113,8 @@ static int parse_args(int argc, char **argv, struct run_args *a, int is_generate
                    "  --chunk N         prefill at most N prompt tokens per sequence per step (default: all)\n"
                    "  --rope-total N    planned sequence length for the LongRoPE factor choice\n"
                    "  --no-repack       keep every weight in the file's layout (same results)\n"
+                   "  --device D        cpu (default) or cuda (the first GPU; builds with CUDA)\n"
+                   "  --tensor-parallel-size N  split the model over N ranks (CPU threads)\n"
                    "%s", is_generate ? "generate" : "logits",
                    is_generate ? "  --max-tokens N    tokens to generate (default 16)\n"
                                  "  --ignore-eos      do not stop at the end-of-sequence token\n"
@@ -157,7 +168,8 @@ static int run(int argc, char **argv, int is_generate)
     int *row_seq = NULL;   /* (logit rows) sequence index of each logits row */
     rc = 1;
 
-    struct model_opts mo = {.n_threads = (int)a.threads, .no_repack = a.no_repack};
+    struct model_opts mo = {.n_threads = (int)a.threads, .no_repack = a.no_repack,
+                            .device = a.device, .tp = (int)a.tp};
     if (model_load(a.model, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);
         goto done;

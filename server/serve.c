@@ -52,6 +52,7 @@ struct serve_args {
     int64_t max_prompt_bytes;
     double ping_interval;
     int device, deterministic, enforce_eager, async_sched;
+    int64_t tp;
     double gpu_util;
 };
 
@@ -209,6 +210,8 @@ static void usage(FILE *f)
           "                             (builds with the CUDA toolkit; not yet run on a GPU)\n"
           "  --deterministic            GPU: batch-invariant kernels, so a request's output\n"
           "                             does not depend on its batch (the CPU always is)\n"
+          "  --tensor-parallel-size N   split the model over N ranks, Megatron-style\n"
+          "                             (CPU threads for now; see inspect --tp)\n"
           "  --gpu-memory-utilization F GPU: fraction of its memory for weights, step\n"
           "                             buffers and KV cache together (default 0.9)\n"
           "  --enforce-eager            GPU: no CUDA graphs (each decode step's kernels\n"
@@ -286,7 +289,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 {
     enum { O_HOST = 256, O_PORT, O_NAME, O_KEY, O_KEYFILE, O_CERT, O_TLSKEY, O_TMPL, O_TRUST,
            O_THREADS, O_KV, O_SEQS, O_BATCH, O_QUEUE, O_MLEN, O_DRAIN, O_HDR, O_BODY, O_PROMPT,
-           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_GPUMEM, O_EAGER, O_ASYNC, O_NOASYNC, O_HELP };
+           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_GPUMEM, O_EAGER, O_ASYNC, O_NOASYNC, O_TP, O_HELP };
     static const struct option opts[] = {
         {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT},
@@ -320,6 +323,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         {"gpu-memory-utilization", required_argument, 0, O_GPUMEM},
         {"enforce-eager", no_argument, 0, O_EAGER},
         {"async-scheduling", no_argument, 0, O_ASYNC},
+        {"tensor-parallel-size", required_argument, 0, O_TP},
         {"no-async-scheduling", no_argument, 0, O_NOASYNC},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
@@ -392,6 +396,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         case O_DET: a->deterministic = 1; break;
         case O_EAGER: a->enforce_eager = 1; break;
         case O_ASYNC: a->async_sched = 1; break;
+        case O_TP: rc = cli_parse_int("--tensor-parallel-size", optarg, 1, 64, &a->tp); break;
         case O_NOASYNC: a->async_sched = -1; break;
         case O_GPUMEM: {
             char *end = NULL;
@@ -479,7 +484,7 @@ int cli_serve(int argc, char **argv)
 
     struct model_opts mo = {.n_threads = (int)a.threads, .device = a.device,
                             .deterministic = a.deterministic,
-                            .enforce_eager = a.enforce_eager};
+                            .enforce_eager = a.enforce_eager, .tp = (int)a.tp};
     if (model_load(path, &mo, &model, err, sizeof(err))) {
         cli_error("%s", err);
         goto done;
@@ -590,6 +595,9 @@ int cli_serve(int argc, char **argv)
              "(%.2f GiB), max_seqs %d",
              ao.served_name, path, now_s() - t0, (long long)lim.max_model_len,
              (long long)lim.kv_tokens, (double)lim.kv_bytes / (1 << 30), lim.max_seqs);
+    if (a.tp > 1)
+        log_info("tensor parallel: %lld ranks (threads of this process, summing through the "
+                 "CPU communicator)", (long long)a.tp);
     notify("READY=1\nSTATUS=serving");
 
     event_base_dispatch(s.base);
