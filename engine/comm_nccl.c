@@ -11,9 +11,11 @@
  * error the handle is dead: ncclCommAbort has run, and every later call
  * fails with the first reason. Peers are not told; the engine's control
  * plane aborts them.
+ *
+ * NCCL and the CUDA runtime are reached through kcuda.h (kc_nccl_*, built
+ * from kernels/cuda/nccl.c), as the rest of the engine reaches CUDA: no
+ * header of theirs is included here.
  */
-#include <cuda_runtime.h>
-#include <nccl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -23,18 +25,19 @@
 #include <time.h>
 
 #include "engine/comm_internal.h"
+#include "kernels/kernels.h" /* kcuda.h: the NCCL and CUDA calls */
 
-_Static_assert(sizeof(ncclUniqueId) == COMM_NCCL_ID_BYTES, "COMM_NCCL_ID_BYTES");
+_Static_assert(KC_NCCL_ID_BYTES == COMM_NCCL_ID_BYTES, "COMM_NCCL_ID_BYTES");
 
 /* How long comm_destroy lets an orderly finalize take before it aborts: a
  * peer that vanished without aborting would otherwise hold it forever. */
 #define FINALIZE_TIMEOUT_MS 10000
 
 struct nccl_rank {
-    struct comm base;    /* first: the handle callers see */
-    ncclComm_t nc;       /* NULL once dead */
-    cudaStream_t stream; /* borrowed */
-    int *barrier_word;   /* device: (1) int, the barrier's all-reduce */
+    struct comm base;      /* first: the handle callers see */
+    kc_nccl_comm nc;       /* NULL once dead */
+    kc_stream stream;      /* borrowed */
+    int32_t *barrier_word; /* device: (1) int32, the barrier's all-reduce */
     int dead;
     char dead_msg[COMM_ERR_LEN];
     /* comm_abort from any thread: the request, and its reason under mu. */
@@ -60,31 +63,31 @@ static int die(struct nccl_rank *r, const char *msg)
         snprintf(r->dead_msg, sizeof(r->dead_msg), "%s", msg);
         r->dead = 1;
         if (r->nc) {
-            ncclResult_t res = ncclCommAbort(r->nc);
+            int res = kc_nccl_abort(r->nc);
             r->nc = NULL;
-            if (res != ncclSuccess) {
+            if (res != KC_NCCL_SUCCESS) {
                 size_t len = strlen(r->dead_msg);
                 snprintf(r->dead_msg + len, sizeof(r->dead_msg) - len, " (then ncclCommAbort: %s)",
-                         ncclGetErrorString(res));
+                         kc_nccl_error_string(res));
             }
         }
     }
     return comm_fail(&r->base, "%s", r->dead_msg);
 }
 
-static int die_nccl(struct nccl_rank *r, const char *what, ncclResult_t res)
+static int die_nccl(struct nccl_rank *r, const char *what, int res)
 {
     char msg[COMM_ERR_LEN];
-    const char *last = r->nc ? ncclGetLastError(r->nc) : NULL;
-    snprintf(msg, sizeof(msg), "%s: %s%s%s", what, ncclGetErrorString(res),
+    const char *last = r->nc ? kc_nccl_last_error(r->nc) : NULL;
+    snprintf(msg, sizeof(msg), "%s: %s%s%s", what, kc_nccl_error_string(res),
              last && *last ? ": " : "", last && *last ? last : "");
     return die(r, msg);
 }
 
-static int die_cuda(struct nccl_rank *r, const char *what, cudaError_t e)
+static int die_cuda(struct nccl_rank *r, const char *what, int e)
 {
     char msg[COMM_ERR_LEN];
-    snprintf(msg, sizeof(msg), "%s: %s", what, cudaGetErrorString(e));
+    snprintf(msg, sizeof(msg), "%s: %s", what, kc_error_string(e));
     return die(r, msg);
 }
 
@@ -111,9 +114,9 @@ static int enter(struct nccl_rank *r)
 /* Waits until the communicator's pending NCCL call has finished its host
  * side (nonblocking mode returns ncclInProgress first), then reports its
  * outcome. deadline_ms <= 0: none. Returns 0 or -1 (dead). */
-static int settle(struct nccl_rank *r, const char *what, ncclResult_t res, double deadline_ms)
+static int settle(struct nccl_rank *r, const char *what, int res, double deadline_ms)
 {
-    while (res == ncclInProgress) {
+    while (res == KC_NCCL_IN_PROGRESS) {
         if (take_abort(r) != 0)
             return -1;
         if (deadline_ms > 0 && now_ms() > deadline_ms) {
@@ -123,11 +126,11 @@ static int settle(struct nccl_rank *r, const char *what, ncclResult_t res, doubl
         }
         /* Let NCCL's own threads, which do the work, have the core. */
         sched_yield();
-        ncclResult_t q = ncclCommGetAsyncError(r->nc, &res);
-        if (q != ncclSuccess)
+        int q = kc_nccl_async_error(r->nc, &res);
+        if (q != KC_NCCL_SUCCESS)
             return die_nccl(r, "ncclCommGetAsyncError", q);
     }
-    if (res != ncclSuccess)
+    if (res != KC_NCCL_SUCCESS)
         return die_nccl(r, what, res);
     return 0;
 }
@@ -144,7 +147,7 @@ static int nccl_allreduce_f32(struct comm *c, float *buf, int64_t n)
     if (n == 0)
         return 0; /* every rank has n == 0 too: nothing to meet for */
     return settle(r, "ncclAllReduce",
-                  ncclAllReduce(buf, buf, (size_t)n, ncclFloat32, ncclSum, r->nc, r->stream), 0);
+                  kc_nccl_allreduce_sum_f32(r->nc, r->stream, buf, buf, (size_t)n), 0);
 }
 
 static int nccl_allgather_f32(struct comm *c, const float *send, int64_t n_per_rank, float *recv)
@@ -157,7 +160,7 @@ static int nccl_allgather_f32(struct comm *c, const float *send, int64_t n_per_r
     if (n_per_rank == 0)
         return 0;
     return settle(r, "ncclAllGather",
-                  ncclAllGather(send, recv, (size_t)n_per_rank, ncclFloat32, r->nc, r->stream), 0);
+                  kc_nccl_allgather_f32(r->nc, r->stream, recv, send, (size_t)n_per_rank), 0);
 }
 
 static int nccl_broadcast(struct comm *c, void *buf, size_t bytes, int root)
@@ -169,8 +172,8 @@ static int nccl_broadcast(struct comm *c, void *buf, size_t bytes, int root)
         return comm_fail(c, "broadcast: root %d not in [0, %d)", root, c->size);
     if (bytes == 0)
         return 0;
-    return settle(r, "ncclBroadcast",
-                  ncclBroadcast(buf, buf, bytes, ncclUint8, root, r->nc, r->stream), 0);
+    return settle(r, "ncclBroadcast", kc_nccl_broadcast(r->nc, r->stream, buf, buf, bytes, root),
+                  0);
 }
 
 /* Waits for the stream, watching for an abort or an asynchronous NCCL
@@ -183,18 +186,18 @@ static int nccl_sync(struct comm *c)
     if (enter(r) != 0)
         return -1;
     for (;;) {
-        cudaError_t e = cudaStreamQuery(r->stream);
-        if (e == cudaSuccess)
+        int e = kc_nccl_stream_query(r->stream);
+        if (e == 0)
             return 0;
-        if (e != cudaErrorNotReady)
+        if (e != KC_CUDA_NOT_READY)
             return die_cuda(r, "cudaStreamQuery", e);
         if (take_abort(r) != 0)
             return -1;
-        ncclResult_t st;
-        ncclResult_t q = ncclCommGetAsyncError(r->nc, &st);
-        if (q != ncclSuccess)
+        int st;
+        int q = kc_nccl_async_error(r->nc, &st);
+        if (q != KC_NCCL_SUCCESS)
             return die_nccl(r, "ncclCommGetAsyncError", q);
-        if (st != ncclSuccess && st != ncclInProgress)
+        if (st != KC_NCCL_SUCCESS && st != KC_NCCL_IN_PROGRESS)
             return die_nccl(r, "asynchronous NCCL error", st);
         sched_yield();
     }
@@ -208,8 +211,7 @@ static int nccl_barrier(struct comm *c)
     if (enter(r) != 0)
         return -1;
     if (settle(r, "ncclAllReduce (barrier)",
-               ncclAllReduce(r->barrier_word, r->barrier_word, 1, ncclInt32, ncclSum, r->nc,
-                             r->stream),
+               kc_nccl_allreduce_sum_i32(r->nc, r->stream, r->barrier_word, r->barrier_word, 1),
                0) != 0)
         return -1;
     return nccl_sync(c);
@@ -232,15 +234,14 @@ static void nccl_destroy(struct comm *c)
     if (r->nc && take_abort(r) == 0) {
         /* Orderly: finalize flushes what was issued and waits for the peers
          * to be quiescent, then destroy frees without blocking. */
-        if (settle(r, "ncclCommFinalize", ncclCommFinalize(r->nc),
+        if (settle(r, "ncclCommFinalize", kc_nccl_finalize(r->nc),
                    now_ms() + FINALIZE_TIMEOUT_MS) == 0) {
-            (void)ncclCommDestroy(r->nc); /* no caller left to tell of a failure */
+            (void)kc_nccl_destroy(r->nc); /* no caller left to tell of a failure */
             r->nc = NULL;
         }
     }
     /* settle and take_abort aborted r->nc on any failure. */
-    if (r->barrier_word)
-        (void)cudaFree(r->barrier_word); /* likewise */
+    kc_free(r->barrier_word); /* likewise: it ignores cudaFree's result; NULL is fine */
     pthread_mutex_destroy(&r->abort_mu);
     free(r);
 }
@@ -259,13 +260,11 @@ static const struct comm_ops nccl_ops = {
 
 int comm_nccl_unique_id(void *out, char *err, size_t errlen)
 {
-    ncclUniqueId id;
-    ncclResult_t res = ncclGetUniqueId(&id);
-    if (res != ncclSuccess) {
-        snprintf(err, errlen, "ncclGetUniqueId: %s", ncclGetErrorString(res));
+    int res = kc_nccl_unique_id(out);
+    if (res != KC_NCCL_SUCCESS) {
+        snprintf(err, errlen, "ncclGetUniqueId: %s", kc_nccl_error_string(res));
         return -1;
     }
-    memcpy(out, &id, sizeof(id));
     return 0;
 }
 
@@ -291,28 +290,26 @@ struct comm *comm_nccl_create(int rank, int size, const void *unique_id, void *s
     r->base.ops = &nccl_ops;
     r->base.rank = rank;
     r->base.size = size;
-    r->stream = (cudaStream_t)stream;
+    r->stream = (kc_stream)stream;
 
-    cudaError_t e = cudaMalloc((void **)&r->barrier_word, sizeof(int));
-    if (e != cudaSuccess) {
-        r->barrier_word = NULL;
+    void *word;
+    int e = kc_malloc(&word, sizeof(int32_t));
+    if (e != 0) {
         die_cuda(r, "cudaMalloc (barrier word)", e);
         goto fail;
     }
+    r->barrier_word = word;
     /* The barrier sums whatever is there; zeroed so no tool sees a read of
      * uninitialised memory. On the rank's stream, ahead of any barrier. */
-    e = cudaMemsetAsync(r->barrier_word, 0, sizeof(int), r->stream);
-    if (e != cudaSuccess) {
+    e = kc_memset(r->stream, r->barrier_word, 0, sizeof(int32_t));
+    if (e != 0) {
         die_cuda(r, "cudaMemsetAsync (barrier word)", e);
         goto fail;
     }
 
-    ncclUniqueId id;
-    memcpy(&id, unique_id, sizeof(id));
-    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
-    cfg.blocking = 0; /* see the top of the file */
-    ncclResult_t res = ncclCommInitRankConfig(&r->nc, size, id, rank, &cfg);
-    if (res != ncclSuccess && res != ncclInProgress) {
+    /* blocking 0: nonblocking, see the top of the file. */
+    int res = kc_nccl_comm_init(&r->nc, size, unique_id, rank, 0);
+    if (res != KC_NCCL_SUCCESS && res != KC_NCCL_IN_PROGRESS) {
         die_nccl(r, "ncclCommInitRankConfig", res);
         goto fail;
     }

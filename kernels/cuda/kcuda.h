@@ -250,6 +250,68 @@ int kc_capture_end(kc_stream s, kc_graph *out);
 int kc_graph_launch(kc_graph g, kc_stream s);
 void kc_graph_destroy(kc_graph g);
 
+/* ------------------------------------------------------------------ NCCL */
+
+/* NCCL: the collectives across GPUs, wrapped so that the engine's
+ * communicator (engine/comm_nccl.c) includes no NCCL or CUDA header.
+ * Implemented in nccl.c, built only when NCCL is found (the engine then
+ * has INFERD_NCCL): nothing else may call these. Thin: each is one NCCL
+ * call and returns its ncclResult_t as an int, KC_NCCL_SUCCESS or an
+ * error code (kc_nccl_error_string says what it means); a communicator
+ * made nonblocking answers KC_NCCL_IN_PROGRESS until the call's host side
+ * is done (kc_nccl_async_error says when). */
+typedef struct ncclComm *kc_nccl_comm; /* an ncclComm_t */
+
+#define KC_NCCL_ID_BYTES 128  /* NCCL_UNIQUE_ID_BYTES */
+#define KC_NCCL_SUCCESS 0     /* ncclSuccess */
+#define KC_NCCL_IN_PROGRESS 7 /* ncclInProgress */
+#define KC_CUDA_NOT_READY 600 /* cudaErrorNotReady */
+
+/* The name of an NCCL result code (ncclGetErrorString), and the last
+ * error NCCL recorded for c (ncclGetLastError; may be empty). Static
+ * strings: not freed. */
+const char *kc_nccl_error_string(int res);
+const char *kc_nccl_last_error(kc_nccl_comm c);
+
+/* Fills out (KC_NCCL_ID_BYTES bytes) with a fresh ncclUniqueId. */
+int kc_nccl_unique_id(void *out);
+/* ncclCommInitRankConfig: rank of nranks, the group named by id
+ * (KC_NCCL_ID_BYTES bytes, borrowed), on the calling thread's current
+ * device; blocking 0 makes the communicator nonblocking. *out is the
+ * handle even when the result is an error or KC_NCCL_IN_PROGRESS (then
+ * kc_nccl_abort frees it). */
+int kc_nccl_comm_init(kc_nccl_comm *out, int nranks, const void *id, int rank, int blocking);
+/* ncclCommGetAsyncError: *state is KC_NCCL_SUCCESS, KC_NCCL_IN_PROGRESS
+ * (an operation's host side still running) or the error that broke c. */
+int kc_nccl_async_error(kc_nccl_comm c, int *state);
+/* ncclCommFinalize (flushes what was issued; nonblocking: poll with
+ * kc_nccl_async_error), then ncclCommDestroy (frees c); ncclCommAbort
+ * frees c at once, whatever its state. */
+int kc_nccl_finalize(kc_nccl_comm c);
+int kc_nccl_destroy(kc_nccl_comm c);
+int kc_nccl_abort(kc_nccl_comm c);
+
+/* Collectives enqueued on stream s, every rank of c calling each with the
+ * same counts; recv may alias send (in place). Sums of n f32 or int32
+ * elements (ncclAllReduce, ncclSum); recv: (nranks, n_per_rank) f32, rank
+ * r's send in row r (ncclAllGather); bytes bytes of root's send in every
+ * rank's recv (ncclBroadcast). */
+int kc_nccl_allreduce_sum_f32(kc_nccl_comm c, kc_stream s, float *recv, const float *send,
+                              size_t n);
+int kc_nccl_allreduce_sum_i32(kc_nccl_comm c, kc_stream s, int32_t *recv, const int32_t *send,
+                              size_t n);
+int kc_nccl_allgather_f32(kc_nccl_comm c, kc_stream s, float *recv, const float *send,
+                          size_t n_per_rank);
+int kc_nccl_broadcast(kc_nccl_comm c, kc_stream s, void *recv, const void *send, size_t bytes,
+                      int root);
+
+/* Whether the work enqueued on s has finished, without waiting
+ * (cudaStreamQuery): 0 done, KC_CUDA_NOT_READY not yet, else a CUDA error
+ * code (kc_error_string). Here, not among the runtime wrappers, because
+ * only the communicator's polling wait (which also watches NCCL's
+ * asynchronous error) needs it. */
+int kc_nccl_stream_query(kc_stream s);
+
 #ifdef __cplusplus
 }
 #endif
