@@ -14,9 +14,20 @@
 #   1. nvidia-smi -L and nvcc --version; no GPU: say so and exit 0.
 #   2. Build every tests/gpu/test_*.cu with kernels/cuda/*.cu (objects
 #      compiled in parallel, one link per test; -gencode for the GPU's own
-#      compute capability, sm_90 on an H200).
+#      compute capability, sm_90 on an H200). With NCCL (nccl.h and
+#      libnccl beside the CUDA toolkit, in the system's paths, or in the
+#      nvidia-nccl wheel PyTorch brings; NCCL_HOME overrides), also
+#      tests/gpu/test_nccl.c with engine/comm.c, engine/comm_nccl.c and
+#      kernels/cuda/nccl.c, compiled by the host C compiler in the same
+#      parallel batch and linked with device.cu's object, libnccl and
+#      libcudart; without NCCL a SKIP line says where it looked.
 #   3. Run each test binary; its stdout JSON lines (gpu_check.h) go to
 #      results.jsonl; exit codes: 0 passed, 1 a check failed, 2 no device.
+#      test_nccl runs last, one rank thread per visible GPU (the TP size
+#      this machine allows): each collective's correctness, then
+#      all-reduce bus bandwidth at 1, 64 and 256 MiB per rank against a
+#      GPU 0 -> 1 copy measured beside it (one GPU: 0, nothing crosses a
+#      link).
 #   4. The engine on CUDA (parity with the reference logits, an HTTP
 #      request to `inferd serve`, time to ready, the 8B-shaped `bench
 #      engine` with --load-format dummy): only with a build-cuda/inferd
@@ -27,7 +38,8 @@
 #      (the binary then needs only glibc >= 2.36 and the CUDA libraries),
 #      and carry build-cuda along with the tree.
 #   5. A table per test (checks passed and failed, worst error against its
-#      bound) and per benchmark (figure, ceiling, ratio), and results.json.
+#      bound) and per benchmark (figure, ceiling, ratio; "-" where there is
+#      no ceiling, each note once), and results.json.
 # Exit status: 0 only when every build step and check passed (or there is
 # no GPU); 1 otherwise.
 #
@@ -40,7 +52,8 @@
 #   status.tsv     step, name, exit code, seconds, note
 #   build.log, tests.log, engine.log   compiler output, test stderr, engine output
 #   bench_engine.json                  `inferd bench engine --json`, when run
-# Environment: OUT_DIR, BUILD_DIR, NVCC, GPU_ARCH (e.g. 90) override.
+# Environment: OUT_DIR, BUILD_DIR, NVCC, GPU_ARCH (e.g. 90), HOSTCC (the C
+# compiler, default gcc), CUDA_HOME, NCCL_HOME override.
 set -u
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -107,17 +120,80 @@ say "building for sm_$GPU_ARCH"
 FLAGS=(-O3 -std=c++17 --expt-relaxed-constexpr -gencode "arch=compute_$GPU_ARCH,code=sm_$GPU_ARCH" -I"$ROOT")
 TESTS=()
 for t in tests/gpu/test_*.cu; do [[ -e $t ]] && TESTS+=("$(basename "$t" .cu)"); done
+
+# NCCL for test_nccl: a header and a library, looked for where
+# kernels/cuda/meson.build looks (beside the CUDA libraries, then the
+# system's paths), then in the nvidia-nccl wheel that PyTorch installs
+# (nccl.h and libnccl.so.2 only: the library is linked by its path). Sets
+# NCCL_INC and NCCL_LIB; NCCL_WHERE lists what was searched.
+find_nccl() {
+    local arch wheel d inc lib f
+    arch=$(uname -m)
+    local dirs=()
+    [[ -n ${NCCL_HOME:-} ]] && dirs+=("$NCCL_HOME/include:$NCCL_HOME/lib" "$NCCL_HOME/include:$NCCL_HOME/lib64")
+    dirs+=("$CUDA_HOME/include:$CUDA_HOME/lib64"
+        "$CUDA_HOME/targets/$arch-linux/include:$CUDA_HOME/targets/$arch-linux/lib"
+        "/usr/include:/usr/lib/$arch-linux-gnu" "/usr/include:/usr/lib64" "/usr/local/include:/usr/local/lib")
+    wheel=$(timeout 20 python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null)
+    NCCL_WHERE=
+    if [[ -n $wheel ]]; then dirs+=("$wheel/include:$wheel/lib"); else NCCL_WHERE=" (python3: no nvidia.nccl)"; fi
+    for d in "${dirs[@]}"; do
+        inc=${d%%:*} lib=${d#*:}
+        NCCL_WHERE+=" $inc+$lib"
+        [[ -f $inc/nccl.h ]] || continue
+        for f in "$lib/libnccl.so" "$lib/libnccl.so.2"; do
+            if [[ -e $f ]]; then
+                NCCL_INC=$inc NCCL_LIB=$f
+                return 0
+            fi
+        done
+    done
+    return 1
+}
+NCCL_LIB=
+if [[ -n $NVCC ]]; then
+    CUDA_HOME=${CUDA_HOME:-$(cd "$(dirname "$(command -v "$NVCC")")/.." && pwd)}
+    HOSTCC=${HOSTCC:-gcc}
+    command -v "$HOSTCC" >/dev/null 2>&1 || HOSTCC=cc
+    if ! find_nccl; then
+        why="no NCCL (nccl.h with libnccl.so or .so.2) in:$NCCL_WHERE"
+        say "SKIP test_nccl: $why"
+        record build test_nccl skip 0 "$why"
+    elif ! command -v "$HOSTCC" >/dev/null 2>&1; then
+        say "FAIL: no host C compiler (gcc, cc) for test_nccl"
+        record build test_nccl 127 0 "no host C compiler"
+        NCCL_LIB=
+    else
+        say "NCCL: $NCCL_LIB (header in $NCCL_INC)"
+        TESTS+=(test_nccl)
+    fi
+fi
+# The C side of test_nccl, as engine/meson.build compiles it (-D_GNU_SOURCE
+# is a project argument there).
+NCCL_C=(engine/comm.c engine/comm_nccl.c kernels/cuda/nccl.c tests/gpu/test_nccl.c)
+CFLAGS=(-std=c11 -O2 -D_GNU_SOURCE -DINFERD_CUDA=1 -DINFERD_NCCL=1 -I"$ROOT")
+if [[ -n $NCCL_LIB ]]; then
+    CFLAGS+=(-isystem "$CUDA_HOME/include")
+    # /usr/include is searched already: naming it again reorders the search.
+    [[ $NCCL_INC != /usr/include && $NCCL_INC != "$CUDA_HOME/include" ]] && CFLAGS+=(-isystem "$NCCL_INC")
+fi
 if [[ -n $NVCC ]]; then
     t0=$SECONDS
     T=$(limit 240 200)
+    SOURCES=(kernels/cuda/*.cu tests/gpu/test_*.cu)
+    [[ -n $NCCL_LIB ]] && SOURCES+=("${NCCL_C[@]}")
     # Every kernel file and every test compiles at once (16 cores there);
     # each writes its log and exit code beside its object.
-    for f in kernels/cuda/*.cu tests/gpu/test_*.cu; do
+    for f in "${SOURCES[@]}"; do
         [[ -e $f ]] || continue
         o="$BUILD_DIR/obj/$(basename "$f").o"
         (
             if ((T > 0)); then
-                timeout -k 5 "$T" "$NVCC" "${FLAGS[@]}" -c "$f" -o "$o" >"$o.log" 2>&1
+                if [[ $f == *.c ]]; then
+                    timeout -k 5 "$T" "$HOSTCC" "${CFLAGS[@]}" -c "$f" -o "$o" >"$o.log" 2>&1
+                else
+                    timeout -k 5 "$T" "$NVCC" "${FLAGS[@]}" -c "$f" -o "$o" >"$o.log" 2>&1
+                fi
                 echo $? >"$o.rc"
             else
                 echo "out of time" >"$o.log"
@@ -127,14 +203,15 @@ if [[ -n $NVCC ]]; then
     done
     wait
     KOBJS=()
-    for f in kernels/cuda/*.cu tests/gpu/test_*.cu; do
+    for f in "${SOURCES[@]}"; do
         [[ -e $f ]] || continue
         o="$BUILD_DIR/obj/$(basename "$f").o"
         rc=$(cat "$o.rc" 2>/dev/null || echo 1)
-        { echo "=== nvcc -c $f: exit $rc"; cat "$o.log" 2>/dev/null; } >>"$OUT_DIR/build.log"
+        if [[ $f == *.c ]]; then cc=$HOSTCC; else cc=nvcc; fi
+        { echo "=== $cc -c $f: exit $rc"; cat "$o.log" 2>/dev/null; } >>"$OUT_DIR/build.log"
         record build "$f" "$rc" $((SECONDS - t0))
-        ((rc == 0)) || say "FAIL: nvcc -c $f exited $rc (build.log)"
-        [[ $f == kernels/* && $rc == 0 ]] && KOBJS+=("$o")
+        ((rc == 0)) || say "FAIL: $cc -c $f exited $rc (build.log)"
+        [[ $f == kernels/*.cu && $rc == 0 ]] && KOBJS+=("$o") # not nccl.c: only test_nccl links NCCL
     done
     # One link per test, against every kernel object that compiled: a
     # broken kernel file fails its own tests, not everyone's.
@@ -153,6 +230,33 @@ if [[ -n $NVCC ]]; then
         record build "link $name" "$rc" $((SECONDS - t0))
         ((rc == 0)) || say "FAIL: linking $name exited $rc (build.log)"
     done
+    # test_nccl: the communicator's objects, device.cu's (the kc_* runtime
+    # wrappers it calls), NCCL by its path, the shared CUDA runtime that
+    # the engine links too; rpaths so it runs without LD_LIBRARY_PATH.
+    if [[ -n $NCCL_LIB ]]; then
+        NOBJS=("$BUILD_DIR/obj/device.cu.o")
+        for f in "${NCCL_C[@]}"; do NOBJS+=("$BUILD_DIR/obj/$(basename "$f").o"); done
+        T=$(limit 60 180)
+        missing=
+        for o in "${NOBJS[@]}"; do [[ -e $o && $(cat "$o.rc" 2>/dev/null) == 0 ]] || missing+=" $(basename "$o")"; done
+        if [[ -n $missing ]]; then
+            record build "link test_nccl" 1 0 "not compiled:$missing"
+            say "FAIL: test_nccl not linked: not compiled:$missing"
+        elif ((T == 0)); then
+            record build "link test_nccl" 124 0 "out of time"
+        else
+            o="$BUILD_DIR/obj/test_nccl.c.o"
+            # NCCL's directory first in the rpath: another libnccl.so.2 beside
+            # the CUDA libraries must not stand in for the one found.
+            timeout -k 5 "$T" "$HOSTCC" "${NOBJS[@]}" "$NCCL_LIB" -L"$CUDA_HOME/lib64" -lcudart \
+                -lstdc++ -lpthread -lm -Wl,-rpath,"$(dirname "$NCCL_LIB")" \
+                -Wl,-rpath,"$CUDA_HOME/lib64" -o "$BUILD_DIR/test_nccl" >"$o.link.log" 2>&1
+            rc=$?
+            { echo "=== link test_nccl: exit $rc"; cat "$o.link.log"; } >>"$OUT_DIR/build.log"
+            record build "link test_nccl" "$rc" $((SECONDS - t0))
+            ((rc == 0)) || say "FAIL: linking test_nccl exited $rc (build.log)"
+        fi
+    fi
     say "build: $((SECONDS - t0)) s"
 fi
 
@@ -167,7 +271,17 @@ for name in "${TESTS[@]}"; do
         record test "$name" 127 0 "not built"
         continue
     fi
-    T=$(limit 300 "$RESERVE")
+    args=()
+    nodev="no device (but nvidia-smi lists one)"
+    if [[ $name == test_nccl ]]; then
+        T=$(limit 150 "$RESERVE")
+        # Its own watchdog aborts every rank a little before timeout
+        # would kill it, so the checks it has reach results.jsonl.
+        args=($((T > 20 ? T - 10 : T / 2 + 1)))
+        nodev="no device, or NCCL unusable (stderr says which)"
+    else
+        T=$(limit 300 "$RESERVE")
+    fi
     if ((T == 0)); then
         record test "$name" 124 0 "out of time before it started"
         say "FAIL: $name not run: out of time"
@@ -176,14 +290,14 @@ for name in "${TESTS[@]}"; do
     say "running $name (limit ${T}s)"
     t0=$SECONDS
     echo "=== $name" >>"$OUT_DIR/tests.log"
-    timeout -k 10 "$T" "$bin" 2>"$BUILD_DIR/$name.err" | tee "$BUILD_DIR/$name.jsonl"
+    timeout -k 10 "$T" "$bin" ${args[@]+"${args[@]}"} 2>"$BUILD_DIR/$name.err" | tee "$BUILD_DIR/$name.jsonl"
     rc=${PIPESTATUS[0]}
     cat "$BUILD_DIR/$name.jsonl" >>"$OUT_DIR/results.jsonl"
     cat "$BUILD_DIR/$name.err" >>"$OUT_DIR/tests.log"
     case $rc in
     0) note="passed" ;;
     1) note="a check failed" ;;
-    2) note="no device (but nvidia-smi lists one)" ;;
+    2) note=$nodev ;;
     124 | 137) note="timed out after ${T}s" ;;
     *) note="crashed or exited $rc" ;;
     esac
@@ -438,9 +552,13 @@ for c in checks:
     if not c["ok"]:
         out(f"  FAILED {c['test']}: {c['case']}: {c['rel_err']:.3e} > {c['bound']:.1e}")
 
+def size(n):
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} B"
+
 if benches:
     out()
     out(f"{'benchmark':44} {'figure':>16} {'ceiling':>16} {'ratio':>6}")
+last_note = None
 for b in benches:
     if b["bench"] == "gemm":
         # Roofline fraction: the ideal time is the larger of weight bytes
@@ -457,11 +575,25 @@ for b in benches:
         out(f"{'ceilings measured':44} {b['gbs']:11.0f} GB/s {b['tflops']:9.1f} TFLOP/s")
     elif "figure" in b and "ceiling" in b:
         unit = b.get("unit", "")
-        extra = f" batch={b['batch']}" if "batch" in b else f" {b.get('model', '')}"
-        ratio = b["figure"] / b["ceiling"] if b["ceiling"] else 0
-        out(f"{(b['bench'] + extra):44} {b['figure']:11.1f} {unit:4} {b['ceiling']:11.1f} {unit:4} {ratio:6.2f}")
+        if "batch" in b:
+            extra = f" batch={b['batch']}"
+        elif "ranks" in b:
+            extra = f" ranks={b['ranks']} {size(b.get('bytes', 0))}"
+        else:
+            extra = f" {b.get('model', '')}"
+        if b["ceiling"]:
+            ratio = b["figure"] / b["ceiling"]
+            out(f"{(b['bench'] + extra):44} {b['figure']:11.1f} {unit:4} {b['ceiling']:11.1f} {unit:4} {ratio:6.2f}")
+        else:
+            # No ceiling (one GPU's all-reduce: nothing crosses a link): no ratio.
+            out(f"{(b['bench'] + extra):44} {b['figure']:11.1f} {unit:4} {'-':>11} {'':4} {'-':>6}")
     else:
         out(f"{b['bench']:44} {json.dumps(b)}")
+    # A note (where a ceiling comes from, why there is none) once per run of
+    # lines that share it.
+    if b.get("note") and b["note"] != last_note:
+        out(f"    note: {b['note']}")
+    last_note = b.get("note")
 
 out()
 for s in steps:
