@@ -80,6 +80,86 @@ int comm_nccl_unique_id(void *out, char *err, size_t errlen);
 struct comm *comm_nccl_create(int rank, int size, const void *unique_id, void *stream,
                               int timeout_ms, char *err, size_t errlen);
 
+/* ---- TCP implementation: ranks over several processes ------------------ */
+
+/* A job of nnodes processes ("nodes") on the CPU, so the multi-node path is
+ * tested without GPUs. Node k hosts global ranks [k * local, (k + 1) *
+ * local) as threads, tp = nnodes * local ranks in all; comm_rank and
+ * comm_size say the global rank and tp. Buffers are HOST pointers and calls
+ * block, as with comm_cpu. A collective meets within the node (shared
+ * memory), then local rank 0 of each node exchanges the node's share with
+ * node 0 over TCP (a star through node 0), then the node's ranks get the
+ * result. The all-reduce sums within each node in local-rank order, then
+ * the node sums in node order: ((r0 + ... + r_{local-1}) + (node 1's sum))
+ * + (node 2's sum) + ..., element by element. That is not comm_cpu's flat
+ * order (the results agree to fp32 rounding, not in bits), but every rank
+ * of every node gets the same bits, run after run.
+ *
+ * Arguments wrong alike on every rank (n < 0, root out of range) fail every
+ * call alike and the group goes on. Arguments that differ between ranks
+ * (on one node or across nodes) abort the whole job: nodes agreeing on a
+ * failure would cost a round trip per call. A peer that closes or dies, a
+ * malformed frame, or a network wait in a collective longer than
+ * timeout_ms (> 0) aborts the node's group with a reason naming the node
+ * ("node 2: connection lost (...)"); an abort, from any cause, is sent to
+ * the other nodes (best effort; node 0 relays), so every node stops:
+ * pending and later calls return -1 with "aborted: <why>", as in comm_cpu.
+ * All nodes must run the same build (the hello checks the version). */
+struct comm_tcp_group; /* one node's ranks and its sockets */
+
+/* Builds node node_rank's half of a group without waiting for anyone:
+ * node 0 binds and listens on master_addr:master_port (a numeric address
+ * or a host name; SO_REUSEADDR; port 0: any free port, see comm_tcp_port),
+ * the other nodes only keep the address. 1 <= nnodes <= 1024, 1 <= local
+ * <= 1024, 0 <= node_rank < nnodes. timeout_ms bounds the join and each
+ * collective's network wait (<= 0: no limit; a dead peer is still noticed
+ * by its closed connection). Returns the group (caller owns it:
+ * comm_tcp_destroy), or NULL with the reason in err. Then comm_tcp_join. */
+struct comm_tcp_group *comm_tcp_open(int nnodes, int node_rank, int local,
+                                     const char *master_addr, int master_port, int timeout_ms,
+                                     char *err, size_t errlen);
+
+/* The port node 0 listens on (the one picked when master_port was 0), for
+ * its launcher to hand to the other nodes; on another node, master_port. */
+int comm_tcp_port(const struct comm_tcp_group *g);
+
+/* The rendezvous, once per group. Nodes 1.. connect to node 0, retrying
+ * until timeout_ms (node 0 may start later), and say hello (version,
+ * nnodes, node rank, local); node 0 waits until every node has, then
+ * welcomes them all. A hello that does not fit (another protocol version,
+ * other nnodes or local, a node rank out of range or taken) fails node 0
+ * and every node that connected, with the reason ("refused by node 0: ..."
+ * on theirs); a connection that is not ours is dropped. Returns 0, or -1
+ * with the reason in err; then the group is unusable (destroy it). A
+ * comm_tcp_abort from another thread ends the wait. */
+int comm_tcp_join(struct comm_tcp_group *g, char *err, size_t errlen);
+
+/* comm_tcp_open then comm_tcp_join: the call a node with a known port
+ * makes. Returns the joined group (caller owns it), or NULL with the
+ * reason in err. */
+struct comm_tcp_group *comm_tcp_create(int nnodes, int node_rank, int local,
+                                       const char *master_addr, int master_port, int timeout_ms,
+                                       char *err, size_t errlen);
+
+/* The handle of global rank node_rank * local + local_rank (0 <= local_rank
+ * < local; else NULL), always the same one. Borrowed: the group owns it and
+ * frees it in comm_tcp_destroy; comm_destroy on it does nothing. Each
+ * handle is for one thread at a time; local rank 0's thread also does the
+ * node's network traffic inside its calls. */
+struct comm *comm_tcp_rank(struct comm_tcp_group *g, int local_rank);
+
+/* comm_group_abort for a TCP group (comm_abort on any of its handles does
+ * the same): every pending and future call on every rank of this node
+ * returns -1 with "aborted: <why>", and the other nodes are told ("node K
+ * aborted: <why>"). The first reason is kept. Any thread, any time until
+ * comm_tcp_destroy; it may block for a fraction of a second sending. */
+void comm_tcp_abort(struct comm_tcp_group *g, const char *why);
+
+/* Closes the sockets and frees the group and its rank handles. No rank may
+ * be inside a call (abort and join the rank threads first). A peer still
+ * in a collective then sees the connection lost. Accepts NULL. */
+void comm_tcp_destroy(struct comm_tcp_group *g);
+
 /* ---- The interface ------------------------------------------------------ */
 
 int comm_rank(const struct comm *c);
