@@ -570,6 +570,29 @@ int kv_seq_fork(struct kv_cache *kv, int src)
     return d;
 }
 
+int kv_seq_mirror(struct kv_cache *kv, int seq, int rope_long, const int32_t *blocks,
+                  int64_t n_blocks, int64_t len)
+{
+    if (seq < 0 || seq >= kv->max_seqs || n_blocks < 0 || len < 0 ||
+        len > n_blocks * KV_BLOCK_TOKENS)
+        return -1;
+    for (int64_t i = 0; i < n_blocks; i++)
+        if (blocks[i] < 0 || blocks[i] >= kv->n_blocks)
+            return -1;
+    struct kv_seq *s = &kv->seqs[seq];
+    if (seq_grow(s, n_blocks) != 0)
+        return -1;
+    if (n_blocks)
+        memcpy(s->blocks, blocks, (size_t)n_blocks * sizeof(int32_t));
+    s->open = 1;
+    s->rope_long = rope_long;
+    s->n_blocks = n_blocks;
+    s->len = len;
+    s->n_pub = 0;
+    s->last_serial = 0;
+    return 0;
+}
+
 int64_t kv_seq_len(const struct kv_cache *kv, int seq)
 {
     return kv->seqs[seq].len;

@@ -60,6 +60,15 @@ struct kv_cache *kv_create(const struct kv_geom *g, int64_t n_blocks,
 void kv_destroy(struct kv_cache *kv);
 
 int64_t kv_n_blocks(const struct kv_cache *kv);
+
+/* A follower's cache (multi-node tensor parallelism): sequence seq's
+ * block table and stored length set to the leader's, as a STEP carries
+ * them (engine/ctl.h). Opens seq if needed. Such a cache only mirrors:
+ * nothing on it reserves, attaches, forks or closes (its blocks are the
+ * leader's to allocate). Returns 0, or -1 for a sequence or block out of
+ * range, a length past the blocks, or out of memory. */
+int kv_seq_mirror(struct kv_cache *kv, int seq, int rope_long, const int32_t *blocks,
+                  int64_t n_blocks, int64_t len);
 /* Blocks a reserve can have: never used plus cached ones no sequence holds
  * (evictable). kv_free_blocks + kv_used_blocks == kv_n_blocks. */
 int64_t kv_free_blocks(const struct kv_cache *kv);

@@ -368,6 +368,12 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
     m->kv_stride = m->cfg.n_head_kv;
     m->tp = 1;
     int tp = opts && opts->tp > 1 ? opts->tp : 1;
+    if (opts && opts->nnodes > 1 && tp < opts->nnodes) {
+        snprintf(err, errlen, "--nnodes %d needs --tensor-parallel-size of at least %d (a "
+                 "multiple of it): each node runs tp / nnodes ranks", opts->nnodes,
+                 opts->nnodes);
+        goto fail;
+    }
     if (tp > 1 && opts->device == MODEL_DEVICE_CUDA) {
         snprintf(err, errlen, "--tensor-parallel-size %d with --device cuda: the GPU ranks "
                  "(NCCL) are not wired into the engine yet; tensor parallelism runs on the "
@@ -395,7 +401,7 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
     }
     if (tp > 1) {
         /* the ranks slice the file's rows; repacked layouts do not slice */
-        if (model_tp_create(m, tp, opts->n_threads, err, errlen))
+        if (model_tp_create(m, tp, opts->n_threads, opts, err, errlen))
             goto fail;
     } else if (!(opts && opts->no_repack) && repack_all(m, err, errlen)) {
         goto fail;

@@ -91,6 +91,14 @@ struct model_opts {
      * none. model_load refuses a shape that does not split. CPU only for
      * now. */
     int tp;
+    /* Multi-node: the tp ranks spread over nnodes processes (tp / nnodes
+     * each), this one node_rank; node 0 (the leader) plans the steps and
+     * sends them to the others over the control plane (proto/control.md,
+     * master_port + 1), the tensors go through the communicator (TCP on
+     * the CPU, at master_addr:master_port). 0 or 1: one process. */
+    int nnodes, node_rank;
+    const char *master_addr;
+    int master_port;
 };
 enum { MODEL_DEVICE_CPU = 0, MODEL_DEVICE_CUDA = 1 };
 /* MODEL_LOAD_SHAPES: as DUMMY with every weight zero and never written,
@@ -193,6 +201,16 @@ int model_launch(struct model *m, struct kv_cache *kv, const struct model_row *r
                  float *logits, struct model_sample *samples, int64_t n_samples, char *err,
                  size_t errlen);
 int model_collect(struct model *m, char *err, size_t errlen);
+/* A follower node (model_opts.node_rank > 0): runs the leader's steps
+ * until it shuts the job down (returns 0) or fails or goes away (-1 with
+ * the reason in err). */
+int model_follow(struct model *m, char *err, size_t errlen);
+
+/* Whether the model can no longer run steps: a multi-node job whose
+ * follower failed or went away (why says which node and how). Any
+ * thread. */
+int model_failed(const struct model *m, char *why, size_t n);
+
 /* Whether model_launch returns before its step has run (a GPU). */
 int model_async(const struct model *m);
 

@@ -48,12 +48,17 @@ struct model {
     int tp;                    /* ranks: 1 without tensor parallelism */
     struct model **rank;       /* (tp) rank models, or NULL */
     struct tp_runner *runner;  /* the rank threads */
-    struct comm_group *group;
+    struct comm_group *group;  /* the ranks' communicator: one process */
+    struct comm_tcp_group *tcp_group; /* or several (multi-node) */
     struct tp_shards *shards;  /* the plan's per-rank ranges */
     struct comm *comm;         /* a rank model's communicator, else NULL */
     const struct tp_shards *tp_shared; /* a rank model's: the main model's plan */
     int64_t vocab0;            /* first embedding / LM head row held */
     float *tp_logits, *tp_gather; /* a rank's logits, and everyone's */
+    struct tp_node *node;      /* multi-node: the control plane (model_node.c) */
+    int64_t tp_rank0;          /* global rank of this process's first rank */
+    int n_local;               /* ranks in this process (tp / nnodes) */
+    int64_t node_kv_blocks;    /* the KV cache the followers were told of */
     int64_t cap_tp_rows;
     /* launch/collect (model.h) on the CPU: the last launch's sampled
      * tokens (what MODEL_TOKEN_PREV names) and the launches not collected */
@@ -92,11 +97,27 @@ int model_forward_body(struct model *m, struct kv_cache *kv, const struct model_
  * starts their threads; runs a step on every rank (rank 0 on the calling
  * thread), logits gathered into logits; a rank model's LM head (its vocab
  * rows, all-gathered: rank 0 gets every row in logits); frees it all. */
-int model_tp_create(struct model *m, int tp, int n_threads, char *err, size_t errlen);
+int model_tp_create(struct model *m, int tp, int n_threads, const struct model_opts *o,
+                    char *err, size_t errlen);
 int model_tp_forward(struct model *m, struct kv_cache *kv, const struct model_row *rows,
                      int64_t n, float *logits, char *err, size_t errlen);
 int model_tp_logits(struct model *m, int64_t nw, float *logits, char *err, size_t errlen);
 void model_tp_destroy(struct model *m);
+
+/* model_node.c: the control plane of a multi-node job. The leader accepts
+ * every follower's HELLO; sends each step (STEP) before its own ranks run
+ * it and waits for every STEP_DONE after (the first step also sends
+ * WELCOME); a follower says HELLO. A failure stops the job: every later
+ * step fails with the first reason, and the communicator is aborted. */
+int model_node_leader(struct model *m, int nnodes, const char *addr, int port, char *err,
+                      size_t errlen);
+int model_node_follower(struct model *m, int nnodes, int node_rank, const char *addr,
+                        int port, char *err, size_t errlen);
+int model_node_welcome(struct model *m, struct kv_cache *kv, char *err, size_t errlen);
+int model_node_step_begin(struct model *m, struct kv_cache *kv, const struct model_row *rows,
+                          int64_t n, char *err, size_t errlen);
+int model_node_step_end(struct model *m, char *err, size_t errlen);
+void model_node_destroy(struct model *m);
 
 #ifdef INFERD_CUDA
 /* model_cuda.c: the weights on the device (bf16), and the forward pass

@@ -152,10 +152,11 @@ static int make_rank(struct model *m, const struct tp_plan *plan, int r, int thr
     rm->comm = comm;
     rm->tp_shared = m->shards;
     rm->vocab0 = p->vocab0;
-    /* every rank's KV heads side by side in a token row: rank r's at
-     * r * n_kv_heads (a replicated head is stored by each rank holding it) */
+    /* this process's ranks' KV heads side by side in a token row: rank r's
+     * at (r - first local rank) * n_kv_heads (a replicated head is stored
+     * by each rank holding it) */
     rm->kv_stride = m->kv_stride;
-    rm->kv_head0 = (int64_t)r * p->n_kv_heads;
+    rm->kv_head0 = (int64_t)(r - m->tp_rank0) * p->n_kv_heads;
     rm->out_norm = m->out_norm;
     rm->tok_embd = rows_of(&m->tok_embd, p->vocab0, p->vocab1 - p->vocab0);
     rm->output = rows_of(&m->output, p->vocab0, p->vocab1 - p->vocab0);
@@ -245,7 +246,7 @@ static void *rank_main(void *arg)
         char err[160] = "";
         int rc = model_forward_body(run->m->rank[r], kv, rows, n, NULL, err, sizeof(err));
         if (rc != 0) /* the others must not wait in a collective for this one */
-            comm_group_abort(run->m->group, err);
+            comm_abort(run->m->rank[r]->comm, err);
         pthread_mutex_lock(&run->mu);
         run->rc[r] = rc;
         snprintf(run->err[r], sizeof(run->err[r]), "%s", err);
@@ -256,8 +257,19 @@ static void *rank_main(void *arg)
     return NULL;
 }
 
-int model_tp_create(struct model *m, int tp, int n_threads, char *err, size_t errlen)
+int model_tp_create(struct model *m, int tp, int n_threads, const struct model_opts *o,
+                    char *err, size_t errlen)
 {
+    int nnodes = o->nnodes > 1 ? o->nnodes : 1, node = nnodes > 1 ? o->node_rank : 0;
+    if (nnodes > 1 && (tp % nnodes != 0 || node < 0 || node >= nnodes || o->master_port <= 0 ||
+                       o->master_port > 65534)) {
+        snprintf(err, errlen, "multi-node: --tensor-parallel-size %d over --nnodes %d as "
+                 "--node-rank %d with --master-port %d: the ranks must split evenly, the node "
+                 "rank be below nnodes and the port in 1..65534 (the control plane uses it + 1)",
+                 tp, nnodes, node, o->master_port);
+        return -1;
+    }
+    int local = tp / nnodes; /* this process's ranks: global node * local + r */
     if (tp > TP_MAX) {
         snprintf(err, errlen, "--tensor-parallel-size %d: at most %d", tp, TP_MAX);
         return -1;
@@ -275,26 +287,38 @@ int model_tp_create(struct model *m, int tp, int n_threads, char *err, size_t er
         return -1;
     }
     const struct tp_plan *plan = &m->shards->plan;
-    m->kv_stride = (int64_t)tp * plan->rank[0].n_kv_heads;
-    m->group = comm_cpu_create(tp);
-    m->rank = calloc((size_t)tp, sizeof(*m->rank));
+    /* this process's ranks' KV heads side by side in a token row */
+    m->kv_stride = (int64_t)local * plan->rank[0].n_kv_heads;
+    m->tp_rank0 = (int64_t)node * local;
+    if (nnodes > 1) {
+        const char *addr = o->master_addr ? o->master_addr : "127.0.0.1";
+        m->tcp_group = comm_tcp_create(nnodes, node, local, addr, o->master_port, 0, err, errlen);
+        if (!m->tcp_group)
+            return -1;
+    } else {
+        m->group = comm_cpu_create(tp);
+    }
+    m->rank = calloc((size_t)local, sizeof(*m->rank));
     struct tp_runner *run = calloc(1, sizeof(*run));
-    if (!m->group || !m->rank || !run) {
+    if ((!m->group && !m->tcp_group) || !m->rank || !run) {
         free(run);
         snprintf(err, errlen, "out of memory");
         return -1;
     }
     m->tp = tp;
+    m->n_local = local;
     /* the CPU threads asked for (default: every core) shared by the ranks */
     long cpus = n_threads > 0 ? n_threads : sysconf(_SC_NPROCESSORS_ONLN);
-    int per = cpus / tp > 0 ? (int)(cpus / tp) : 1;
-    for (int r = 0; r < tp; r++)
-        if (make_rank(m, plan, r, per, comm_cpu_rank(m->group, r), &m->rank[r], err, errlen))
+    int per = cpus / local > 0 ? (int)(cpus / local) : 1;
+    for (int r = 0; r < local; r++) {
+        struct comm *c = nnodes > 1 ? comm_tcp_rank(m->tcp_group, r) : comm_cpu_rank(m->group, r);
+        if (make_rank(m, plan, node * local + r, per, c, &m->rank[r], err, errlen))
             goto fail_run;
+    }
     run->m = m;
-    run->n = tp;
-    run->th = calloc((size_t)tp, sizeof(*run->th));
-    run->started = calloc((size_t)tp, sizeof(*run->started));
+    run->n = local;
+    run->th = calloc((size_t)local, sizeof(*run->th));
+    run->started = calloc((size_t)local, sizeof(*run->started));
     pthread_mutex_init(&run->mu, NULL);
     pthread_cond_init(&run->cv, NULL);
     pthread_cond_init(&run->done_cv, NULL);
@@ -303,7 +327,7 @@ int model_tp_create(struct model *m, int tp, int n_threads, char *err, size_t er
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    for (int r = 1; r < tp; r++) {
+    for (int r = 1; r < local; r++) {
         struct rank_arg *a = malloc(sizeof(*a));
         if (!a) {
             snprintf(err, errlen, "out of memory");
@@ -318,6 +342,13 @@ int model_tp_create(struct model *m, int tp, int n_threads, char *err, size_t er
         }
         run->started[r] = 1;
     }
+    /* the control plane: followers join the leader before anything runs */
+    if (nnodes > 1) {
+        const char *addr = o->master_addr ? o->master_addr : "127.0.0.1";
+        if (node == 0 ? model_node_leader(m, nnodes, addr, o->master_port, err, errlen)
+                      : model_node_follower(m, nnodes, node, addr, o->master_port, err, errlen))
+            return -1;
+    }
     return 0;
 fail_run:
     free(run);
@@ -328,6 +359,21 @@ int model_tp_forward(struct model *m, struct kv_cache *kv, const struct model_ro
                      int64_t n, float *logits, char *err, size_t errlen)
 {
     struct tp_runner *run = m->runner;
+    /* the leader of a multi-node job: the followers get the step first */
+    int lead = m->node && m->tp_rank0 == 0;
+    if (lead) {
+        if (m->node_kv_blocks == 0) {
+            if (model_node_welcome(m, kv, err, errlen))
+                return -1;
+            m->node_kv_blocks = kv_n_blocks(kv);
+        } else if (m->node_kv_blocks != kv_n_blocks(kv)) {
+            snprintf(err, errlen, "multi-node: one KV cache per job (%lld blocks, not %lld)",
+                     (long long)m->node_kv_blocks, (long long)kv_n_blocks(kv));
+            return -1;
+        }
+        if (model_node_step_begin(m, kv, rows, n, err, errlen))
+            return -1;
+    }
     pthread_mutex_lock(&run->mu);
     run->kv = kv;
     run->rows = rows;
@@ -336,10 +382,10 @@ int model_tp_forward(struct model *m, struct kv_cache *kv, const struct model_ro
     run->gen++;
     pthread_cond_broadcast(&run->cv);
     pthread_mutex_unlock(&run->mu);
-    char e0[160] = "";
+    char e0[256] = "";
     int rc = model_forward_body(m->rank[0], kv, rows, n, logits, e0, sizeof(e0));
     if (rc != 0)
-        comm_group_abort(m->group, e0);
+        comm_abort(m->rank[0]->comm, e0);
     pthread_mutex_lock(&run->mu);
     while (run->done < run->n - 1)
         pthread_cond_wait(&run->done_cv, &run->mu);
@@ -349,6 +395,15 @@ int model_tp_forward(struct model *m, struct kv_cache *kv, const struct model_ro
             snprintf(e0, sizeof(e0), "%s", run->err[r]);
         }
     pthread_mutex_unlock(&run->mu);
+    if (lead) {
+        /* every follower answers, or the job stops; a rank's own failure
+         * (e0) says more than the followers' abort that follows it */
+        char e1[256];
+        if (model_node_step_end(m, e1, sizeof(e1)) && rc == 0) {
+            rc = -1;
+            snprintf(e0, sizeof(e0), "%s", e1);
+        }
+    }
     if (rc != 0)
         snprintf(err, errlen, "%s", e0);
     return rc;
@@ -415,14 +470,17 @@ void model_tp_destroy(struct model *m)
         free(run);
         m->runner = NULL;
     }
+    model_node_destroy(m);
     if (m->rank) {
-        for (int r = 0; r < m->tp; r++)
+        for (int r = 0; r < m->n_local; r++)
             model_destroy(m->rank[r]);
         free(m->rank);
         m->rank = NULL;
     }
     comm_group_destroy(m->group);
+    comm_tcp_destroy(m->tcp_group);
     m->group = NULL;
+    m->tcp_group = NULL;
     free(m->shards);
     m->shards = NULL;
 }

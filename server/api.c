@@ -184,6 +184,11 @@ static void route_health(struct api *a, struct http_req *req)
 
 static void route_ready(struct api *a, struct http_req *req)
 {
+    char why[256];
+    if (model_failed(a->model, why, sizeof(why))) {
+        send_err(a, req, 503, NULL, "not_ready", why);
+        return;
+    }
     if (!a->ready || a->draining || !api_engine_healthy(a, 60)) {
         send_err(a, req, 503, NULL, "not_ready",
                  a->draining ? "the server is draining"
@@ -406,6 +411,14 @@ static void route_generate(struct api *a, struct http_req *req, enum api_kind ki
         send_err(a, req, 503, NULL, a->draining ? "server_shutting_down" : "not_ready",
                  a->draining ? "the server is shutting down; retry on another replica"
                              : "the model is loading");
+        return;
+    }
+    char why[256];
+    if (model_failed(a->model, why, sizeof(why))) {
+        char msg[320];
+        snprintf(msg, sizeof(msg), "the model is unavailable: %s; retry on another replica",
+                 why);
+        send_err(a, req, 503, NULL, "model_unavailable", msg);
         return;
     }
     size_t len;

@@ -524,7 +524,9 @@ static int on_finish(struct gen *g, const struct engine_event *ev, int sub)
         return choice_end(g, idx, API_FIN_ABORT);
     case ENGINE_FINISH_ERROR:
         if (!g->failed) {
-            g->failed = 500;
+            /* a multi-node job that lost a node: unavailable, not broken */
+            char why[8];
+            g->failed = model_failed(g->a->model, why, sizeof(why)) ? 503 : 500;
             snprintf(g->fail_msg, sizeof(g->fail_msg), "generation failed: %s", ev->message);
         }
         log_error("request %s failed in the engine: %s", g->id, ev->message);

@@ -24,6 +24,8 @@ struct run_args {
     int no_repack;           /* keep the file's weight layout */
     int device;              /* MODEL_DEVICE_* */
     int64_t tp;              /* tensor-parallel ranks */
+    int64_t nnodes, node_rank, master_port; /* multi-node: this is node 0 */
+    const char *master_addr;
 };
 
 struct seqs {
@@ -84,6 +86,9 @@ static int parse_args(int argc, char **argv, struct run_args *a, int is_generate
         {"no-repack", no_argument, 0, 'R'},
         {"device", required_argument, 0, 'D'},
         {"tensor-parallel-size", required_argument, 0, 'T'},
+        {"nnodes", required_argument, 0, 'N'},
+        {"master-addr", required_argument, 0, 'A'},
+        {"master-port", required_argument, 0, 'P'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -106,6 +111,9 @@ static int parse_args(int argc, char **argv, struct run_args *a, int is_generate
             if (cli_parse_int("--tensor-parallel-size", optarg, 1, 64, &a->tp))
                 return 2;
             break;
+        case 'N': if (cli_parse_int("--nnodes", optarg, 1, 64, &a->nnodes)) return 2; break;
+        case 'A': a->master_addr = optarg; break;
+        case 'P': if (cli_parse_int("--master-port", optarg, 1, 65534, &a->master_port)) return 2; break;
         case 'h':
             printf("usage: inferd %s MODEL --tokens IDS[;IDS...] [options]\n"
                    "  --tokens IDS      comma-separated token ids; ';' separates sequences run as one batch\n"
@@ -115,6 +123,8 @@ static int parse_args(int argc, char **argv, struct run_args *a, int is_generate
                    "  --no-repack       keep every weight in the file's layout (same results)\n"
                    "  --device D        cpu (default) or cuda (the first GPU; builds with CUDA)\n"
                    "  --tensor-parallel-size N  split the model over N ranks (CPU threads)\n"
+                   "  --nnodes N --master-port P [--master-addr A]  as node 0 of a multi-node\n"
+                   "                    job whose other nodes run `inferd serve --node-rank R`\n"
                    "%s", is_generate ? "generate" : "logits",
                    is_generate ? "  --max-tokens N    tokens to generate (default 16)\n"
                                  "  --ignore-eos      do not stop at the end-of-sequence token\n"
@@ -169,7 +179,8 @@ static int run(int argc, char **argv, int is_generate)
     rc = 1;
 
     struct model_opts mo = {.n_threads = (int)a.threads, .no_repack = a.no_repack,
-                            .device = a.device, .tp = (int)a.tp};
+                            .device = a.device, .tp = (int)a.tp, .nnodes = (int)a.nnodes,
+                            .master_addr = a.master_addr, .master_port = (int)a.master_port};
     if (model_load(a.model, &mo, &m, err, sizeof(err))) {
         cli_error("%s", err);
         goto done;

@@ -52,7 +52,8 @@ struct serve_args {
     int64_t max_prompt_bytes;
     double ping_interval;
     int device, deterministic, enforce_eager, async_sched;
-    int64_t tp;
+    int64_t tp, nnodes, node_rank, master_port;
+    const char *master_addr;
     double gpu_util;
 };
 
@@ -212,6 +213,10 @@ static void usage(FILE *f)
           "                             does not depend on its batch (the CPU always is)\n"
           "  --tensor-parallel-size N   split the model over N ranks, Megatron-style\n"
           "                             (CPU threads for now; see inspect --tp)\n"
+          "  --nnodes N, --node-rank R, --master-addr A, --master-port P\n"
+          "                             multi-node tensor parallelism: node 0 serves and\n"
+          "                             plans, nodes 1..N-1 run their ranks of its steps\n"
+          "                             (the same command with --node-rank R)\n"
           "  --gpu-memory-utilization F GPU: fraction of its memory for weights, step\n"
           "                             buffers and KV cache together (default 0.9)\n"
           "  --enforce-eager            GPU: no CUDA graphs (each decode step's kernels\n"
@@ -289,7 +294,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 {
     enum { O_HOST = 256, O_PORT, O_NAME, O_KEY, O_KEYFILE, O_CERT, O_TLSKEY, O_TMPL, O_TRUST,
            O_THREADS, O_KV, O_SEQS, O_BATCH, O_QUEUE, O_MLEN, O_DRAIN, O_HDR, O_BODY, O_PROMPT,
-           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_GPUMEM, O_EAGER, O_ASYNC, O_NOASYNC, O_TP, O_HELP };
+           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_GPUMEM, O_EAGER, O_ASYNC, O_NOASYNC, O_TP, O_NNODES, O_NODE, O_MADDR, O_MPORT, O_HELP };
     static const struct option opts[] = {
         {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT},
@@ -324,6 +329,10 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         {"enforce-eager", no_argument, 0, O_EAGER},
         {"async-scheduling", no_argument, 0, O_ASYNC},
         {"tensor-parallel-size", required_argument, 0, O_TP},
+        {"nnodes", required_argument, 0, O_NNODES},
+        {"node-rank", required_argument, 0, O_NODE},
+        {"master-addr", required_argument, 0, O_MADDR},
+        {"master-port", required_argument, 0, O_MPORT},
         {"no-async-scheduling", no_argument, 0, O_NOASYNC},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
@@ -397,6 +406,10 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         case O_EAGER: a->enforce_eager = 1; break;
         case O_ASYNC: a->async_sched = 1; break;
         case O_TP: rc = cli_parse_int("--tensor-parallel-size", optarg, 1, 64, &a->tp); break;
+        case O_NNODES: rc = cli_parse_int("--nnodes", optarg, 1, 64, &a->nnodes); break;
+        case O_NODE: rc = cli_parse_int("--node-rank", optarg, 0, 63, &a->node_rank); break;
+        case O_MADDR: a->master_addr = optarg; break;
+        case O_MPORT: rc = cli_parse_int("--master-port", optarg, 1, 65534, &a->master_port); break;
         case O_NOASYNC: a->async_sched = -1; break;
         case O_GPUMEM: {
             char *end = NULL;
@@ -484,9 +497,30 @@ int cli_serve(int argc, char **argv)
 
     struct model_opts mo = {.n_threads = (int)a.threads, .device = a.device,
                             .deterministic = a.deterministic,
-                            .enforce_eager = a.enforce_eager, .tp = (int)a.tp};
+                            .enforce_eager = a.enforce_eager, .tp = (int)a.tp,
+                            .nnodes = (int)a.nnodes, .node_rank = (int)a.node_rank,
+                            .master_addr = a.master_addr, .master_port = (int)a.master_port};
+    if (a.nnodes > 1 && !a.master_port) {
+        cli_error("--nnodes %lld: --master-port is required (and --master-addr, unless the "
+                  "leader is on this machine)", (long long)a.nnodes);
+        goto done;
+    }
     if (model_load(path, &mo, &model, err, sizeof(err))) {
         cli_error("%s", err);
+        goto done;
+    }
+    if (a.nnodes > 1 && a.node_rank > 0) {
+        /* a follower: no HTTP, only the leader's steps, until it stops */
+        log_info("node %lld of %lld: running ranks of the leader's steps (%s:%lld)",
+                 (long long)a.node_rank, (long long)a.nnodes,
+                 a.master_addr ? a.master_addr : "127.0.0.1", (long long)a.master_port);
+        notify("READY=1\nSTATUS=following");
+        if (model_follow(model, err, sizeof(err))) {
+            log_error("node %lld: %s", (long long)a.node_rank, err);
+            goto done;
+        }
+        log_info("node %lld: the leader ended the job", (long long)a.node_rank);
+        status = 0;
         goto done;
     }
     if (!(tok = mt_open_tokenizer(path, 1, &tmpl, err, sizeof(err)))) {
