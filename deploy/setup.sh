@@ -18,6 +18,7 @@ DEB_PACKAGES=(
   build-essential meson ninja-build pkg-config clang libclang-rt-14-dev
   libjansson-dev libevent-dev libpcre2-dev libssl-dev libsystemd-dev node-llhttp
   python3 python3-venv python3-pip curl ca-certificates
+  systemd  # systemd.pc (the unit directory meson installs into) and systemd-analyze for the tests
 )
 # Test tools, pinned below major versions known to work.
 PY_PACKAGES=(
