@@ -18,6 +18,7 @@ DEB_PACKAGES=(
   build-essential meson ninja-build pkg-config clang libclang-rt-14-dev
   libjansson-dev libevent-dev libpcre2-dev libssl-dev libsystemd-dev node-llhttp
   python3 python3-venv python3-pip curl ca-certificates
+  nginx-light haproxy  # the load balancers deploy/ configures, run by tests/integration/test_deploy_lb.py
   systemd  # systemd.pc (the unit directory meson installs into) and systemd-analyze for the tests
 )
 # Test tools, pinned below major versions known to work.
