@@ -103,13 +103,27 @@ case "$MODE" in
     # (CUDA is compiled and linked by the release build; here it would only
     # bring the CUDA runtime under the sanitizers)
     build "$ASAN" --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false -Dcuda=disabled
-    # The libFuzzer targets need clang; only they are built there.
+    # The libFuzzer targets need clang; only they are built there (the
+    # api_request one links the engine: without CUDA, which it never runs).
     FUZZ=${INFERD_FUZZ_BUILD_DIR:-build-fuzz}
     if command -v clang >/dev/null; then
-      [ -f "$FUZZ/build.ninja" ] || CC=clang meson setup "$FUZZ" --buildtype=debugoptimized >/dev/null
+      [ -f "$FUZZ/build.ninja" ] || CC=clang meson setup "$FUZZ" --buildtype=debugoptimized -Dcuda=disabled >/dev/null
       log "building $FUZZ (fuzz targets)"
-      ninja -C "$FUZZ" tests/fuzz/fuzz_json tests/fuzz/fuzz_gguf tests/fuzz/fuzz_safetensors tests/fuzz/fuzz_tokenizer tests/fuzz/fuzz_tokenizer_json tests/fuzz/fuzz_chat_template >/dev/null
+      ninja -C "$FUZZ" tests/fuzz/fuzz_json tests/fuzz/fuzz_gguf tests/fuzz/fuzz_safetensors tests/fuzz/fuzz_tokenizer tests/fuzz/fuzz_tokenizer_json tests/fuzz/fuzz_chat_template tests/fuzz/fuzz_http tests/fuzz/fuzz_api_request >/dev/null
     fi
+    # ThreadSanitizer over the concurrency tests: the engine (with and
+    # without async scheduling), the communicators, tensor parallelism and
+    # the HTTP layer's test, whose loop runs in a second thread. Any report
+    # fails the run.
+    TSAN=${INFERD_TSAN_BUILD_DIR:-build-tsan}
+    [ -f "$TSAN/build.ninja" ] || meson setup "$TSAN" --buildtype=debugoptimized -Db_sanitize=thread -Db_lundef=false -Dcuda=disabled >/dev/null
+    log "building $TSAN (ThreadSanitizer: the concurrency tests)"
+    ninja -C "$TSAN" tests/unit/test_engine tests/unit/test_comm tests/unit/test_comm_tcp tests/unit/test_model_tp tests/unit/test_http >/dev/null
+    log "running the concurrency tests under ThreadSanitizer"
+    TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+      meson test -C "$TSAN" --no-rebuild --quiet --print-errorlogs \
+        engine engine_async comm comm_tcp model_tp http >&2 ||
+      { log "ThreadSanitizer: a concurrency test failed (report above)"; exit 1; }
     export INFERD_BUILD_DIR="$BUILD" INFERD_ASAN_BUILD_DIR="$ASAN" INFERD_FUZZ_BUILD_DIR="$FUZZ"
     cd "$ROOT"
     exec "$VENV/bin/python" -m pytest -q tests

@@ -1,5 +1,6 @@
 """Short libFuzzer runs over the parsers of untrusted bytes (json, gguf,
-safetensors, the tokenizer, chat templates), as DESIGN.md asks of CI. The fuzz build (clang, ASan, UBSan)
+safetensors, the tokenizer, chat templates, the HTTP request path and the
+API's request decoding), as DESIGN.md asks of CI. The fuzz build (clang, ASan, UBSan)
 is made by deploy/setup.sh test; without clang these tests are skipped.
 Each run starts from the committed seed corpus, writes new inputs to a
 temporary directory only, and must end without a crash."""
@@ -16,7 +17,7 @@ SECONDS = int(os.environ.get("INFERD_FUZZ_SECONDS", "20"))
 
 
 @pytest.mark.parametrize("target", ["json", "gguf", "safetensors", "tokenizer", "tokenizer_json",
-                                    "chat_template"])
+                                    "chat_template", "http", "api_request"])
 def test_fuzz_parser(target, tmp_path):
     exe = FUZZ_BUILD / "tests" / "fuzz" / f"fuzz_{target}"
     if not exe.exists():
