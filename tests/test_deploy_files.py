@@ -422,6 +422,8 @@ def test_haproxy_config_says_what_it_must():
     assert not any("shutdown-sessions" in ln for ln in lines), \
         "a replica marked down by /ready must keep its streams"
     assert not any(ln.startswith("compression") for ln in lines)
+    assert "option http-no-delay" in lines, "SSE events would wait to be merged"
+    assert "option http-buffer-request" in lines, "a POST could not be replayed"
     assert any(ln.startswith("retry-on") and "503" in ln and "conn-failure" in ln
                for ln in lines)
     servers = [ln for ln in lines if ln.startswith("server ")]
