@@ -122,13 +122,18 @@ class Nginx:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(f"nginx exited with {self.proc.returncode}:\n{self.stderr()}")
+                self._fail(f"nginx exited with {self.proc.returncode}")
             with contextlib.suppress(OSError):
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return self
             if time.monotonic() > deadline:
-                pytest.fail(f"nginx did not listen within {timeout} s:\n{self.stderr()}")
+                self._fail(f"nginx did not listen within {timeout} s")
             time.sleep(0.05)
+
+    def _fail(self, why):
+        log = self.stderr()
+        self.stop()
+        pytest.fail(f"{why}:\n{log}")
 
     @property
     def url(self):
@@ -204,17 +209,22 @@ class HAProxy:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(f"haproxy exited with {self.proc.returncode}:\n{self.stderr()}")
+                self._fail(f"haproxy exited with {self.proc.returncode}")
             with contextlib.suppress(OSError):
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 break
             if time.monotonic() > deadline:
-                pytest.fail(f"haproxy did not listen within {timeout} s:\n{self.stderr()}")
+                self._fail(f"haproxy did not listen within {timeout} s")
             time.sleep(0.05)
         # the first /ready checks run at once: every replica passes them
         time.sleep(0.3)
         assert "is DOWN" not in self.stderr(), self.stderr()
         return self
+
+    def _fail(self, why):
+        log = self.stderr()
+        self.stop()
+        pytest.fail(f"{why}:\n{log}")
 
     @property
     def url(self):
@@ -308,9 +318,12 @@ def lb(replicas):
     """nginx in front of the two replicas."""
     if NGINX is None:
         pytest.skip("nginx is not installed (deploy/setup.sh installs nginx-light)")
-    n = Nginx([f"127.0.0.1:{r.port}" for r in replicas]).start()
-    yield n
-    n.stop()
+    n = Nginx([f"127.0.0.1:{r.port}" for r in replicas])
+    n.kind = "nginx"
+    try:
+        yield n.start()
+    finally:
+        n.stop()
 
 
 @pytest.fixture(params=[pytest.param("nginx", marks=needs_nginx),
@@ -318,10 +331,12 @@ def lb(replicas):
 def any_lb(request, replicas):
     """nginx, then HAProxy, in front of the two replicas."""
     cls = Nginx if request.param == "nginx" else HAProxy
-    n = cls([f"127.0.0.1:{r.port}" for r in replicas]).start()
+    n = cls([f"127.0.0.1:{r.port}" for r in replicas])
     n.kind = request.param
-    yield n
-    n.stop()
+    try:
+        yield n.start()
+    finally:
+        n.stop()
 
 
 # ------------------------------------------------------------ the requests
@@ -594,7 +609,9 @@ def test_sigterm_one_replica_under_load_loses_nothing(any_lb, replicas):
             try:
                 r = run_stream(http, i) if i % 4 < 2 else run_plain(client, i)
             except (httpx.HTTPError, openai.APIError) as e:
-                r = {"i": i, "sent_id": f"deploy-lb-{i}", "t0": t0, "error": repr(e)}
+                r = {"i": i, "sent_id": f"deploy-lb-{i}", "t0": t0, "error": repr(e),
+                     "cut": isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError,
+                                           openai.APIConnectionError))}
             finished.append(i)
             return r
 
@@ -622,9 +639,9 @@ def test_sigterm_one_replica_under_load_loses_nothing(any_lb, replicas):
     if failed:
         rc = a.wait(30)
         on_a = served(a)
-        if rc == 0 and all(200 in on_a.get(r["sent_id"], []) for r in failed) and all(
-                "incomplete chunked read" in r["error"] or "prematurely" in r["error"]
-                for r in failed):
+        # the signature of the daemon bug below: transport errors (a body
+        # cut short) on requests the stopped replica logged as complete
+        if rc == 0 and all(r["cut"] and 200 in on_a.get(r["sent_id"], []) for r in failed):
             pytest.xfail(
                 f"{len(failed)} of {N_REQUESTS} responses cut short although the stopped "
                 "replica logged them complete (200): the daemon's drain exits as soon as no "
