@@ -1700,6 +1700,14 @@ void http_server_drain(struct http_server *s)
     }
 }
 
+size_t http_server_pending_output(const struct http_server *s)
+{
+    size_t n = 0;
+    for (const struct conn *c = s ? s->conns : NULL; c; c = c->next)
+        n += evbuffer_get_length(bufferevent_get_output(c->bev));
+    return n;
+}
+
 void http_server_destroy(struct http_server *s)
 {
     if (!s)

@@ -126,6 +126,10 @@ int http_server_port(const struct http_server *s, int i);
  * response (Connection: close) and idle ones close now. */
 void http_server_drain(struct http_server *s);
 void http_server_get_stats(const struct http_server *s, struct http_stats *out);
+/* Bytes of responses still queued for clients on all connections: a
+ * draining daemon waits for 0 before it closes them (a finished request
+ * may not have reached its client yet). */
+size_t http_server_pending_output(const struct http_server *s);
 
 /* An SSL_CTX serving cert_file (PEM chain) with key_file: TLS 1.2 and 1.3
  * only, forward-secret AEAD cipher suites, no compression or

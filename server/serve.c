@@ -122,12 +122,24 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct serve *s = arg;
     int live = api_live_requests(s->api);
-    if (live == 0) {
+    double now = now_s();
+    /* Done when no request is live and every answer has left: a finished
+     * response may still sit in a connection's output buffer (a slow
+     * reader, a large body), and closing now would cut it. */
+    size_t queued = live == 0 ? http_server_pending_output(s->http) : 0;
+    if (live == 0 && queued == 0) {
         log_info("drained; exiting");
         event_base_loopexit(s->base, NULL);
         return;
     }
-    double now = now_s();
+    if (live == 0) {
+        if (now >= s->drain_deadline) {
+            log_warn("drain timeout: %zu bytes of answers not yet read by their clients; "
+                     "exiting anyway", queued);
+            event_base_loopexit(s->base, NULL);
+        }
+        return;
+    }
     if (!s->cancelled && now >= s->drain_deadline) {
         log_warn("drain timeout: cancelling %d requests still in flight", live);
         api_cancel_all(s->api);
