@@ -153,6 +153,7 @@ struct conn {
     char peer[64];
     /* Limits of the request being parsed. */
     size_t line_bytes, hdr_bytes, raw_hdr, ext_bytes, body_len;
+    double body_t0; /* when the body began (the headers ended) */
     int n_fields;
     int hstate;     /* 0: no header open, 1: in its name, 2: in its value */
     int value_done; /* the open header's value ended: a value now has no name */
@@ -229,6 +230,8 @@ void http_limits_resolve(struct http_limits *l)
         l->header_timeout_s = 10;
     if (l->body_timeout_s <= 0)
         l->body_timeout_s = 10;
+    if (l->min_body_rate == 0)
+        l->min_body_rate = 1024;
     if (l->idle_timeout_s <= 0)
         l->idle_timeout_s = 75;
     if (l->send_timeout_s <= 0)
@@ -994,6 +997,7 @@ static int conn_headers_done(struct conn *c)
     r->keep_alive = llhttp_should_keep_alive(p);
     if (chunked || cl > 0) {
         c->st = C_BODY;
+        c->body_t0 = mono_now();
         rtimer_set(c, RT_BODY, l->body_timeout_s);
     }
     return 0;
@@ -1168,9 +1172,21 @@ static void read_cb(struct bufferevent *bev, void *arg)
             bufferevent_disable(bev, EV_READ);
         }
         return;
-    case C_BODY:
-        rtimer_set(c, RT_BODY, c->s->lim.body_timeout_s);
+    case C_BODY: {
+        /* every read restarts the stall timer, so a slow drip also has
+         * to keep an average rate once past the first timeout */
+        const struct http_limits *l = &c->s->lim;
+        double took = mono_now() - c->body_t0;
+        double got = (double)(c->body_len + len);
+        if (l->min_body_rate > 0 && took > l->body_timeout_s &&
+            got < l->min_body_rate * took) {
+            conn_send_error(c, 408, "request body arriving at %.0f bytes/s, below the "
+                            "minimum of %.0f (--min-body-rate)", got / took, l->min_body_rate);
+            return;
+        }
+        rtimer_set(c, RT_BODY, l->body_timeout_s);
         break;
+    }
     default:
         break;
     }

@@ -48,6 +48,12 @@ struct http_limits {
                                * end of the headers -> 408 */
     double body_timeout_s;    /* 10: most time between two reads of a body
                                * -> 408 */
+    double min_body_rate;     /* 1024 bytes/s: once a body has taken longer
+                               * than body_timeout_s, it must have averaged
+                               * at least this since its start -> 408 (a
+                               * body dripped in just inside the timeout
+                               * would otherwise hold the connection for
+                               * hours); < 0: no minimum */
     double idle_timeout_s;    /* 75: keep-alive connection with nothing in
                                * flight; closed silently. Longer than a load
                                * balancer's idle timeout, so it closes first */

@@ -248,6 +248,8 @@ static void usage(FILE *f)
           "  --max-prompt-bytes N       prompt text per request (default 1M) -> 400\n"
           "  --header-timeout S         to receive the headers (default 10) -> 408\n"
           "  --body-timeout S           between reads of a body (default 10) -> 408\n"
+          "  --min-body-rate N          bytes/s a body must average once it has taken\n"
+          "                             longer than --body-timeout (default 1024; 0: off)\n"
           "  --idle-timeout S           idle keep-alive connection (default 75)\n"
           "  --send-timeout S           client not reading (default 60): cancelled\n"
           "  --max-connections N        open connections (default 4096) -> 503\n"
@@ -306,7 +308,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 {
     enum { O_HOST = 256, O_PORT, O_NAME, O_KEY, O_KEYFILE, O_CERT, O_TLSKEY, O_TMPL, O_TRUST,
            O_THREADS, O_KV, O_SEQS, O_BATCH, O_QUEUE, O_MLEN, O_DRAIN, O_HDR, O_BODY, O_PROMPT,
-           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_GPUMEM, O_EAGER, O_ASYNC, O_NOASYNC, O_TP, O_NNODES, O_NODE, O_MADDR, O_MPORT, O_HELP };
+           O_HTO, O_BTO, O_ITO, O_STO, O_CONNS, O_SBUF, O_PING, O_LOG, O_DEV, O_DET, O_GPUMEM, O_EAGER, O_ASYNC, O_NOASYNC, O_TP, O_NNODES, O_NODE, O_MADDR, O_MPORT, O_MINRATE, O_HELP };
     static const struct option opts[] = {
         {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT},
@@ -329,6 +331,7 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         {"max-prompt-bytes", required_argument, 0, O_PROMPT},
         {"header-timeout", required_argument, 0, O_HTO},
         {"body-timeout", required_argument, 0, O_BTO},
+        {"min-body-rate", required_argument, 0, O_MINRATE},
         {"idle-timeout", required_argument, 0, O_ITO},
         {"send-timeout", required_argument, 0, O_STO},
         {"max-connections", required_argument, 0, O_CONNS},
@@ -403,6 +406,12 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
         case O_PROMPT: rc = cli_parse_size("--max-prompt-bytes", optarg, &a->max_prompt_bytes); break;
         case O_HTO: rc = parse_seconds("--header-timeout", optarg, &a->lim.header_timeout_s); break;
         case O_BTO: rc = parse_seconds("--body-timeout", optarg, &a->lim.body_timeout_s); break;
+        case O_MINRATE: {
+            int64_t v;
+            rc = cli_parse_size("--min-body-rate", optarg, &v);
+            a->lim.min_body_rate = v > 0 ? (double)v : -1;
+            break;
+        }
         case O_ITO: rc = parse_seconds("--idle-timeout", optarg, &a->lim.idle_timeout_s); break;
         case O_STO: rc = parse_seconds("--send-timeout", optarg, &a->lim.send_timeout_s); break;
         case O_CONNS:

@@ -334,6 +334,44 @@ def test_slow_body_gets_408(limited):
         c.close()
 
 
+def test_dripped_body_below_the_minimum_rate_gets_408(limited):
+    """A body sent one byte every 0.4 s never stalls for the 1 s body
+    timeout, but averages 2.5 bytes/s: past the timeout it is cut off for
+    being under --min-body-rate (default 1024 bytes/s), instead of holding
+    the connection for as long as the client likes."""
+    body = b'{"prompt": "' + b"x" * 60 + b'"}'
+    c = RawConn(limited, timeout=10)
+    try:
+        c.send(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body))
+        t0 = time.monotonic()
+        for b in body[:8]:  # 3.2 s of drip: the cut comes at the first read past 1 s
+            try:
+                c.send(bytes([b]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.4)
+        r = c.read_response()
+        assert r.status_code == 408, r.status_code
+        assert "min-body-rate" in r.text
+        assert time.monotonic() - t0 < 5
+    finally:
+        c.close()
+    # a body that is slow but keeps up the rate is read
+    c = RawConn(limited, timeout=10)
+    try:
+        body = b'{"prompt": "' + b"y" * 3000 + b'"}'
+        c.send(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 600):  # 600 bytes every 0.3 s: 2000 bytes/s
+            c.send(body[i:i + 600])
+            time.sleep(0.3)
+        assert c.read_response().status_code == 200
+    finally:
+        c.close()
+    alive(limited)
+
+
 def test_idle_keep_alive_connection_is_closed(limited):
     c = RawConn(limited, timeout=10)
     try:
