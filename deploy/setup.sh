@@ -112,17 +112,23 @@ case "$MODE" in
       ninja -C "$FUZZ" tests/fuzz/fuzz_json tests/fuzz/fuzz_gguf tests/fuzz/fuzz_safetensors tests/fuzz/fuzz_tokenizer tests/fuzz/fuzz_tokenizer_json tests/fuzz/fuzz_chat_template tests/fuzz/fuzz_http tests/fuzz/fuzz_api_request >/dev/null
     fi
     # ThreadSanitizer over the concurrency tests: the engine (with and
-    # without async scheduling), the communicators, tensor parallelism and
-    # the HTTP layer's test, whose loop runs in a second thread. Any report
-    # fails the run.
+    # without async scheduling), the communicators, tensor parallelism (on
+    # the CPU, and with the CUDA toolkit the GPU ranks' threads over the
+    # test doubles: only C is built, nothing by nvcc) and the HTTP layer's
+    # test, whose loop runs in a second thread. Any report fails the run.
     TSAN=${INFERD_TSAN_BUILD_DIR:-build-tsan}
-    [ -f "$TSAN/build.ninja" ] || meson setup "$TSAN" --buildtype=debugoptimized -Db_sanitize=thread -Db_lundef=false -Dcuda=disabled >/dev/null
+    [ -f "$TSAN/build.ninja" ] || meson setup "$TSAN" --buildtype=debugoptimized -Db_sanitize=thread -Db_lundef=false >/dev/null
+    TSAN_TARGETS="tests/unit/test_engine tests/unit/test_comm tests/unit/test_comm_tcp tests/unit/test_model_tp tests/unit/test_http"
+    TSAN_TESTS="engine engine_async comm comm_tcp model_tp http"
+    if ninja -C "$TSAN" -t targets all 2>/dev/null | grep -q '^tests/unit/test_model_tp_cuda:'; then
+      TSAN_TARGETS="$TSAN_TARGETS tests/unit/test_model_cuda tests/unit/test_model_tp_cuda"
+      TSAN_TESTS="$TSAN_TESTS model_cuda model_tp_cuda"
+    fi
     log "building $TSAN (ThreadSanitizer: the concurrency tests)"
-    ninja -C "$TSAN" tests/unit/test_engine tests/unit/test_comm tests/unit/test_comm_tcp tests/unit/test_model_tp tests/unit/test_http >/dev/null
+    ninja -C "$TSAN" $TSAN_TARGETS >/dev/null
     log "running the concurrency tests under ThreadSanitizer"
     TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
-      meson test -C "$TSAN" --no-rebuild --quiet --print-errorlogs \
-        engine engine_async comm comm_tcp model_tp http >&2 ||
+      meson test -C "$TSAN" --no-rebuild --quiet --print-errorlogs $TSAN_TESTS >&2 ||
       { log "ThreadSanitizer: a concurrency test failed (report above)"; exit 1; }
     export INFERD_BUILD_DIR="$BUILD" INFERD_ASAN_BUILD_DIR="$ASAN" INFERD_FUZZ_BUILD_DIR="$FUZZ"
     cd "$ROOT"

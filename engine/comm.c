@@ -5,6 +5,8 @@
  */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "engine/comm_internal.h"
@@ -36,6 +38,53 @@ const char *comm_error(const struct comm *c)
 int comm_allreduce_f32(struct comm *c, float *buf, int64_t n)
 {
     return c->ops->allreduce_f32(c, buf, n);
+}
+
+static float bf16_to_f32(uint16_t v)
+{
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+static uint16_t f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN stays NaN (quiet) */
+        return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+int comm_allreduce_bf16(struct comm *c, uint16_t *buf, int64_t n)
+{
+    if (c->ops->allreduce_bf16)
+        return c->ops->allreduce_bf16(c, buf, n);
+    if (n < 0)
+        return c->ops->allreduce_f32(c, NULL, n); /* fails alike on every rank */
+    /* Host buffers: widen, sum as f32, round once. A rank without the
+     * memory must not leave the others waiting: it aborts the group. */
+    float *w = malloc((size_t)(n ? n : 1) * sizeof(float));
+    if (!w) {
+        c->ops->abort(c, "out of memory for a bf16 all-reduce");
+        return comm_fail(c, "out of memory for a bf16 all-reduce of %lld values", (long long)n);
+    }
+    for (int64_t i = 0; i < n; i++)
+        w[i] = bf16_to_f32(buf[i]);
+    int rc = c->ops->allreduce_f32(c, w, n);
+    if (rc == 0)
+        for (int64_t i = 0; i < n; i++)
+            buf[i] = f32_to_bf16(w[i]);
+    free(w);
+    return rc;
+}
+
+int comm_wait_event(struct comm *c, void *event)
+{
+    if (c->ops->wait_event)
+        return c->ops->wait_event(c, event);
+    return c->ops->sync(c);
 }
 
 int comm_allgather_f32(struct comm *c, const float *send, int64_t n_per_rank, float *recv)

@@ -172,6 +172,14 @@ int comm_size(const struct comm *c);
  * and a mismatch there hangs or corrupts until an abort. */
 int comm_allreduce_f32(struct comm *c, float *buf, int64_t n);
 
+/* comm_allreduce_f32 over bf16 values (the bits, as uint16_t): what the
+ * GPU ranks sum, in the activations' own type. NCCL sums in ncclBfloat16
+ * (its order and rounding). The CPU and TCP implementations widen each
+ * value to f32, sum as comm_allreduce_f32 does and round the sum to the
+ * nearest bf16 (ties to even) once, so every rank still gets the same
+ * bits. */
+int comm_allreduce_bf16(struct comm *c, uint16_t *buf, int64_t n);
+
 /* recv: (size, n_per_rank) f32: rank 0's send, then rank 1's, ... on every
  * rank. send: (n_per_rank) f32, borrowed; it may be recv + rank *
  * n_per_rank (in place). */
@@ -190,6 +198,13 @@ int comm_barrier(struct comm *c);
  * NCCL: not while the stream is being captured into a graph (nor
  * comm_barrier); the collectives themselves may be captured. */
 int comm_sync(struct comm *c);
+
+/* Waits until event (a cudaEvent_t recorded on this rank's stream, as a
+ * void pointer) has completed, noticing an abort or an asynchronous NCCL
+ * error as comm_sync does, but without waiting for work enqueued after
+ * the event (a step launched ahead of the one being collected). CPU and
+ * TCP: no stream, returns 0 at once (-1 once aborted). */
+int comm_wait_event(struct comm *c, void *event);
 
 /* The reason for the last failed call on c: "" when none failed. Owned by
  * c; valid until the next call on c. Rank thread only. */

@@ -16,10 +16,14 @@
  * every rank must fail the same call, see comm_cpu.c). */
 struct comm_ops {
     int (*allreduce_f32)(struct comm *c, float *buf, int64_t n);
+    /* NULL: comm.c widens to f32 and calls allreduce_f32 (host buffers) */
+    int (*allreduce_bf16)(struct comm *c, uint16_t *buf, int64_t n);
     int (*allgather_f32)(struct comm *c, const float *send, int64_t n_per_rank, float *recv);
     int (*broadcast)(struct comm *c, void *buf, size_t bytes, int root);
     int (*barrier)(struct comm *c);
     int (*sync)(struct comm *c);
+    /* NULL: no stream (host collectives), so sync says it all */
+    int (*wait_event)(struct comm *c, void *event);
     void (*abort)(struct comm *c, const char *why); /* any thread */
     void (*destroy)(struct comm *c);
 };

@@ -150,6 +150,19 @@ static int nccl_allreduce_f32(struct comm *c, float *buf, int64_t n)
                   kc_nccl_allreduce_sum_f32(r->nc, r->stream, buf, buf, (size_t)n), 0);
 }
 
+static int nccl_allreduce_bf16(struct comm *c, uint16_t *buf, int64_t n)
+{
+    struct nccl_rank *r = (struct nccl_rank *)c;
+    if (enter(r) != 0)
+        return -1;
+    if (n < 0)
+        return comm_fail(c, "allreduce_bf16: bad element count %lld", (long long)n);
+    if (n == 0)
+        return 0;
+    return settle(r, "ncclAllReduce (bf16)",
+                  kc_nccl_allreduce_sum_bf16(r->nc, r->stream, buf, buf, (size_t)n), 0);
+}
+
 static int nccl_allgather_f32(struct comm *c, const float *send, int64_t n_per_rank, float *recv)
 {
     struct nccl_rank *r = (struct nccl_rank *)c;
@@ -179,18 +192,17 @@ static int nccl_broadcast(struct comm *c, void *buf, size_t bytes, int root)
 /* Waits for the stream, watching for an abort or an asynchronous NCCL
  * error (a peer gone: the kernels would otherwise wait forever). Polls
  * with sched_yield, so it holds a core while it waits; a decode step's
- * wait is short. */
-static int nccl_sync(struct comm *c)
+ * wait is short. The stream (event NULL) or one event. */
+static int wait_done(struct nccl_rank *r, kc_event event)
 {
-    struct nccl_rank *r = (struct nccl_rank *)c;
     if (enter(r) != 0)
         return -1;
     for (;;) {
-        int e = kc_nccl_stream_query(r->stream);
+        int e = event ? kc_nccl_event_query(event) : kc_nccl_stream_query(r->stream);
         if (e == 0)
             return 0;
         if (e != KC_CUDA_NOT_READY)
-            return die_cuda(r, "cudaStreamQuery", e);
+            return die_cuda(r, event ? "cudaEventQuery" : "cudaStreamQuery", e);
         if (take_abort(r) != 0)
             return -1;
         int st;
@@ -201,6 +213,17 @@ static int nccl_sync(struct comm *c)
             return die_nccl(r, "asynchronous NCCL error", st);
         sched_yield();
     }
+}
+
+static int nccl_sync(struct comm *c)
+{
+    return wait_done((struct nccl_rank *)c, NULL);
+}
+
+/* nccl_sync for one event: the work after it may still run. */
+static int nccl_wait_event(struct comm *c, void *event)
+{
+    return wait_done((struct nccl_rank *)c, (kc_event)event);
 }
 
 /* A one-int all-reduce meets every rank; waiting for it on the stream
@@ -248,10 +271,12 @@ static void nccl_destroy(struct comm *c)
 
 static const struct comm_ops nccl_ops = {
     .allreduce_f32 = nccl_allreduce_f32,
+    .allreduce_bf16 = nccl_allreduce_bf16,
     .allgather_f32 = nccl_allgather_f32,
     .broadcast = nccl_broadcast,
     .barrier = nccl_barrier,
     .sync = nccl_sync,
+    .wait_event = nccl_wait_event,
     .abort = nccl_abort,
     .destroy = nccl_destroy,
 };

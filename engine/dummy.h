@@ -62,5 +62,15 @@ struct dummy_fill {
  * -1 when no tensor of d starts there. Known also when d holds shapes
  * only (fill 0): the states are arithmetic. Reads d only. */
 int dummy_fill_of(const struct dummy_model *d, const void *data, struct dummy_fill *out);
+/* The same for a pointer anywhere inside a tensor's values (a row or
+ * column slice of it, as a tensor-parallel rank takes): *elem is the
+ * index of the element data points at. -1 when no tensor holds data or
+ * it points inside an element. */
+int dummy_fill_at(const struct dummy_model *d, const void *data, struct dummy_fill *out,
+                  int64_t *elem);
+/* Draw k of a random tensor's stream starting at state s is the finalizer
+ * of s + (k + 1) * DUMMY_GOLDEN: a slice starting at element e (e % 4 ==
+ * 0, bf16) is a stream of its own starting at s + (e / 4) * DUMMY_GOLDEN. */
+#define DUMMY_GOLDEN 0x9e3779b97f4a7c15ull
 
 #endif

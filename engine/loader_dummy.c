@@ -230,13 +230,33 @@ uint64_t dummy_bytes(const struct dummy_model *d)
 
 int dummy_fill_of(const struct dummy_model *d, const void *data, struct dummy_fill *out)
 {
+    int64_t at = -1;
+    return dummy_fill_at(d, data, out, &at) == 0 && at == 0 ? 0 : -1;
+}
+
+int dummy_fill_at(const struct dummy_model *d, const void *data, struct dummy_fill *out,
+                  int64_t *elem)
+{
     /* From the end: an empty tensor shares its start with the next one,
      * and the one with values is the one meant. A few hundred tensors: a
      * scan costs nothing next to filling any of them. */
-    for (size_t i = d->n; i-- > 0;)
-        if (d->t[i].data == data) {
-            *out = d->fills[i];
-            return 0;
+    const char *p = data;
+    for (size_t i = d->n; i-- > 0;) {
+        const char *t = d->t[i].data;
+        if (p < t || p >= t + d->t[i].nbytes) {
+            if (p == t) { /* an empty tensor */
+                *out = d->fills[i];
+                *elem = 0;
+                return 0;
+            }
+            continue;
         }
+        size_t esz = (size_t)(d->t[i].nbytes / (uint64_t)(d->fills[i].n ? d->fills[i].n : 1));
+        if (esz == 0 || (size_t)(p - t) % esz != 0)
+            return -1;
+        *out = d->fills[i];
+        *elem = (int64_t)((size_t)(p - t) / esz);
+        return 0;
+    }
     return -1;
 }

@@ -374,12 +374,6 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
                  opts->nnodes);
         goto fail;
     }
-    if (tp > 1 && opts->device == MODEL_DEVICE_CUDA) {
-        snprintf(err, errlen, "--tensor-parallel-size %d with --device cuda: the GPU ranks "
-                 "(NCCL) are not wired into the engine yet; tensor parallelism runs on the "
-                 "CPU for now", tp);
-        goto fail;
-    }
     /* the rank models run the pool's threads between them */
     m->pool = k_pool_create(tp > 1 ? 1 : opts ? opts->n_threads : 0);
     if (!m->pool) {
@@ -389,7 +383,9 @@ int model_load(const char *path, const struct model_opts *opts, struct model **o
     if (opts && opts->device == MODEL_DEVICE_CUDA) {
 #ifdef INFERD_CUDA
         /* the CPU layout is not used: no repacking */
-        if (mcu_create(m, opts->deterministic, opts->enforce_eager, &m->cuda, err, errlen))
+        if (tp > 1 ? mtc_create(m, tp, opts, err, errlen)
+                   : mcu_create(m, 0, opts->deterministic, opts->enforce_eager, &m->cuda, err,
+                                errlen))
             goto fail;
         *out = m;
         return 0;
@@ -433,6 +429,9 @@ void model_destroy(struct model *m)
 {
     if (!m)
         return;
+#ifdef INFERD_CUDA
+    mtc_destroy(m); /* the GPU ranks first: they use the plan and the weights */
+#endif
     model_tp_destroy(m);
     free_activations(m);
 #ifdef INFERD_CUDA
@@ -461,6 +460,10 @@ struct kv_geom model_kv_geom(const struct model *m)
 {
     /* with tensor parallelism every rank's heads have their place in a
      * token row (replicated KV heads once per rank that holds them) */
+#ifdef INFERD_CUDA
+    if (m->tpg)
+        return mtc_kv_geom(m);
+#endif
     struct kv_geom g = {m->cfg.n_layer, m->tp > 1 ? m->kv_stride : m->cfg.n_head_kv,
                         m->cfg.head_dim, m->cuda != NULL};
     return g;
@@ -755,6 +758,8 @@ static void st_mlp_residual(struct rows_job *j, int64_t r0, int64_t r1)
 int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_row *rows,
                       int64_t n, int64_t n_prev, int64_t *next, char *err, size_t errlen)
 {
+    /* a tensor-parallel rank's config holds its slice of the vocabulary */
+    int64_t n_vocab = m->vocab_all ? m->vocab_all : m->cfg.n_vocab;
     for (int64_t r = 0; r < n; r++) {
         int s = rows[r].seq;
         if (kv_seq_valid(kv, s))
@@ -768,9 +773,9 @@ int model_check_batch(struct model *m, struct kv_cache *kv, const struct model_r
         }
         if (row->token < 0 && -1 - (int64_t)row->token < n_prev)
             ; /* MODEL_TOKEN_PREV(k): the last launch's k-th sample */
-        else if (row->token < 0 || row->token >= m->cfg.n_vocab) {
+        else if (row->token < 0 || row->token >= n_vocab) {
             snprintf(err, errlen, "row %lld: token id %d is outside the vocabulary (0..%lld)",
-                     (long long)r, row->token, (long long)m->cfg.n_vocab - 1);
+                     (long long)r, row->token, (long long)n_vocab - 1);
             return -1;
         }
         if (row->pos < 0 || row->pos >= m->cfg.n_ctx) {
@@ -872,7 +877,7 @@ int model_forward(struct model *m, struct kv_cache *kv, const struct model_row *
     if (n <= 0)
         return 0;
 #ifdef INFERD_CUDA
-    if (m->cuda)
+    if (m->cuda || m->tpg)
         return model_forward_sample(m, kv, rows, n, logits, NULL, 0, err, errlen);
 #endif
     int64_t *next = malloc((size_t)kv_max_seqs(kv) * sizeof(int64_t));
@@ -902,8 +907,9 @@ int model_launch(struct model *m, struct kv_cache *kv, const struct model_row *r
         return -1;
     }
 #ifdef INFERD_CUDA
-    if (m->cuda) {
-        if (mcu_launch(m, kv, rows, n, logits, samples, n_samples, err, errlen))
+    if (m->cuda || m->tpg) {
+        if (m->tpg ? mtc_launch(m, kv, rows, n, logits, samples, n_samples, err, errlen)
+                   : mcu_launch(m, kv, rows, n, logits, samples, n_samples, 1, err, errlen))
             return -1;
         m->uncollected++;
         return 0;
@@ -965,6 +971,8 @@ int model_collect(struct model *m, char *err, size_t errlen)
     }
     m->uncollected--;
 #ifdef INFERD_CUDA
+    if (m->tpg)
+        return mtc_collect(m, err, errlen);
     if (m->cuda)
         return mcu_collect(m, err, errlen);
 #endif
@@ -973,7 +981,7 @@ int model_collect(struct model *m, char *err, size_t errlen)
 
 int model_async(const struct model *m)
 {
-    return m->cuda != NULL;
+    return model_on_device(m);
 }
 
 int model_forward_sample(struct model *m, struct kv_cache *kv, const struct model_row *rows,
@@ -991,15 +999,17 @@ int model_forward_sample(struct model *m, struct kv_cache *kv, const struct mode
 
 int model_on_device(const struct model *m)
 {
-    return m->cuda != NULL;
+    return m->cuda != NULL || m->tpg != NULL;
 }
 
 int model_device_ceilings(struct model *m, double *bytes_per_s, double *flops, char *desc,
                           size_t desc_len)
 {
 #ifdef INFERD_CUDA
+    if (m->tpg)
+        return mtc_ceilings(m, bytes_per_s, flops, desc, desc_len);
     if (m->cuda)
-        return mcu_ceilings(bytes_per_s, flops, desc, desc_len);
+        return mcu_ceilings(0, bytes_per_s, flops, desc, desc_len);
 #endif
     (void)m, (void)desc, (void)desc_len;
     *bytes_per_s = *flops = 0;
@@ -1009,6 +1019,8 @@ int model_device_ceilings(struct model *m, double *bytes_per_s, double *flops, c
 int model_device_memory(const struct model *m, int64_t *free_bytes, int64_t *total_bytes)
 {
 #ifdef INFERD_CUDA
+    if (m->tpg)
+        return mtc_memory(m, free_bytes, total_bytes);
     if (m->cuda)
         return mcu_memory(free_bytes, total_bytes);
 #endif
@@ -1020,6 +1032,8 @@ int model_device_memory(const struct model *m, int64_t *free_bytes, int64_t *tot
 int64_t model_step_bytes(const struct model *m, int64_t max_rows, int max_seqs)
 {
 #ifdef INFERD_CUDA
+    if (m->tpg)
+        return mtc_step_bytes(m, max_rows, max_seqs);
     if (m->cuda)
         return mcu_step_bytes(m, max_rows, max_seqs);
 #endif
@@ -1031,6 +1045,8 @@ int model_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int ma
                   int64_t max_len, char *err, size_t errlen)
 {
 #ifdef INFERD_CUDA
+    if (m->tpg)
+        return mtc_prepare(m, kv, max_rows, max_seqs, max_len, err, errlen);
     if (m->cuda)
         return mcu_prepare(m, kv, max_rows, max_seqs, max_len, err, errlen);
 #endif

@@ -88,8 +88,9 @@ struct model_opts {
     /* Tensor parallelism (--tensor-parallel-size): the model split over tp
      * ranks Megatron-style (tp_plan.h), each a thread with n_threads / tp
      * CPU threads, summing partial results through a communicator; 0 or 1:
-     * none. model_load refuses a shape that does not split. CPU only for
-     * now. */
+     * none. model_load refuses a shape that does not split. With
+     * MODEL_DEVICE_CUDA: one GPU per rank (GPUs 0 .. tp - 1), NCCL between
+     * them; one node only for now. */
     int tp;
     /* Multi-node: the tp ranks spread over nnodes processes (tp / nnodes
      * each), this one node_rank; node 0 (the leader) plans the steps and

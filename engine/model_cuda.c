@@ -14,10 +14,14 @@
  * to the host as f32, where the engine's sampler takes them as on the CPU.
  * Engine thread only.
  *
- * Not yet: CUDA graphs for decode steps, overlap of step N+1's host work
- * with step N, sampling on the device (kc_sample exists), KV sizing from
- * device memory. Nothing here has run on a GPU yet: tests/gpu/run.sh's
- * engine steps are its first check.
+ * A tensor-parallel rank (model_tp_cuda.c runs one per GPU) holds its
+ * shard of the weights, Megatron-style as model_tp.c describes, and its
+ * share of every KV head it holds; its communicator sums the activations
+ * after the embedding lookup, the attention and the MLP (bf16 all-reduce),
+ * and gathers the LM head's vocabulary slices; rank 0 lays them side by
+ * side, samples, and broadcasts the sampled ids, which every rank's next
+ * launch may name (MODEL_TOKEN_PREV). The collectives are enqueued on the
+ * rank's stream, so a decode step's graph holds them too.
  */
 #include <math.h>
 #include <stdio.h>
@@ -25,9 +29,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "engine/comm.h"
 #include "engine/dummy.h"
 #include "engine/kv_cache.h"
 #include "engine/model_internal.h"
+#include "engine/tp_plan.h"
 
 #define STAGE_BYTES ((size_t)64 << 20) /* per staging buffer */
 
@@ -57,6 +63,15 @@ struct cu_graph {
 struct model_cuda {
     int64_t n_layer;
     int deterministic, eager;
+    int device;
+    /* the vocabulary: V ids in all (what the samplers and the host logits
+     * see); this model's LM head gives Vr rows from id v0 (V and 0
+     * without tensor parallelism; padded to the plan's rows per rank) */
+    int64_t V, Vr, v0;
+    int tp, rank; /* 1 and 0 without tensor parallelism */
+    int head;     /* lays out the logits and samples: rank 0 */
+    const struct tp_plan *plan;
+    kc_bf16 *lg_loc, *lg_all; /* (cap_seqs, Vr), (tp, cap_seqs, Vr) */
     void *decode_ws; /* split decode's partials (not deterministic) */
     kc_stream stream;
     kc_event done_ev[2]; /* per launch parity: its outputs are on the host */
@@ -140,20 +155,21 @@ struct model_cuda {
 struct conv_job {
     const struct k_matrix *w;
     int64_t r0, n;  /* rows r0 .. r0+n of w */
-    uint16_t *dst;  /* (n, cols) bf16 */
+    int64_t c0, nc; /* columns c0 .. c0+nc of each */
+    uint16_t *dst;  /* (n, nc) bf16 */
     float *tmp;     /* (n_threads, cols) */
 };
 
 static void conv_worker(void *ctx, int ith, int nth)
 {
     struct conv_job *j = ctx;
-    int64_t cols = j->w->cols;
+    int64_t cols = j->w->cols, nc = j->nc;
     float *t = j->tmp + (size_t)ith * (size_t)cols;
     for (int64_t r = ith; r < j->n; r += nth) {
         k_dequant_row(j->w, j->r0 + r, t);
-        uint16_t *d = j->dst + (size_t)r * (size_t)cols;
-        for (int64_t i = 0; i < cols; i++)
-            d[i] = k_f32_to_bf16(t[i]);
+        uint16_t *d = j->dst + (size_t)r * (size_t)nc;
+        for (int64_t i = 0; i < nc; i++)
+            d[i] = k_f32_to_bf16(t[j->c0 + i]);
     }
 }
 
@@ -166,34 +182,63 @@ fail:
     return -1;
 }
 
-/* Converts rows of w to bf16 and copies them to dst (device), staging
- * chunk by chunk. */
+/* --load-format dummy: the values the CPU loader would have written for
+ * columns c0 .. c0 + nc of w, whose first value is element e0 of the
+ * tensor f describes, made on the device from the stream's state (no
+ * host memory, no copy). A slice must start on a draw (4 values). */
+static int upload_dummy(struct model_cuda *c, const struct k_matrix *w, int64_t c0, int64_t nc,
+                        const struct dummy_fill *f, int64_t e0, kc_bf16 *dst, char *err,
+                        size_t errlen)
+{
+    int e = 0;
+    int64_t n = w->rows * nc;
+    if (f->kind != DUMMY_FILL_RANDOM) {
+        e = kc_fill_bf16(c->stream, dst, n, f->kind == DUMMY_FILL_ONES ? 0x3f80 : 0);
+    } else if (nc == w->cols) {
+        if (e0 % 4 != 0)
+            goto unaligned;
+        e = kc_fill_dummy_bf16(c->stream, dst, n, f->state + (uint64_t)(e0 / 4) * DUMMY_GOLDEN);
+    } else {
+        if ((e0 + c0) % 4 != 0 || w->cols % 4 != 0)
+            goto unaligned;
+        for (int64_t r = 0; r < w->rows && e == 0; r++) {
+            int64_t at = e0 + r * w->cols + c0;
+            e = kc_fill_dummy_bf16(c->stream, dst + (size_t)r * (size_t)nc, nc,
+                                   f->state + (uint64_t)(at / 4) * DUMMY_GOLDEN);
+        }
+    }
+    if (e != 0) {
+        snprintf(err, errlen, "CUDA kernel: %s (dummy weights)", kc_error_string(e));
+        return -1;
+    }
+    c->uploaded += (uint64_t)n * 2;
+    return 0;
+unaligned:
+    snprintf(err, errlen, "--load-format dummy: a tensor-parallel slice starting at value %lld "
+             "of a tensor does not start a 4-value draw; choose a tensor-parallel size whose "
+             "slices of the heads and MLP are multiples of 4", (long long)(e0 + c0));
+    return -1;
+}
+
+/* Converts columns c0 .. c0 + nc of every row of w to bf16 and copies
+ * them to dst (device, (rows, nc)), staging chunk by chunk. */
 static int upload_matrix(struct model *m, struct model_cuda *c, const struct k_matrix *w,
-                         kc_bf16 *dst, char *err, size_t errlen)
+                         int64_t c0, int64_t nc, kc_bf16 *dst, char *err, size_t errlen)
 {
     struct dummy_fill f;
-    if (m->dummy && dummy_fill_of(m->dummy, w->data, &f) == 0 && f.dtype == K_BF16 &&
-        f.n == w->rows * w->cols) {
-        /* --load-format dummy: the same values the CPU loader would have
-         * written, made here from the stream state (no host memory, no
-         * copy) */
-        int e = f.kind == DUMMY_FILL_RANDOM
-                    ? kc_fill_dummy_bf16(c->stream, dst, f.n, f.state)
-                    : kc_fill_bf16(c->stream, dst, f.n, f.kind == DUMMY_FILL_ONES ? 0x3f80 : 0);
-        if (e != 0) {
-            snprintf(err, errlen, "CUDA kernel: %s (dummy weights)", kc_error_string(e));
-            return -1;
-        }
-        c->uploaded += (uint64_t)f.n * 2;
-        return 0;
-    }
+    int64_t e0;
+    const struct dummy_model *dm = m->dummy ? m->dummy : m->dummy_view;
+    if (dm && dummy_fill_at(dm, w->data, &f, &e0) == 0 && f.dtype == K_BF16 &&
+        e0 + w->rows * w->cols <= f.n)
+        return upload_dummy(c, w, c0, nc, &f, e0, dst, err, errlen);
     int64_t cols = w->cols;
-    size_t row_bytes = (size_t)cols * 2;
-    int64_t per = (int64_t)(STAGE_BYTES / row_bytes);
+    size_t row_bytes = (size_t)nc * 2;
+    int64_t per = (int64_t)(STAGE_BYTES / (row_bytes ? row_bytes : 1));
     int nth = k_pool_size(m->pool);
     float *tmp = malloc((size_t)nth * (size_t)cols * sizeof(float));
-    if (per < 1 || !tmp) {
-        snprintf(err, errlen, "CUDA upload: a row of %lld values does not fit staging",
+    if (per < 1 || !tmp || c0 < 0 || c0 + nc > cols) {
+        snprintf(err, errlen, "CUDA upload: a row of %lld values (columns %lld..%lld of %lld) "
+                 "does not fit staging", (long long)nc, (long long)c0, (long long)(c0 + nc),
                  (long long)cols);
         free(tmp);
         return -1;
@@ -203,9 +248,9 @@ static int upload_matrix(struct model *m, struct model_cuda *c, const struct k_m
         int b = c->cur;
         if (stage_wait(c, b, err, errlen))
             goto fail;
-        struct conv_job j = {w, r0, n, c->stage[b], tmp};
+        struct conv_job j = {w, r0, n, c0, nc, c->stage[b], tmp};
         k_pool_run(m->pool, conv_worker, &j);
-        CK(kc_copy_h2d(c->stream, dst + (size_t)r0 * (size_t)cols, c->stage[b],
+        CK(kc_copy_h2d(c->stream, dst + (size_t)r0 * (size_t)nc, c->stage[b],
                        (size_t)n * row_bytes));
         CK(kc_event_record(c->stage_ev[b], c->stream));
         c->cur ^= 1;
@@ -216,6 +261,13 @@ static int upload_matrix(struct model *m, struct model_cuda *c, const struct k_m
 fail:
     free(tmp);
     return -1;
+}
+
+/* The whole of w. */
+static int upload_all(struct model *m, struct model_cuda *c, const struct k_matrix *w,
+                      kc_bf16 *dst, char *err, size_t errlen)
+{
+    return upload_matrix(m, c, w, 0, w->cols, dst, err, errlen);
 }
 
 /* n f32 values (host) to bf16 on the device. */
@@ -257,17 +309,29 @@ static int dev_alloc(void **p, size_t bytes, char *err, size_t errlen)
             goto fail;                                                                       \
     } while (0)
 
-int mcu_create(struct model *m, int deterministic, int enforce_eager, struct model_cuda **out,
-               char *err, size_t errlen)
+void *mcu_stream(struct model_cuda *c)
+{
+    return c->stream;
+}
+
+int mcu_create(struct model *m, int device, int deterministic, int enforce_eager,
+               struct model_cuda **out, char *err, size_t errlen)
 {
     const struct model_config *cf = &m->cfg;
     int64_t E = cf->n_embd, hd = cf->head_dim, nq = cf->n_head * hd, nkv = cf->n_head_kv * hd;
     int64_t nqkv = nq + 2 * nkv, ff = cf->n_ff, pairs = cf->rope_dim / 2;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (kc_device_count() < 1) {
+    int n_dev = kc_device_count();
+    if (n_dev < 1) {
         snprintf(err, errlen, "--device cuda: no CUDA device is visible (no driver, no GPU, or "
                  "CUDA_VISIBLE_DEVICES hides them)");
+        return -1;
+    }
+    if (device < 0 || device >= n_dev) {
+        snprintf(err, errlen, "--device cuda: GPU %d is needed but %d %s visible (one per "
+                 "tensor-parallel rank of this process; CUDA_VISIBLE_DEVICES may hide some)",
+                 device, n_dev, n_dev == 1 ? "is" : "are");
         return -1;
     }
     if (hd > KC_MAX_HEAD_DIM || (hd % 8) != 0) {
@@ -283,12 +347,25 @@ int mcu_create(struct model *m, int deterministic, int enforce_eager, struct mod
     c->n_layer = cf->n_layer;
     c->deterministic = deterministic;
     c->eager = enforce_eager;
+    c->device = device;
+    c->tp = 1;
+    c->V = c->Vr = cf->n_vocab;
+    c->head = 1;
+    if (m->tp_shared) { /* a tensor-parallel rank */
+        c->plan = model_tp_plan(m);
+        c->tp = c->plan->tp;
+        c->V = m->vocab_all;
+        c->Vr = c->plan->vocab_per_rank;
+        c->v0 = m->vocab0;
+        c->rank = m->tp_rank;
+        c->head = c->rank == 0;
+    }
     c->L = calloc((size_t)cf->n_layer, sizeof(*c->L));
     if (!c->L) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    CK(kc_set_device(0));
+    CK(kc_set_device(device));
     CK(kc_stream_create(&c->stream));
     for (int b = 0; b < 2; b++)
         CK(kc_event_create(&c->done_ev[b]));
@@ -302,14 +379,22 @@ int mcu_create(struct model *m, int deterministic, int enforce_eager, struct mod
         goto fail;
     }
 
-    DALLOC(c->embd, (size_t)cf->n_vocab * (size_t)E * 2);
-    if (upload_matrix(m, c, &m->tok_embd, c->embd, err, errlen))
+    /* a rank's slice of the vocabulary: Vr rows, its own first (the
+     * padding rows zero, so their logits are 0 and never laid out) */
+    int64_t nv = cf->n_vocab;
+    size_t pad = (size_t)(c->Vr - nv) * (size_t)E * 2;
+    DALLOC(c->embd, (size_t)c->Vr * (size_t)E * 2);
+    if (pad)
+        CK(kc_memset(c->stream, c->embd + (size_t)nv * (size_t)E, 0, pad));
+    if (upload_all(m, c, &m->tok_embd, c->embd, err, errlen))
         goto fail;
     if (cf->tied_embeddings) {
         c->output = c->embd;
     } else {
-        DALLOC(c->output, (size_t)cf->n_vocab * (size_t)E * 2);
-        if (upload_matrix(m, c, &m->output, c->output, err, errlen))
+        DALLOC(c->output, (size_t)c->Vr * (size_t)E * 2);
+        if (pad)
+            CK(kc_memset(c->stream, c->output + (size_t)nv * (size_t)E, 0, pad));
+        if (upload_all(m, c, &m->output, c->output, err, errlen))
             goto fail;
     }
     DALLOC(c->out_norm, (size_t)E * 2);
@@ -329,12 +414,12 @@ int mcu_create(struct model *m, int deterministic, int enforce_eager, struct mod
             goto fail;
         /* q, k and v rows one after the other: one GEMM per layer */
         if (cf->fused_qkv) {
-            if (upload_matrix(m, c, &L->wqkv, D->wqkv, err, errlen))
+            if (upload_all(m, c, &L->wqkv, D->wqkv, err, errlen))
                 goto fail;
-        } else if (upload_matrix(m, c, &L->wq, D->wqkv, err, errlen) ||
-                   upload_matrix(m, c, &L->wk, D->wqkv + (size_t)nq * (size_t)E, err, errlen) ||
-                   upload_matrix(m, c, &L->wv, D->wqkv + (size_t)(nq + nkv) * (size_t)E, err,
-                                 errlen)) {
+        } else if (upload_all(m, c, &L->wq, D->wqkv, err, errlen) ||
+                   upload_all(m, c, &L->wk, D->wqkv + (size_t)nq * (size_t)E, err, errlen) ||
+                   upload_all(m, c, &L->wv, D->wqkv + (size_t)(nq + nkv) * (size_t)E, err,
+                              errlen)) {
             goto fail;
         }
         if (cf->qkv_bias) {
@@ -344,16 +429,17 @@ int mcu_create(struct model *m, int deterministic, int enforce_eager, struct mod
                 upload_vector(c, L->bv, nkv, D->bqkv + nq + nkv, err, errlen))
                 goto fail;
         }
-        if (upload_matrix(m, c, &L->wo, D->wo, err, errlen))
+        /* a rank's input columns of the row-parallel matrices */
+        if (upload_matrix(m, c, &L->wo, L->wo_c0, nq, D->wo, err, errlen))
             goto fail;
         if (cf->fused_gate_up) {
-            if (upload_matrix(m, c, &L->wgate_up, D->wgu, err, errlen))
+            if (upload_all(m, c, &L->wgate_up, D->wgu, err, errlen))
                 goto fail;
-        } else if (upload_matrix(m, c, &L->wgate, D->wgu, err, errlen) ||
-                   upload_matrix(m, c, &L->wup, D->wgu + (size_t)ff * (size_t)E, err, errlen)) {
+        } else if (upload_all(m, c, &L->wgate, D->wgu, err, errlen) ||
+                   upload_all(m, c, &L->wup, D->wgu + (size_t)ff * (size_t)E, err, errlen)) {
             goto fail;
         }
-        if (upload_matrix(m, c, &L->wdown, D->wdown, err, errlen))
+        if (upload_matrix(m, c, &L->wdown, L->wdown_c0, ff, D->wdown, err, errlen))
             goto fail;
     }
     DALLOC(c->inv_freq, (size_t)2 * (size_t)(pairs ? pairs : 1) * sizeof(float));
@@ -366,8 +452,8 @@ int mcu_create(struct model *m, int deterministic, int enforce_eager, struct mod
     CK(kc_stream_sync(c->stream));
     clock_gettime(CLOCK_MONOTONIC, &t1);
     c->load_s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
-    fprintf(stderr, "inferd: weights on the GPU: %.2f GB bf16 in %.2f s (%.2f GB/s)\n",
-            (double)c->uploaded / 1e9, c->load_s,
+    fprintf(stderr, "inferd: weights on GPU %d: %.2f GB bf16 in %.2f s (%.2f GB/s)\n",
+            device, (double)c->uploaded / 1e9, c->load_s,
             c->load_s > 0 ? (double)c->uploaded / 1e9 / c->load_s : 0.0);
     *out = c;
     return 0;
@@ -384,11 +470,11 @@ fail:
 static void free_step(struct model_cuda *c)
 {
     kc_bf16 *all[] = {c->x, c->h, c->qkv, c->q, c->k, c->v, c->att, c->y, c->gu, c->act,
-                      c->hsel, c->lg};
+                      c->hsel, c->lg, c->lg_loc, c->lg_all};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         kc_free(all[i]);
     c->x = c->h = c->qkv = c->q = c->k = c->v = c->att = c->y = c->gu = c->act = NULL;
-    c->hsel = c->lg = NULL;
+    c->hsel = c->lg = c->lg_loc = c->lg_all = NULL;
     kc_free(c->lg32);
     c->lg32 = NULL;
     kc_free(c->samp_ws);
@@ -476,7 +562,7 @@ int mcu_memory(int64_t *free_bytes, int64_t *total_bytes)
     return 0;
 }
 
-int mcu_ceilings(double *bytes_per_s, double *flops, char *desc, size_t desc_len)
+int mcu_ceilings(int device, double *bytes_per_s, double *flops, char *desc, size_t desc_len)
 {
     /* 4 GiB streamed: far beyond any cache; an 8192^3 GEMM: large enough
      * for the tensor cores' sustained rate */
@@ -484,8 +570,8 @@ int mcu_ceilings(double *bytes_per_s, double *flops, char *desc, size_t desc_len
     double tf = kc_measure_bf16_tflops(8192, 8192, 8192);
     *bytes_per_s = gbs > 0 ? gbs * 1e9 : 0;
     *flops = tf > 0 ? tf * 1e12 : 0;
-    if (kc_device_describe(0, desc, desc_len) != 0)
-        snprintf(desc, desc_len, "CUDA device 0");
+    if (kc_device_describe(device, desc, desc_len) != 0)
+        snprintf(desc, desc_len, "CUDA device %d", device);
     return gbs > 0 && tf > 0 ? 0 : -1;
 }
 
@@ -531,10 +617,19 @@ int64_t mcu_step_bytes(const struct model *m, int64_t max_rows, int max_seqs)
 {
     const struct model_config *cf = &m->cfg;
     int64_t E = cf->n_embd, hd = cf->head_dim, nq = cf->n_head * hd, nkv = cf->n_head_kv * hd;
-    size_t R = (size_t)max_rows, S = (size_t)max_seqs, V = (size_t)cf->n_vocab;
+    /* a tensor-parallel rank: its LM head rows and everyone's gathered,
+     * and on rank 0 the whole vocabulary's logits and sampling */
+    int tp = m->tp_shared ? model_tp_plan(m)->tp : 1;
+    int head = !m->tp_shared || m->tp_rank == 0;
+    int64_t nv = m->tp_shared ? m->vocab_all : cf->n_vocab;
+    size_t R = (size_t)max_rows, S = (size_t)max_seqs, V = (size_t)nv;
     size_t b = R * (size_t)E * 2 * 3 + R * (size_t)(nq + 2 * nkv) * 2 * 2 + R * (size_t)nkv * 2 * 2 +
                R * (size_t)nq * 2 + R * (size_t)(3 * cf->n_ff) * 2;
-    b += S * (size_t)E * 2 + S * V * 2 + S * V * 4 + kc_sample_workspace(max_seqs, cf->n_vocab);
+    b += S * (size_t)E * 2;
+    if (head)
+        b += S * V * 2 + S * V * 4 + kc_sample_workspace(max_seqs, nv);
+    if (tp > 1)
+        b += S * (size_t)model_tp_plan(m)->vocab_per_rank * 2 * (size_t)(1 + tp);
     b += kc_attn_decode_workspace(max_seqs, (int)cf->n_head, (int)hd, 0);
     b += layout(max_rows, max_seqs, max_rows, max_seqs).total + out_bytes(max_seqs);
     /* cuBLASLt's workspace, the graphs, and the allocator's rounding */
@@ -638,6 +733,16 @@ static int pick_graph(const struct model_cuda *c, int64_t n)
     return -1;
 }
 
+/* A tensor-parallel rank's sum of n bf16 values with the other ranks (in
+ * stream order, so a graph captures it); nothing without a communicator. */
+static int tp_reduce(struct model *m, kc_bf16 *buf, int64_t n, char *err, size_t errlen)
+{
+    if (!m->comm || comm_allreduce_bf16(m->comm, buf, n) == 0)
+        return 0;
+    snprintf(err, errlen, "tensor parallel rank %d: %s", m->tp_rank, comm_error(m->comm));
+    return -1;
+}
+
 /* Enqueues the forward pass of st (inputs already on the device) up to
  * the final norm, whose output is h. */
 static int enqueue_body(struct model *m, struct model_cuda *c, const struct step *st, char *err,
@@ -645,7 +750,7 @@ static int enqueue_body(struct model *m, struct model_cuda *c, const struct step
 {
     const struct model_config *cf = &m->cfg;
     int64_t E = cf->n_embd, hd = cf->head_dim, nh = cf->n_head, nkvh = cf->n_head_kv;
-    int64_t nq = nh * hd, nkv = nkvh * hd, nqkv = nq + 2 * nkv, ff = cf->n_ff, V = cf->n_vocab;
+    int64_t nq = nh * hd, nkv = nkvh * hd, nqkv = nq + 2 * nkv, ff = cf->n_ff;
     int64_t n = st->rows;
     const struct step_layout *lo = &st->lo;
     char *D = c->in_dev;
@@ -661,7 +766,11 @@ static int enqueue_body(struct model *m, struct model_cuda *c, const struct step
     /* ids the host did not know yet: the last step's samples, still here */
     KL(kc_resolve_tokens(s, (int32_t *)d_ids, n, (const int32_t *)c->out_dev,
                          (int)c->cap_seqs));
-    KL(kc_embed(s, c->x, c->embd, d_ids, n, E, V));
+    /* a rank's slice of the table gives its ids' rows and zeros for the
+     * rest: the sum is every row */
+    KL(kc_embed_shard(s, c->x, c->embd, d_ids, n, E, c->v0, cf->n_vocab));
+    if (tp_reduce(m, c->x, n * E, err, errlen))
+        goto fail;
     for (int64_t il = 0; il < cf->n_layer; il++) {
         struct cu_layer *L = &c->L[il];
         /* x is the residual stream; y the last block's output, added in
@@ -692,10 +801,14 @@ static int enqueue_body(struct model *m, struct model_cuda *c, const struct step
                                d_cu_q, d_seq_len, (int)st->n_seqs, (int)st->max_q, (int)nh,
                                (int)nkvh, (int)hd, scale, window));
         KL(kc_gemm(c->gemm, s, c->y, c->att, L->wo, n, E, nq));
+        if (tp_reduce(m, c->y, n * E, err, errlen)) /* row-parallel: partial sums */
+            goto fail;
         KL(kc_rmsnorm(s, c->h, c->x, c->y, L->ffn_norm, n, E, eps));
         KL(kc_gemm(c->gemm, s, c->gu, c->h, L->wgu, n, 2 * ff, E));
         KL(kc_silu_mul(s, c->act, c->gu, n, ff)); /* every supported model: SiLU */
         KL(kc_gemm(c->gemm, s, c->y, c->act, L->wdown, n, E, ff));
+        if (tp_reduce(m, c->y, n * E, err, errlen))
+            goto fail;
     }
     KL(kc_rmsnorm(s, c->h, c->x, c->y, c->out_norm, n, E, eps));
     return 0;
@@ -710,13 +823,34 @@ static int enqueue_head(struct model *m, struct model_cuda *c, const struct step
                         int64_t k, int64_t ns, char *err, size_t errlen)
 {
     const struct model_config *cf = &m->cfg;
-    int64_t E = cf->n_embd, V = cf->n_vocab;
+    int64_t E = cf->n_embd, V = c->V, Vr = c->Vr;
     const struct step_layout *lo = &st->lo;
     char *D = c->in_dev;
     kc_stream s = c->stream;
     /* the rows asked for, gathered (an embedding lookup into h) */
     KL(kc_embed(s, c->hsel, c->h, (const int32_t *)(D + lo->sel) + r0, k, E, st->rows));
-    KL(kc_gemm(c->gemm, s, c->lg, c->hsel, c->output, k, V, E));
+    if (c->tp == 1) {
+        KL(kc_gemm(c->gemm, s, c->lg, c->hsel, c->output, k, V, E));
+    } else {
+        /* every rank's (k, Vr) slice to every rank (bf16 pairs moved as
+         * f32 words: Vr is even), then rank 0 lays the slices side by side */
+        KL(kc_gemm(c->gemm, s, c->lg_loc, c->hsel, c->output, k, Vr, E));
+        if (comm_allgather_f32(m->comm, (const float *)c->lg_loc, k * Vr / 2,
+                               (float *)c->lg_all) != 0) {
+            snprintf(err, errlen, "tensor parallel rank %d: %s", m->tp_rank,
+                     comm_error(m->comm));
+            goto fail;
+        }
+        for (int q = 0; q < c->tp && c->head; q++) {
+            int64_t v0 = c->plan->rank[q].vocab0, v1 = c->plan->rank[q].vocab1;
+            if (v1 > v0)
+                CK(kc_copy_2d_d2d(s, c->lg + v0, (size_t)V * 2,
+                                  c->lg_all + (size_t)q * (size_t)k * (size_t)Vr, (size_t)Vr * 2,
+                                  (size_t)(v1 - v0) * 2, (size_t)k));
+        }
+    }
+    if (!c->head) /* the others' part ends here, but for the ids below */
+        goto bcast;
     KL(kc_bf16_to_f32(s, c->lg32, c->lg, k * V));
     if (ns > 0) {
         char *L = c->ls_dev;
@@ -731,6 +865,13 @@ static int enqueue_head(struct model *m, struct model_cuda *c, const struct step
         KL(kc_sample(s, c->lg32, (int)ns, V, (const struct kc_samp_row *)(D + lo->prm), &ls,
                      (int32_t *)O, (float *)(O + S * 4), (int32_t *)(O + S * 8),
                      (float *)(O + S * (8 + N_TOP * 4)), c->samp_ws));
+    }
+bcast:
+    /* the sampled ids to every rank: the next launch's MODEL_TOKEN_PREV
+     * rows are resolved from them on each */
+    if (c->tp > 1 && ns > 0 && comm_broadcast(m->comm, c->out_dev, (size_t)ns * 4, 0) != 0) {
+        snprintf(err, errlen, "tensor parallel rank %d: %s", m->tp_rank, comm_error(m->comm));
+        goto fail;
     }
     return 0;
 fail:
@@ -809,7 +950,7 @@ int mcu_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_
     struct model_cuda *c = m->cuda;
     const struct model_config *cf = &m->cfg;
     int64_t E = cf->n_embd, hd = cf->head_dim, nq = cf->n_head * hd, nkv = cf->n_head_kv * hd;
-    int64_t V = cf->n_vocab;
+    int64_t V = c->V;
     if (bind_kv(m, c, kv, err, errlen))
         return -1;
     int64_t blocks = (max_len + KC_BLOCK_TOKENS - 1) / KC_BLOCK_TOKENS;
@@ -843,9 +984,15 @@ int mcu_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_
     DALLOC(c->gu, R * (size_t)(2 * cf->n_ff) * 2);
     DALLOC(c->act, R * (size_t)cf->n_ff * 2);
     DALLOC(c->hsel, S * (size_t)E * 2);
-    DALLOC(c->lg, S * (size_t)V * 2);
-    DALLOC(c->lg32, S * (size_t)V * sizeof(float));
-    DALLOC(c->samp_ws, kc_sample_workspace(max_seqs, V));
+    if (c->head) { /* the whole vocabulary's logits, and sampling */
+        DALLOC(c->lg, S * (size_t)V * 2);
+        DALLOC(c->lg32, S * (size_t)V * sizeof(float));
+        DALLOC(c->samp_ws, kc_sample_workspace(max_seqs, V));
+    }
+    if (c->tp > 1) {
+        DALLOC(c->lg_loc, S * (size_t)c->Vr * 2);
+        DALLOC(c->lg_all, (size_t)c->tp * S * (size_t)c->Vr * 2);
+    }
     /* sized for the most sequences a step can hold, which serves any
      * smaller batch (kcuda.h) */
     if (!c->deterministic)
@@ -1197,11 +1344,11 @@ fail:
 }
 
 int mcu_launch(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
-               float *logits, struct model_sample *samples, int64_t n_samples, char *err,
-               size_t errlen)
+               float *logits, struct model_sample *samples, int64_t n_samples, int set_len,
+               char *err, size_t errlen)
 {
     struct model_cuda *c = m->cuda;
-    int64_t V = m->cfg.n_vocab;
+    int64_t V = c->V;
     struct step st;
     memset(&st, 0, sizeof(st));
     if (n > 0 && (c->kv_bound != kv || !c->in_dev)) {
@@ -1236,7 +1383,7 @@ int mcu_launch(struct model *m, struct kv_cache *kv, const struct model_row *row
                 /* this chunk's host rows, in runs of consecutive want rows
                  * (a copy to pageable memory: the host waits for it) */
                 int64_t j0 = r0 > n_samples ? r0 : n_samples;
-                for (int64_t j = j0; j < r0 + k;) {
+                for (int64_t j = j0; j < r0 + k && c->head && logits;) {
                     int64_t w = st.host_w[j - n_samples], run = 1;
                     while (j + run < r0 + k && st.host_w[j + run - n_samples] == w + run)
                         run++;
@@ -1248,7 +1395,7 @@ int mcu_launch(struct model *m, struct kv_cache *kv, const struct model_row *row
             }
         }
     }
-    if (n_samples > 0) {
+    if (n_samples > 0 && c->head) {
         char *O = c->out_dev, *Oh = c->out_host[par];
         size_t S = (size_t)c->cap_seqs, k = (size_t)n_samples;
         CK(kc_copy_d2h(s, Oh, O, k * 4)); /* tokens */
@@ -1259,7 +1406,7 @@ int mcu_launch(struct model *m, struct kv_cache *kv, const struct model_row *row
     CK(kc_event_record(c->done_ev[par], s));
     /* The cache holds these positions as far as any later launch can
      * tell: the device runs launches in order. */
-    for (int64_t r = 0; r < n; r++)
+    for (int64_t r = 0; r < n && set_len; r++)
         kv_seq_set_len(kv, rows[r].seq, st.next[rows[r].seq]);
     int qi = (c->q_head + c->q_len) % 2;
     c->fifo[qi].par = par;
@@ -1288,8 +1435,18 @@ int mcu_collect(struct model *m, char *err, size_t errlen)
     int par = c->fifo[qi].par;
     struct model_sample *samples = c->fifo[qi].samples;
     int64_t n_samples = c->fifo[qi].n_samples;
-    CK(kc_event_sync(c->done_ev[par]));
-    if (n_samples > 0) {
+    if (m->comm) {
+        /* a peer that fails leaves this rank's collectives waiting: the
+         * wait notices the abort that follows */
+        if (comm_wait_event(m->comm, c->done_ev[par]) != 0) {
+            snprintf(err, errlen, "tensor parallel rank %d: %s", m->tp_rank,
+                     comm_error(m->comm));
+            return -1;
+        }
+    } else {
+        CK(kc_event_sync(c->done_ev[par]));
+    }
+    if (n_samples > 0 && c->head) {
         const char *Oh = c->out_host[par];
         size_t S = (size_t)c->cap_seqs;
         const int32_t *tok = (const int32_t *)Oh, *ttok = (const int32_t *)(Oh + S * 8);

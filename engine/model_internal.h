@@ -20,6 +20,10 @@ struct layer {
     struct k_matrix wgate_up;  /* fused: (2 n_ff, n_embd), gate rows first */
     struct k_matrix wgate, wup;/* (n_ff, n_embd) */
     struct k_matrix wdown;     /* (n_embd, n_ff) */
+    /* A GPU tensor-parallel rank's wo and wdown are the whole matrices
+     * and its input columns start here (its n_head * head_dim and n_ff of
+     * them), sliced as they go to the device; 0 otherwise. */
+    int64_t wo_c0, wdown_c0;
 };
 
 struct model {
@@ -54,6 +58,13 @@ struct model {
     struct comm *comm;         /* a rank model's communicator, else NULL */
     const struct tp_shards *tp_shared; /* a rank model's: the main model's plan */
     int64_t vocab0;            /* first embedding / LM head row held */
+    int tp_rank;               /* a rank model's global rank */
+    int64_t vocab_all;         /* a rank model's: the whole vocabulary (its
+                                * cfg.n_vocab is its slice); 0 otherwise */
+    struct dummy_model *dummy_view; /* a rank model's: the main model's
+                                * random weights (borrowed), or NULL */
+    struct tp_gpu *tpg;        /* tensor parallelism over GPUs
+                                * (model_tp_cuda.c), or NULL */
     float *tp_logits, *tp_gather; /* a rank's logits, and everyone's */
     struct tp_node *node;      /* multi-node: the control plane (model_node.c) */
     int64_t tp_rank0;          /* global rank of this process's first rank */
@@ -103,6 +114,37 @@ int model_tp_forward(struct model *m, struct kv_cache *kv, const struct model_ro
                      int64_t n, float *logits, char *err, size_t errlen);
 int model_tp_logits(struct model *m, int64_t nw, float *logits, char *err, size_t errlen);
 void model_tp_destroy(struct model *m);
+/* Makes m's sharding plan for tp ranks (m->shards), or refuses the shape
+ * with the reason. */
+int model_tp_plan_make(struct model *m, int tp, char *err, size_t errlen);
+/* The sharding plan: the main model's, or a rank model's (the main
+ * model's too). */
+const struct tp_plan *model_tp_plan(const struct model *rm);
+/* model_tp.c builds rank r's model; gpu: wo and wdown stay whole (their
+ * columns start at wo_c0 / wdown_c0), no host copy is made. */
+int model_tp_make_rank(struct model *m, int r, int threads, struct comm *comm, int gpu,
+                       struct model **out, char *err, size_t errlen);
+
+#ifdef INFERD_CUDA
+/* model_tp_cuda.c: tensor parallelism over the GPUs of this process: one
+ * thread per GPU, each owning its rank model, its model_cuda and its NCCL
+ * communicator; the engine thread hands them each call and waits. The
+ * model.h calls of a model with tpg set come here. */
+int mtc_create(struct model *m, int tp, const struct model_opts *o, char *err, size_t errlen);
+void mtc_destroy(struct model *m);
+int mtc_launch(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
+               float *logits, struct model_sample *samples, int64_t n_samples, char *err,
+               size_t errlen);
+int mtc_collect(struct model *m, char *err, size_t errlen);
+int mtc_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_seqs,
+                int64_t max_len, char *err, size_t errlen);
+int mtc_memory(const struct model *m, int64_t *free_bytes, int64_t *total_bytes);
+int64_t mtc_step_bytes(const struct model *m, int64_t max_rows, int max_seqs);
+int mtc_ceilings(struct model *m, double *bytes_per_s, double *flops, char *desc,
+                 size_t desc_len);
+struct kv_geom mtc_kv_geom(const struct model *m);
+int mtc_failed(const struct model *m, char *why, size_t n);
+#endif
 
 /* model_node.c: the control plane of a multi-node job. The leader accepts
  * every follower's HELLO; sends each step (STEP) before its own ranks run
@@ -123,15 +165,22 @@ void model_node_destroy(struct model *m);
 /* model_cuda.c: the weights on the device (bf16), and the forward pass
  * there; logits come back to the host as f32, so the engine's sampler and
  * everything after it are the same as on the CPU. */
-int mcu_create(struct model *m, int deterministic, int enforce_eager, struct model_cuda **out,
-               char *err, size_t errlen);
+/* device: the GPU (this thread's current one after). A tensor-parallel
+ * rank model (m->tp_shared set) holds its shard: its communicator
+ * (m->comm, created after on mcu_stream) sums the activations and
+ * gathers the logits; only rank 0 samples and returns results. */
+int mcu_create(struct model *m, int device, int deterministic, int enforce_eager,
+               struct model_cuda **out, char *err, size_t errlen);
+void *mcu_stream(struct model_cuda *c);
 void mcu_destroy(struct model_cuda *c);
+/* set_len: advance the sequences' lengths in kv (0 for tensor-parallel
+ * ranks, which share kv: their caller does it once). */
 int mcu_launch(struct model *m, struct kv_cache *kv, const struct model_row *rows, int64_t n,
-               float *logits, struct model_sample *samples, int64_t n_samples, char *err,
-               size_t errlen);
+               float *logits, struct model_sample *samples, int64_t n_samples, int set_len,
+               char *err, size_t errlen);
 int mcu_collect(struct model *m, char *err, size_t errlen);
 int mcu_memory(int64_t *free_bytes, int64_t *total_bytes);
-int mcu_ceilings(double *bytes_per_s, double *flops, char *desc, size_t desc_len);
+int mcu_ceilings(int device, double *bytes_per_s, double *flops, char *desc, size_t desc_len);
 int64_t mcu_step_bytes(const struct model *m, int64_t max_rows, int max_seqs);
 int mcu_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_seqs,
                 int64_t max_len, char *err, size_t errlen);

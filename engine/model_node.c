@@ -511,6 +511,10 @@ done:
 
 int model_failed(const struct model *m, char *why, size_t n)
 {
+#ifdef INFERD_CUDA
+    if (m->tpg)
+        return mtc_failed(m, why, n);
+#endif
     const struct tp_node *nd = m->node;
     if (!nd || !atomic_load(&nd->broken))
         return 0;

@@ -128,9 +128,15 @@ static struct k_matrix part_of(const struct k_matrix *fused, int64_t row0, int64
     return is_fused ? rows_of(fused, row0, rows) : *single;
 }
 
-static int make_rank(struct model *m, const struct tp_plan *plan, int r, int threads,
-                     struct comm *comm, struct model **out, char *err, size_t errlen)
+const struct tp_plan *model_tp_plan(const struct model *m)
 {
+    return m->shards ? &m->shards->plan : &m->tp_shared->plan;
+}
+
+int model_tp_make_rank(struct model *m, int r, int threads, struct comm *comm, int gpu,
+                       struct model **out, char *err, size_t errlen)
+{
+    const struct tp_plan *plan = &m->shards->plan;
     const struct model_config *c = &m->cfg;
     const struct tp_rank_plan *p = &plan->rank[r];
     int64_t hd = c->head_dim, nq = c->n_head * hd, nkv = c->n_head_kv * hd;
@@ -152,6 +158,9 @@ static int make_rank(struct model *m, const struct tp_plan *plan, int r, int thr
     rm->comm = comm;
     rm->tp_shared = m->shards;
     rm->vocab0 = p->vocab0;
+    rm->vocab_all = c->n_vocab;
+    rm->tp_rank = r;
+    rm->dummy_view = m->dummy;
     /* this process's ranks' KV heads side by side in a token row: rank r's
      * at (r - first local rank) * n_kv_heads (a replicated head is stored
      * by each rank holding it) */
@@ -188,9 +197,15 @@ static int make_rank(struct model *m, const struct tp_plan *plan, int r, int thr
         struct k_matrix wu = part_of(&L->wgate_up, c->n_ff, c->n_ff, &L->wup, c->fused_gate_up);
         R->wgate = rows_of(&wg, p->ff0, p->n_ff);
         R->wup = rows_of(&wu, p->ff0, p->n_ff);
-        if (cols_of(rm, &L->wo, q0, qn, &R->wo, err, errlen) ||
-            cols_of(rm, &L->wdown, p->ff0, p->n_ff, &R->wdown, err, errlen))
+        if (gpu) { /* sliced on the way to the device */
+            R->wo = L->wo;
+            R->wo_c0 = q0;
+            R->wdown = L->wdown;
+            R->wdown_c0 = p->ff0;
+        } else if (cols_of(rm, &L->wo, q0, qn, &R->wo, err, errlen) ||
+                   cols_of(rm, &L->wdown, p->ff0, p->n_ff, &R->wdown, err, errlen)) {
             goto fail;
+        }
     }
     *out = rm;
     return 0;
@@ -257,6 +272,23 @@ static void *rank_main(void *arg)
     return NULL;
 }
 
+int model_tp_plan_make(struct model *m, int tp, char *err, size_t errlen)
+{
+    struct tp_dtypes dt;
+    dtypes_of(m, &dt);
+    m->shards = calloc(1, sizeof(*m->shards));
+    if (!m->shards) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    char why[256];
+    if (tp_plan_make(&m->cfg, &dt, tp, &m->shards->plan, why, sizeof(why))) {
+        snprintf(err, errlen, "%s: --tensor-parallel-size %d: %s", m->path, tp, why);
+        return -1;
+    }
+    return 0;
+}
+
 int model_tp_create(struct model *m, int tp, int n_threads, const struct model_opts *o,
                     char *err, size_t errlen)
 {
@@ -274,18 +306,8 @@ int model_tp_create(struct model *m, int tp, int n_threads, const struct model_o
         snprintf(err, errlen, "--tensor-parallel-size %d: at most %d", tp, TP_MAX);
         return -1;
     }
-    struct tp_dtypes dt;
-    dtypes_of(m, &dt);
-    m->shards = calloc(1, sizeof(*m->shards));
-    if (!m->shards) {
-        snprintf(err, errlen, "out of memory");
+    if (model_tp_plan_make(m, tp, err, errlen))
         return -1;
-    }
-    char why[256];
-    if (tp_plan_make(&m->cfg, &dt, tp, &m->shards->plan, why, sizeof(why))) {
-        snprintf(err, errlen, "%s: --tensor-parallel-size %d: %s", m->path, tp, why);
-        return -1;
-    }
     const struct tp_plan *plan = &m->shards->plan;
     /* this process's ranks' KV heads side by side in a token row */
     m->kv_stride = (int64_t)local * plan->rank[0].n_kv_heads;
@@ -312,7 +334,7 @@ int model_tp_create(struct model *m, int tp, int n_threads, const struct model_o
     int per = cpus / local > 0 ? (int)(cpus / local) : 1;
     for (int r = 0; r < local; r++) {
         struct comm *c = nnodes > 1 ? comm_tcp_rank(m->tcp_group, r) : comm_cpu_rank(m->group, r);
-        if (make_rank(m, plan, node * local + r, per, c, &m->rank[r], err, errlen))
+        if (model_tp_make_rank(m, node * local + r, per, c, 0, &m->rank[r], err, errlen))
             goto fail_run;
     }
     run->m = m;

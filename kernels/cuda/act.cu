@@ -115,14 +115,15 @@ int act_mul(kc_stream s, kc_bf16 *out, const kc_bf16 *gate_up, int64_t rows, int
 template <bool V>
 __global__ void __launch_bounds__(kThreads)
     embed_kernel(uint16_t *__restrict__ out, const uint16_t *__restrict__ table,
-                 const int32_t *__restrict__ ids, int64_t n, int64_t dim, int64_t n_vocab)
+                 const int32_t *__restrict__ ids, int64_t n, int64_t dim, int64_t v0,
+                 int64_t n_vocab)
 {
     const int64_t per_row = V ? dim / kVec : dim;
     const int64_t total = n * per_row;
     for (int64_t u = first_unit(); u < total; u += unit_stride()) {
         const int64_t r = u / per_row, c = u - r * per_row;
-        const int64_t id = ids[r];
-        const bool ok = id >= 0 && id < n_vocab; // a bad id must not read out of bounds
+        const int64_t id = (int64_t)ids[r] - v0; // a row of this slice of the table
+        const bool ok = id >= 0 && id < n_vocab; // else another slice's, or a bad id
         if (V) {
             uint4 x = ok ? *reinterpret_cast<const uint4 *>(table + id * dim + c * kVec)
                          : make_uint4(0, 0, 0, 0);
@@ -217,10 +218,10 @@ extern "C" int kc_gelu_mul(kc_stream s, kc_bf16 *out, const kc_bf16 *gate_up, in
     return act_mul<ACT_GELU>(s, out, gate_up, rows, n_ff);
 }
 
-extern "C" int kc_embed(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const int32_t *ids,
-                        int64_t n, int64_t dim, int64_t n_vocab)
+static int embed_launch(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const int32_t *ids,
+                        int64_t n, int64_t dim, int64_t v0, int64_t n_vocab)
 {
-    if (n < 0 || dim <= 0 || n_vocab < 0)
+    if (n < 0 || dim <= 0 || n_vocab < 0 || v0 < 0)
         return (int)cudaErrorInvalidValue;
     if (n == 0)
         return 0;
@@ -228,12 +229,25 @@ extern "C" int kc_embed(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const i
         return (int)cudaErrorInvalidValue;
     cudaStream_t st = (cudaStream_t)s;
     if (dim % kVec == 0 && aligned16(out) && aligned16(table))
-        embed_kernel<true>
-            <<<grid_for(n * (dim / kVec)), kThreads, 0, st>>>(out, table, ids, n, dim, n_vocab);
+        embed_kernel<true><<<grid_for(n * (dim / kVec)), kThreads, 0, st>>>(out, table, ids, n,
+                                                                           dim, v0, n_vocab);
     else
-        embed_kernel<false>
-            <<<grid_for(n * dim), kThreads, 0, st>>>(out, table, ids, n, dim, n_vocab);
+        embed_kernel<false><<<grid_for(n * dim), kThreads, 0, st>>>(out, table, ids, n, dim, v0,
+                                                                   n_vocab);
     return (int)cudaGetLastError();
+}
+
+extern "C" int kc_embed(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const int32_t *ids,
+                        int64_t n, int64_t dim, int64_t n_vocab)
+{
+    return embed_launch(s, out, table, ids, n, dim, 0, n_vocab);
+}
+
+extern "C" int kc_embed_shard(kc_stream s, kc_bf16 *out, const kc_bf16 *table,
+                              const int32_t *ids, int64_t n, int64_t dim, int64_t v0,
+                              int64_t n_rows)
+{
+    return embed_launch(s, out, table, ids, n, dim, v0, n_rows);
 }
 
 namespace {

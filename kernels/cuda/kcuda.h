@@ -74,6 +74,12 @@ int kc_gelu_mul(kc_stream s, kc_bf16 *out, const kc_bf16 *gate_up, int64_t rows,
  * this only keeps a bad id from reading out of bounds). */
 int kc_embed(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const int32_t *ids, int64_t n,
              int64_t dim, int64_t n_vocab);
+/* kc_embed over a tensor-parallel rank's slice of the vocabulary: table
+ * holds rows [v0, v0 + n_rows) of the whole table, and out[r] is row
+ * ids[r] - v0 of it, or zeros for an id the slice does not hold (another
+ * rank's; summed across ranks after, every id gets its one row). */
+int kc_embed_shard(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const int32_t *ids,
+                   int64_t n, int64_t dim, int64_t v0, int64_t n_rows);
 
 /* The token ids of a step launched before the previous step's tokens
  * reached the host: every id -1 - k (k >= 0) is replaced in place by
@@ -292,14 +298,16 @@ int kc_nccl_destroy(kc_nccl_comm c);
 int kc_nccl_abort(kc_nccl_comm c);
 
 /* Collectives enqueued on stream s, every rank of c calling each with the
- * same counts; recv may alias send (in place). Sums of n f32 or int32
- * elements (ncclAllReduce, ncclSum); recv: (nranks, n_per_rank) f32, rank
- * r's send in row r (ncclAllGather); bytes bytes of root's send in every
- * rank's recv (ncclBroadcast). */
+ * same counts; recv may alias send (in place). Sums of n f32, int32 or
+ * bf16 elements (ncclAllReduce, ncclSum); recv: (nranks, n_per_rank) f32,
+ * rank r's send in row r (ncclAllGather); bytes bytes of root's send in
+ * every rank's recv (ncclBroadcast). */
 int kc_nccl_allreduce_sum_f32(kc_nccl_comm c, kc_stream s, float *recv, const float *send,
                               size_t n);
 int kc_nccl_allreduce_sum_i32(kc_nccl_comm c, kc_stream s, int32_t *recv, const int32_t *send,
                               size_t n);
+int kc_nccl_allreduce_sum_bf16(kc_nccl_comm c, kc_stream s, kc_bf16 *recv, const kc_bf16 *send,
+                               size_t n);
 int kc_nccl_allgather_f32(kc_nccl_comm c, kc_stream s, float *recv, const float *send,
                           size_t n_per_rank);
 int kc_nccl_broadcast(kc_nccl_comm c, kc_stream s, void *recv, const void *send, size_t bytes,
@@ -311,6 +319,8 @@ int kc_nccl_broadcast(kc_nccl_comm c, kc_stream s, void *recv, const void *send,
  * only the communicator's polling wait (which also watches NCCL's
  * asynchronous error) needs it. */
 int kc_nccl_stream_query(kc_stream s);
+/* The same for one event (cudaEventQuery): the work before it is done. */
+int kc_nccl_event_query(kc_event e);
 
 #ifdef __cplusplus
 }

@@ -82,6 +82,12 @@ int kc_nccl_allreduce_sum_i32(kc_nccl_comm c, kc_stream s, int32_t *recv, const 
     return (int)ncclAllReduce(send, recv, n, ncclInt32, ncclSum, c, (cudaStream_t)s);
 }
 
+int kc_nccl_allreduce_sum_bf16(kc_nccl_comm c, kc_stream s, kc_bf16 *recv, const kc_bf16 *send,
+                               size_t n)
+{
+    return (int)ncclAllReduce(send, recv, n, ncclBfloat16, ncclSum, c, (cudaStream_t)s);
+}
+
 int kc_nccl_allgather_f32(kc_nccl_comm c, kc_stream s, float *recv, const float *send,
                           size_t n_per_rank)
 {
@@ -97,4 +103,9 @@ int kc_nccl_broadcast(kc_nccl_comm c, kc_stream s, void *recv, const void *send,
 int kc_nccl_stream_query(kc_stream s)
 {
     return (int)cudaStreamQuery((cudaStream_t)s);
+}
+
+int kc_nccl_event_query(kc_event e)
+{
+    return (int)cudaEventQuery((cudaEvent_t)e);
 }

@@ -328,6 +328,34 @@ static void test_embed(gc_rng &rng, int64_t n, int64_t dim, int64_t n_vocab, int
     GC_CUDA(cudaFree(dids));
 }
 
+// kc_embed_shard: a rank's slice [v0, v0 + rows) of a vocab-wide table;
+// ids of other slices (and bad ones) give zeros. Exact.
+static void test_embed_shard(gc_rng &rng, int64_t n, int64_t dim, int64_t v0, int64_t rows,
+                             int off)
+{
+    char cas[120];
+    snprintf(cas, sizeof cas, "n=%lld dim=%lld v0=%lld rows=%lld off=%d", (long long)n,
+             (long long)dim, (long long)v0, (long long)rows, off);
+    std::vector<uint16_t> table = gc_rand_bf16(rng, (size_t)(rows * dim), -1, 1);
+    std::vector<int32_t> ids(n);
+    for (int64_t r = 0; r < n; r++) // ids from the whole vocabulary and past it
+        ids[r] = (int32_t)(rng.next() % (uint64_t)(v0 + 2 * rows + 1)) - (r % 5 == 4 ? 7 : 0);
+    std::vector<uint16_t> want((size_t)(n * dim), 0);
+    for (int64_t r = 0; r < n; r++)
+        if (ids[r] >= v0 && ids[r] < v0 + rows)
+            std::copy(table.begin() + (ids[r] - v0) * dim,
+                      table.begin() + (ids[r] - v0 + 1) * dim, want.begin() + r * dim);
+    uint16_t *bt, *bo;
+    uint16_t *dt = upload_at(table, off, &bt), *dout = upload_at(want, off, &bo);
+    int32_t *dids = gc_upload(ids);
+    gc_poison(dout, want.size() * 2);
+    GC_LAUNCH(kc_embed_shard(nullptr, dout, dt, dids, n, dim, v0, rows));
+    check_bits("embed_shard", cas, gc_download(dout, want.size()), want);
+    GC_CUDA(cudaFree(bt));
+    GC_CUDA(cudaFree(bo));
+    GC_CUDA(cudaFree(dids));
+}
+
 /* ------------------------------------------------- token placeholders */
 
 // kc_resolve_tokens: ids -1 - k take prev[k]; others stay; k past n_prev
@@ -655,6 +683,9 @@ int main(int argc, char **argv)
     test_embed(rng, 7, 1001, 300, 0);
     test_embed(rng, 9, 256, 40, 1);
     test_embed(rng, 1, 8, 1, 0);
+    test_embed_shard(rng, 300, 4096, 64000, 32064, 0);
+    test_embed_shard(rng, 77, 1001, 128, 64, 1);
+    test_embed_shard(rng, 9, 256, 0, 40, 0);
     test_resolve(rng, 1, 1);
     test_resolve(rng, 256, 256);
     test_resolve(rng, 5000, 300);

@@ -14,10 +14,12 @@
  *     position it attends and finds that position's marker there, so a
  *     wrong block table, slot or sequence length shows up as a violation;
  *   - kc_sample writes argmax as the token, the row's seed as its logprob
- *     and a digest of the row's lists and step in its top entries.
+ *     and a digest of the row's lists and step in its top entries (and
+ *     the argmax's margin over the next logit as the 20th top logprob).
  * Between kc_capture_begin and kc_capture_end launches are recorded, not
  * run; kc_graph_launch replays them, as a CUDA graph does. */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,11 +29,22 @@
 
 struct fake_kc_stats fake_kc;
 
+/* Tensor-parallel ranks call in from a thread each: counters are atomic,
+ * and a capture belongs to the thread that began it. */
+#define BUMP(field, v) __atomic_fetch_add(&fake_kc.field, (int64_t)(v), __ATOMIC_RELAXED)
+
+static pthread_mutex_t violation_mu = PTHREAD_MUTEX_INITIALIZER;
+
 static void violation(const char *msg)
 {
+    pthread_mutex_lock(&violation_mu);
     if (fake_kc.violations++ == 0)
         snprintf(fake_kc.first_violation, sizeof(fake_kc.first_violation), "%s", msg);
+    pthread_mutex_unlock(&violation_mu);
 }
+
+static _Thread_local int cur_device;  /* kc_set_device */
+static _Thread_local int stream_error; /* a host call that failed (fake_kc_enqueue) */
 
 /* ------------------------------------------------------------ ops */
 
@@ -40,6 +53,7 @@ struct op {
     const void *p[8];
     int64_t a[16];
     struct kc_samp_lists lists;
+    struct fake_host_call host;
 };
 
 struct fake_graph {
@@ -47,12 +61,12 @@ struct fake_graph {
     int n, cap;
 };
 
-static struct fake_graph *capturing;
+static _Thread_local struct fake_graph *capturing;
 
 static int submit(const struct op *o)
 {
     if (!capturing) {
-        fake_kc.launches++;
+        BUMP(launches, 1);
         o->fn(o);
         return 0;
     }
@@ -66,6 +80,28 @@ static int submit(const struct op *o)
     }
     capturing->ops[capturing->n++] = *o;
     return 0;
+}
+
+static void run_host(const struct op *o)
+{
+    if (o->host.fn(&o->host) != 0 && stream_error == 0)
+        stream_error = 700; /* as an asynchronous error would */
+}
+
+int fake_kc_enqueue(const struct fake_host_call *call)
+{
+    struct op o = {.fn = run_host, .host = *call};
+    return submit(&o);
+}
+
+int fake_kc_stream_error(void)
+{
+    return stream_error;
+}
+
+int fake_kc_device(void)
+{
+    return cur_device;
 }
 
 static float bf(kc_bf16 v)
@@ -90,14 +126,16 @@ static void run_embed(const struct op *o)
     kc_bf16 *out = (kc_bf16 *)o->p[0];
     const kc_bf16 *table = o->p[1];
     const int32_t *ids = o->p[2];
-    int64_t n = o->a[0], dim = o->a[1], nv = o->a[2];
+    int64_t n = o->a[0], dim = o->a[1], nv = o->a[2], v0 = o->a[3], shard = o->a[4];
     for (int64_t r = 0; r < n; r++) {
-        if (ids[r] < 0 || ids[r] >= nv) {
-            violation("kc_embed: id out of range");
+        int64_t id = (int64_t)ids[r] - v0;
+        if (id < 0 || id >= nv) {
+            if (!shard) /* a slice holds some ids only; a whole table all */
+                violation("kc_embed: id out of range");
             memset(out + r * dim, 0, (size_t)dim * 2);
             continue;
         }
-        memmove(out + r * dim, table + (int64_t)ids[r] * dim, (size_t)dim * 2);
+        memmove(out + r * dim, table + id * dim, (size_t)dim * 2);
     }
 }
 
@@ -105,7 +143,15 @@ int kc_embed(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const int32_t *ids
              int64_t dim, int64_t n_vocab)
 {
     (void)s;
-    struct op o = {.fn = run_embed, .p = {out, table, ids}, .a = {n, dim, n_vocab}};
+    struct op o = {.fn = run_embed, .p = {out, table, ids}, .a = {n, dim, n_vocab, 0, 0}};
+    return submit(&o);
+}
+
+int kc_embed_shard(kc_stream s, kc_bf16 *out, const kc_bf16 *table, const int32_t *ids,
+                   int64_t n, int64_t dim, int64_t v0, int64_t n_rows)
+{
+    (void)s;
+    struct op o = {.fn = run_embed, .p = {out, table, ids}, .a = {n, dim, n_rows, v0, 1}};
     return submit(&o);
 }
 
@@ -118,7 +164,7 @@ static void run_resolve(const struct op *o)
             continue;
         int64_t k = -1 - (int64_t)ids[i];
         ids[i] = k < o->a[1] ? prev[k] : -1;
-        fake_kc.resolved++;
+        BUMP(resolved, 1);
     }
 }
 
@@ -132,26 +178,58 @@ int kc_resolve_tokens(kc_stream s, int32_t *ids, int64_t n, const int32_t *prev,
 static void run_rmsnorm(const struct op *o)
 {
     kc_bf16 *out = (kc_bf16 *)o->p[0], *resid = (kc_bf16 *)o->p[1];
-    const kc_bf16 *x = o->p[2];
-    size_t bytes = (size_t)(o->a[0] * o->a[1]) * 2;
-    if (resid)
-        memmove(resid, x, bytes);
-    memmove(out, x, bytes);
+    const kc_bf16 *x = o->p[2], *w = o->p[3];
+    int64_t rows = o->a[0], dim = o->a[1];
+    size_t bytes = (size_t)(rows * dim) * 2;
+    if (!fake_kc.real_math) {
+        if (resid)
+            memmove(resid, x, bytes);
+        memmove(out, x, bytes);
+        return;
+    }
+    double eps;
+    memcpy(&eps, &o->a[2], sizeof(eps));
+    for (int64_t r = 0; r < rows; r++) {
+        const kc_bf16 *src = x + r * dim;
+        if (resid) { /* the residual stream takes x, then is normalised */
+            for (int64_t i = 0; i < dim; i++)
+                resid[r * dim + i] = to_bf(bf(resid[r * dim + i]) + bf(x[r * dim + i]));
+            src = resid + r * dim;
+        }
+        double ss = 0;
+        for (int64_t i = 0; i < dim; i++)
+            ss += (double)bf(src[i]) * bf(src[i]);
+        float inv = (float)(1.0 / sqrt(ss / (double)dim + eps));
+        for (int64_t i = 0; i < dim; i++)
+            out[r * dim + i] = to_bf(bf(src[i]) * inv * bf(w[i]));
+    }
 }
 
 int kc_rmsnorm(kc_stream s, kc_bf16 *out, kc_bf16 *resid, const kc_bf16 *x, const kc_bf16 *w,
                int64_t rows, int64_t dim, float eps)
 {
-    (void)s, (void)w, (void)eps;
-    struct op o = {.fn = run_rmsnorm, .p = {out, resid, x}, .a = {rows, dim}};
+    (void)s;
+    double e = eps;
+    struct op o = {.fn = run_rmsnorm, .p = {out, resid, x, w}, .a = {rows, dim}};
+    memcpy(&o.a[2], &e, sizeof(e));
     return submit(&o);
 }
 
 static void run_gemm(const struct op *o)
 {
     kc_bf16 *y = (kc_bf16 *)o->p[0];
-    const kc_bf16 *x = o->p[1];
+    const kc_bf16 *x = o->p[1], *w = o->p[2];
     int64_t m = o->a[0], n = o->a[1], k = o->a[2];
+    if (fake_kc.real_math) { /* y = x w^T, f32 sums, one rounding */
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) {
+                float acc = 0;
+                for (int64_t t = 0; t < k; t++)
+                    acc += bf(x[i * k + t]) * bf(w[j * k + t]);
+                y[i * n + j] = to_bf(acc);
+            }
+        return;
+    }
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < n; j++)
             y[i * n + j] = x[i * k + j % k];
@@ -160,20 +238,28 @@ static void run_gemm(const struct op *o)
 int kc_gemm(struct kc_gemm *g, kc_stream s, kc_bf16 *y, const kc_bf16 *x, const kc_bf16 *w,
             int64_t m, int64_t n, int64_t k)
 {
-    (void)g, (void)s, (void)w;
-    struct op o = {.fn = run_gemm, .p = {y, x}, .a = {m, n, k}};
+    (void)g, (void)s;
+    if (fake_kc.fail_device > 0 && cur_device == fake_kc.fail_device - 1)
+        return 2; /* cudaErrorMemoryAllocation, on the GPU the test picked */
+    struct op o = {.fn = run_gemm, .p = {y, x, w}, .a = {m, n, k}};
     return submit(&o);
 }
 
-static void run_nothing(const struct op *o)
+static void run_bias(const struct op *o)
 {
-    (void)o;
+    kc_bf16 *x = (kc_bf16 *)o->p[0];
+    const kc_bf16 *b = o->p[1];
+    if (!fake_kc.real_math)
+        return;
+    for (int64_t r = 0; r < o->a[0]; r++)
+        for (int64_t j = 0; j < o->a[1]; j++)
+            x[r * o->a[1] + j] = to_bf(bf(x[r * o->a[1] + j]) + bf(b[j]));
 }
 
 int kc_bias_add(kc_stream s, kc_bf16 *x, const kc_bf16 *bias, int64_t rows, int64_t dim)
 {
-    (void)s, (void)x, (void)bias, (void)rows, (void)dim;
-    struct op o = {.fn = run_nothing};
+    (void)s;
+    struct op o = {.fn = run_bias, .p = {x, bias}, .a = {rows, dim}};
     return submit(&o);
 }
 
@@ -282,7 +368,7 @@ static void run_decode(const struct op *o)
         check_seq(o, i, lens[i]);
         memmove(out + i * qrow, q + i * qrow, (size_t)qrow * 2);
     }
-    fake_kc.decode_calls++;
+    BUMP(decode_calls, 1);
 }
 
 int kc_attn_decode(kc_stream s, kc_bf16 *out, const kc_bf16 *q, const kc_bf16 *k_cache,
@@ -310,7 +396,7 @@ static void run_prefill(const struct op *o)
         check_seq(o, i, lens[i]);
         memmove(out + cu[i] * qrow, q + cu[i] * qrow, (size_t)(cu[i + 1] - cu[i]) * qrow * 2);
     }
-    fake_kc.prefill_calls++;
+    BUMP(prefill_calls, 1);
 }
 
 int kc_attn_prefill(kc_stream s, kc_bf16 *out, const kc_bf16 *q, const kc_bf16 *k_cache,
@@ -332,8 +418,16 @@ static void run_silu(const struct op *o)
     kc_bf16 *out = (kc_bf16 *)o->p[0];
     const kc_bf16 *gu = o->p[1];
     int64_t rows = o->a[0], ff = o->a[1];
-    for (int64_t r = 0; r < rows; r++)
-        memmove(out + r * ff, gu + r * 2 * ff, (size_t)ff * 2);
+    for (int64_t r = 0; r < rows; r++) {
+        if (!fake_kc.real_math) {
+            memmove(out + r * ff, gu + r * 2 * ff, (size_t)ff * 2);
+            continue;
+        }
+        for (int64_t i = 0; i < ff; i++) {
+            float g = bf(gu[r * 2 * ff + i]), u = bf(gu[r * 2 * ff + ff + i]);
+            out[r * ff + i] = to_bf(g / (1.0f + expf(-g)) * u);
+        }
+    }
 }
 
 int kc_silu_mul(kc_stream s, kc_bf16 *out, const kc_bf16 *gate_up, int64_t rows, int64_t n_ff)
@@ -402,11 +496,16 @@ static void run_sample(const struct op *o)
             if (x[j] > x[best])
                 best = j;
         token[r] = (int32_t)best;
+        float second = -INFINITY; /* the margin, for tests that compare runs */
+        for (int64_t j = 0; j < nv; j++)
+            if (j != best && x[j] > second)
+                second = x[j];
         logprob[r] = (float)prm[r].seed;
         int32_t *t = top_tok + r * 20;
         memset(t, 0, 20 * sizeof(*t));
         for (int i = 0; i < 20; i++)
             top_lp[r * 20 + i] = 0;
+        top_lp[r * 20 + 19] = nv > 1 ? x[best] - second : 0;
         t[0] = (int32_t)span(L->seen_off, r);
         for (int64_t j = 0; j < t[0]; j++)
             t[1] += L->seen_tok[L->seen_off[r] + j] * L->seen_cnt[L->seen_off[r] + j];
@@ -418,7 +517,7 @@ static void run_sample(const struct op *o)
         t[5] = prm[r].top_k;
         t[6] = (int32_t)lrintf(prm[r].temperature * 1000);
     }
-    fake_kc.sample_rows += rows;
+    BUMP(sample_rows, rows);
 }
 
 int kc_sample(kc_stream s, float *logits, int rows, int64_t n_vocab,
@@ -496,7 +595,7 @@ double kc_measure_bf16_tflops(int64_t m, int64_t n, int64_t k)
 
 int kc_device_count(void)
 {
-    return 1;
+    return fake_kc.devices > 0 ? fake_kc.devices : 1;
 }
 
 int kc_device_describe(int i, char *buf, size_t n)
@@ -512,13 +611,15 @@ const char *kc_error_string(int code)
 
 int kc_set_device(int i)
 {
-    (void)i;
+    if (i < 0 || i >= kc_device_count())
+        return 101; /* cudaErrorInvalidDevice */
+    cur_device = i;
     return 0;
 }
 
 int kc_malloc(void **p, size_t bytes)
 {
-    fake_kc.mallocs++;
+    BUMP(mallocs, 1);
     *p = calloc(1, bytes ? bytes : 1);
     return *p ? 0 : 2;
 }
@@ -624,7 +725,7 @@ int kc_capture_end(kc_stream s, kc_graph *out)
     (void)s;
     *out = (kc_graph)capturing;
     capturing = NULL;
-    fake_kc.captures++;
+    BUMP(captures, 1);
     return *out ? 0 : 900;
 }
 
@@ -634,7 +735,7 @@ int kc_graph_launch(kc_graph g, kc_stream s)
     struct fake_graph *fg = (struct fake_graph *)g;
     for (int i = 0; i < fg->n; i++)
         fg->ops[i].fn(&fg->ops[i]);
-    fake_kc.graph_launches++;
+    BUMP(graph_launches, 1);
     return 0;
 }
 

@@ -8,7 +8,13 @@
 struct fake_kc_stats {
     /* set by the test */
     int64_t kv_slots;            /* blocks * 16 of the bound cache */
-    int64_t mem_free, mem_total; /* what kc_mem_info reports */
+    int64_t mem_free, mem_total; /* what kc_mem_info reports (every device) */
+    int devices;                 /* kc_device_count (0: one) */
+    /* Nonzero: GEMMs, RMSNorm, bias and SiLU compute (f32 sums of bf16
+     * values, rounded once) instead of keeping each row's identity, so
+     * that tensor-parallel shards can be checked against one device. */
+    int real_math;
+    int fail_device;             /* k > 0: kc_gemm fails on device k - 1 */
     /* counted by the double */
     int64_t mallocs;         /* device and pinned allocations */
     int64_t launches;        /* launches run eagerly */
@@ -21,5 +27,19 @@ struct fake_kc_stats {
 };
 
 extern struct fake_kc_stats fake_kc;
+
+/* A call on the host that runs in stream order: now, or when the graph
+ * being captured on this thread replays (the fake NCCL's collectives).
+ * A nonzero return is the stream's error (fake_kc_stream_error). */
+struct fake_host_call {
+    int (*fn)(const struct fake_host_call *c);
+    void *p[3];
+    int64_t a[3];
+};
+int fake_kc_enqueue(const struct fake_host_call *call);
+/* The first failed host call's error on this thread's streams, or 0. */
+int fake_kc_stream_error(void);
+/* This thread's current device (kc_set_device). */
+int fake_kc_device(void);
 
 #endif

@@ -1,7 +1,8 @@
 /* test_comm.c: the CPU communicator through engine/comm.h, with 1 to 4
  * ranks as threads: all-reduce against a reference summed in rank order,
  * bit for bit on every rank (n = 0, 1, odd, around the slice alignment, 1M
- * and more); all-gather order, in place too; broadcast from every root;
+ * and more), and in bf16 (widened, rounded once); all-gather order, in
+ * place too; broadcast from every root;
  * thousands of back-to-back collectives of mixed kinds (barrier races);
  * mismatched calls failing on every rank and the group going on; aborts
  * with a rank that never comes, while ranks wait and while they are in the
@@ -185,6 +186,63 @@ static void test_allreduce(int size)
             free(k.in[t][r]);
         free(k.ref[t]);
     }
+}
+
+/* ---- bf16 all-reduce ------------------------------------------------------ */
+
+static float from_bf16(uint16_t v)
+{
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest, ties to even (no NaN among the test's values). */
+static uint16_t to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static uint16_t bf16_val(int rank, int64_t i)
+{
+    uint64_t s = (uint64_t)rank * 1000003u + (uint64_t)i;
+    return to_bf16(rand_float(&s));
+}
+
+/* Widened, summed in rank order, rounded once: every rank the same bits;
+ * and two ties that round to even (1 + 2^-8 stays 1, 1 + 2^-7 + 2^-8
+ * goes up to 1 + 2^-6). */
+static void bf16_rank(struct comm *c, void *arg)
+{
+    (void)arg;
+    static const int64_t ns[] = {0, 1, 7, 4099};
+    int r = comm_rank(c), size = comm_size(c);
+    for (size_t t = 0; t < sizeof(ns) / sizeof(ns[0]); t++) {
+        int64_t n = ns[t];
+        uint16_t *buf = malloc((size_t)(n ? n : 1) * 2);
+        for (int64_t i = 0; i < n; i++)
+            buf[i] = bf16_val(r, i);
+        CHECK(comm_allreduce_bf16(c, buf, n) == 0);
+        int bad = 0;
+        for (int64_t i = 0; i < n; i++) {
+            float acc = from_bf16(bf16_val(0, i));
+            for (int q = 1; q < size; q++)
+                acc += from_bf16(bf16_val(q, i));
+            bad += buf[i] != to_bf16(acc);
+        }
+        CHECK(bad == 0);
+        free(buf);
+    }
+    if (size == 2) {
+        uint16_t v[2] = {r == 0 ? 0x3f80 : 0x3b80, r == 0 ? 0x3f81 : 0x3b80};
+        CHECK(comm_allreduce_bf16(c, v, 2) == 0);
+        CHECK(v[0] == 0x3f80 && v[1] == 0x3f82);
+    }
+    /* no stream on the CPU: at once */
+    CHECK(comm_wait_event(c, NULL) == 0);
 }
 
 /* ---- All-gather and broadcast ---------------------------------------- */
@@ -517,6 +575,7 @@ int main(void)
     for (int size = 1; size <= MAX_RANKS; size++) {
         double t = now_s();
         test_allreduce(size);
+        run_group(size, bf16_rank, NULL);
         run_group(size, gather_rank, NULL);
         run_group(size, bcast_rank, NULL);
         run_group(size, stress_rank, NULL);
