@@ -37,8 +37,10 @@ static uint64_t rng_next(uint64_t *s)
     return *s;
 }
 
+/* gpus: the GPUs bw and peak add up (tensor parallelism), each holding
+ * its own share of every token's KV (model_kv_geom gives one GPU's). */
 static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, int64_t chunk,
-                       double bw, double peak, struct bench_result *res)
+                       double bw, double peak, int gpus, struct bench_result *res)
 {
     const struct model_config *c = model_get_config(m);
     struct model_stats st;
@@ -129,7 +131,8 @@ static int bench_batch(struct model *m, int64_t B, int64_t P, int64_t G, int64_t
     res->step_ms = 1e3 * t_decode / (double)G;
     /* Decode roofline: each step streams the matmul weights once plus the
      * batch's keys and values at the mean context length. */
-    double kv_read = (double)B * ((double)P + (double)G / 2) * (double)kv_bytes_per_token(&g);
+    double kv_read = (double)B * ((double)P + (double)G / 2) * (double)kv_bytes_per_token(&g) *
+                     (double)gpus;
     res->decode_roofline = bw > 0 ? (double)B * bw / ((double)st.matmul_bytes + kv_read) : 0;
     /* Prefill ceiling: 2 FLOP per matmul parameter per token plus causal
      * attention (QK^T and PV: 2 x 2 x n_head x head_dim x mean context). */
@@ -207,7 +210,8 @@ static int bench_engine(int argc, char **argv)
                  "  --device D     cpu (default) or cuda (the first GPU; builds with CUDA)\n"
                  "  --deterministic  GPU: batch-invariant kernels (the CPU always is)\n"
                  "  --enforce-eager  GPU: no CUDA graphs for decode steps\n"
-                 "  --tensor-parallel-size N  split the model over N ranks (CPU threads)\n"
+                 "  --tensor-parallel-size N  split the model over N ranks (CPU threads, or\n"
+                   "                            one GPU each with --device cuda)\n"
                  "  --load-format dummy  MODEL is a config.json (or its directory): random\n"
                  "                 bf16 weights at that shape, no weight files needed\n"
                  "  --json FILE    also write the results as JSON");
@@ -266,10 +270,16 @@ static int bench_engine(int argc, char **argv)
         char desc[256];
         if (model_device_ceilings(m, &bw, &bf16, desc, sizeof(desc)))
             cli_error("bench: the GPU's ceilings could not be measured; ratios are 0");
-        peak = bf16;
-        peak_name = "bf16 tensor-core";
         printf("machine     %s; read bandwidth %.1f GB/s; bf16 GEMM %.1f TFLOP/s\n", desc,
                bw / 1e9, bf16 / 1e12);
+        if (tp > 1) { /* every GPU streams its shard: the ceilings add up */
+            bw *= (double)tp;
+            bf16 *= (double)tp;
+            printf("            x %lld GPUs: ceilings %.1f GB/s, %.1f TFLOP/s (the all-reduces "
+                   "not counted)\n", (long long)tp, bw / 1e9, bf16 / 1e12);
+        }
+        peak = bf16;
+        peak_name = "bf16 tensor-core";
     } else {
         bw = k_probe_bandwidth(pool, (size_t)1 << 30);
         f32 = k_probe_f32_flops(pool);
@@ -293,7 +303,7 @@ static int bench_engine(int argc, char **argv)
     struct bench_result *res = calloc((size_t)nb, sizeof(*res));
     int rc = res ? 0 : 1;
     for (int64_t i = 0; i < nb && rc == 0; i++) {
-        if (bench_batch(m, bs[i], P, G, chunk, bw, peak, &res[i])) {
+        if (bench_batch(m, bs[i], P, G, chunk, bw, peak, gpu ? (int)tp : 1, &res[i])) {
             rc = 1;
             break;
         }

@@ -122,7 +122,8 @@ static int parse_args(int argc, char **argv, struct run_args *a, int is_generate
                    "  --rope-total N    planned sequence length for the LongRoPE factor choice\n"
                    "  --no-repack       keep every weight in the file's layout (same results)\n"
                    "  --device D        cpu (default) or cuda (the first GPU; builds with CUDA)\n"
-                   "  --tensor-parallel-size N  split the model over N ranks (CPU threads)\n"
+                   "  --tensor-parallel-size N  split the model over N ranks (CPU threads, or\n"
+                   "                            one GPU each with --device cuda)\n"
                    "  --nnodes N --master-port P [--master-addr A]  as node 0 of a multi-node\n"
                    "                    job whose other nodes run `inferd serve --node-rank R`\n"
                    "%s", is_generate ? "generate" : "logits",

@@ -224,7 +224,8 @@ static void usage(FILE *f)
           "  --deterministic            GPU: batch-invariant kernels, so a request's output\n"
           "                             does not depend on its batch (the CPU always is)\n"
           "  --tensor-parallel-size N   split the model over N ranks, Megatron-style\n"
-          "                             (CPU threads for now; see inspect --tp)\n"
+          "                             (CPU threads, or one GPU each with --device\n"
+          "                             cuda; see inspect --tp)\n"
           "  --nnodes N, --node-rank R, --master-addr A, --master-port P\n"
           "                             multi-node tensor parallelism: node 0 serves and\n"
           "                             plans, nodes 1..N-1 run their ranks of its steps\n"
@@ -650,7 +651,10 @@ int cli_serve(int argc, char **argv)
              "(%.2f GiB), max_seqs %d",
              ao.served_name, path, now_s() - t0, (long long)lim.max_model_len,
              (long long)lim.kv_tokens, (double)lim.kv_bytes / (1 << 30), lim.max_seqs);
-    if (a.tp > 1)
+    if (a.tp > 1 && a.device == MODEL_DEVICE_CUDA)
+        log_info("tensor parallel: %lld ranks (GPUs 0..%lld, a thread each, summing through "
+                 "NCCL)", (long long)a.tp, (long long)a.tp - 1);
+    else if (a.tp > 1)
         log_info("tensor parallel: %lld ranks (threads of this process, summing through the "
                  "CPU communicator)", (long long)a.tp);
     notify("READY=1\nSTATUS=serving");
