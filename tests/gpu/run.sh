@@ -30,7 +30,9 @@
 #      link).
 #   4. The engine on CUDA (parity with the reference logits, an HTTP
 #      request to `inferd serve`, time to ready, the 8B-shaped `bench
-#      engine` with --load-format dummy): only with a build-cuda/inferd
+#      engine` with --load-format dummy; with 2 or more GPUs the same
+#      parity at --tensor-parallel-size 2 and the 8B shape served and
+#      benchmarked over 2, 4 or 8 of them): only with a build-cuda/inferd
 #      carried from a development machine whose `serve --help` offers
 #      --device; otherwise a SKIP line says why. Make that build on the
 #      development machine with the Debian libraries linked statically:
@@ -356,47 +358,71 @@ def offers(args, flag):
 # tests/test_parity.py cases, on the GPU). The CPU path is held to 1e-4;
 # the GPU keeps activations in bf16 between ops, so the bound is wider.
 GPU_TOL = 3e-2
-if offers(["logits"], "--device"):
-    t0, n_bad = time.time(), 0
+def run_parity(extra, test, label, keys=None):
+    t0, n_bad, n_run = time.time(), 0, 0
     for ref_path in sorted((root / "tests/fixtures/models").glob("*/reference.json")):
         ref = json.loads(ref_path.read_text())
         for key, var in ref["variants"].items():
-            if var["dtype"] not in ("F32", "F16", "BF16"):
+            if var["dtype"] not in ("F32", "F16", "BF16") or (keys and var["dtype"] not in keys):
                 continue
             prompt = var.get("prompt", ref["prompt"])
             path = ref_path.parent if var["file"].endswith(".safetensors") else ref_path.parent / var["file"]
             args = [engine, "logits", str(path), "--tokens", ",".join(map(str, prompt)), "--all",
-                    "--rope-total", str(len(prompt) + len(var["greedy"])), "--device", "cuda"]
+                    "--rope-total", str(len(prompt) + len(var["greedy"])), "--device", "cuda"] + extra
             case = f"{ref_path.parent.name}/{key}"
             ours, why = None, ""
             try:
                 r = subprocess.run(args, capture_output=True, text=True, timeout=120)
                 if r.returncode == 0:
                     ours = json.loads(r.stdout)["sequences"][0]["logits"]
+                elif "--tensor-parallel-size" in r.stderr and extra:
+                    print(f"{case}: not split ({r.stderr.strip()[-200:]})", flush=True)
+                    continue  # a shape the plan refuses: not this step's business
                 else:
                     why = f"exit {r.returncode}: {r.stderr[-500:]}"
             except Exception as e:
                 why = repr(e)
+            n_run += 1
             want = var["logits"]
             if ours is None or len(ours) != len(want):
                 print(f"{case}: {why or 'logits of another shape'}", flush=True)
-                check("engine_parity", case, float("inf"), GPU_TOL)
+                check(test, case, float("inf"), GPU_TOL)
                 n_bad += 1
                 continue
             flat_o = [v for row in ours for v in row] if isinstance(ours[0], list) else ours
             flat_w = [v for row in want for v in row] if isinstance(want[0], list) else want
             if len(flat_o) != len(flat_w):
-                check("engine_parity", case + " (shape)", float("inf"), GPU_TOL)
+                check(test, case + " (shape)", float("inf"), GPU_TOL)
                 n_bad += 1
                 continue
             scale = max(abs(v) for v in flat_w) or 1.0
             err = max(abs(a - b) for a, b in zip(flat_o, flat_w)) / scale
-            check("engine_parity", case, err, GPU_TOL)
+            check(test, case, err, GPU_TOL)
             n_bad += err > GPU_TOL
-    record("parity", 1 if n_bad else 0, time.time() - t0, f"{n_bad} variants over the bound")
+    record(label, 1 if n_bad else 0, time.time() - t0, f"{n_bad} of {n_run} variants over the bound")
+
+if offers(["logits"], "--device"):
+    run_parity([], "engine_parity", "parity")
 else:
     print("SKIP parity: `inferd logits --help` does not mention --device", flush=True)
     record("parity", "skip", 0, "logits has no --device")
+
+# Tensor parallelism over the GPUs this machine has (one rank per GPU,
+# NCCL): the same parity at TP 2 (f32 variants), then the 8B shape
+# served and benchmarked at the largest TP of 2, 4, 8 it allows.
+try:
+    n_gpus = len([l for l in subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                            timeout=20).stdout.splitlines() if l.startswith("GPU")])
+except Exception:
+    n_gpus = 0
+TP = max([t for t in (2, 4, 8) if t <= n_gpus], default=1)
+if TP < 2:
+    print(f"SKIP tensor parallelism on GPUs: {n_gpus} GPU(s) here, it needs 2", flush=True)
+    record("tensor parallel", "skip", 0, f"{n_gpus} GPU: TP over GPUs needs 2")
+elif offers(["logits"], "--tensor-parallel-size"):
+    run_parity(["--tensor-parallel-size", "2"], "engine_parity_tp2", "parity TP=2", keys=("F32",))
+else:
+    record("tensor parallel", "skip", 0, "logits has no --tensor-parallel-size")
 
 def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
@@ -447,6 +473,9 @@ def serve(label, model_args, prompt, ready_limit):
         record(f"serve {label}", p.returncode, time.time() - t0)
 
 serve("llama3-bf16 fixture", [str(root / "tests/fixtures/models/llama3-bf16")], "Hello, world", 60)
+if TP >= 2 and offers(["serve"], "--tensor-parallel-size"):
+    serve(f"llama3-8b dummy TP={TP}", [str(root / "tests/configs/llama3-8b.json"), "--load-format", "dummy",
+          "--tensor-parallel-size", str(TP)], [128000, 9906, 11, 1917], 120)
 if offers(["serve"], "--load-format"):
     serve("llama3-8b dummy", [str(root / "tests/configs/llama3-8b.json"), "--load-format", "dummy"],
           [128000, 9906, 11, 1917], 90)
@@ -485,6 +514,12 @@ if offers(["bench", "engine"], "--device"):
                    "bench_prefill.json", 60):
         emit({"bench": "engine_prefill_2048", "batch": r["batch"], "figure": r["prefill_tps"],
               "unit": "tok/s", "ceiling": r["prefill_ceiling"]})
+    if TP >= 2:
+        for r in bench(["--batch", "1,64", "--prompt", "512", "--gen", "32", "--tensor-parallel-size", str(TP)],
+                       f"decode TP={TP}", "bench_tp.json", 120):
+            emit({"bench": f"engine_decode_tp{TP}", "batch": r["batch"], "figure": r["decode_tps"],
+                  "unit": "tok/s", "ceiling": r["decode_roofline"], "step_ms": r.get("step_ms"),
+                  "note": f"{TP} GPUs, ceilings added up"})
     if offers(["bench", "engine"], "--enforce-eager"):
         for r in bench(["--batch", "1,8", "--prompt", "128", "--gen", "32", "--enforce-eager"], "eager",
                        "bench_eager.json", 60):
