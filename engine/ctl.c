@@ -79,13 +79,15 @@ int ctl_encode_hello(struct ctl_buf *b, uint32_t seq, const struct ctl_hello *m,
                      size_t errlen)
 {
     size_t at;
-    if (begin(b, CTL_HELLO, seq, 16, &at))
+    if (begin(b, CTL_HELLO, seq, 32, &at))
         return oom(err, errlen, "HELLO");
     put(b, m->node_rank, 2);
     put(b, m->nnodes, 2);
     put(b, m->tp, 2);
-    put(b, 0, 2);
+    put(b, m->flags, 2);
     put(b, m->fingerprint, 8);
+    put(b, m->gpu_free, 8);
+    put(b, m->gpu_total, 8);
     return 0;
 }
 
@@ -93,13 +95,15 @@ int ctl_encode_welcome(struct ctl_buf *b, uint32_t seq, const struct ctl_welcome
                        size_t errlen)
 {
     size_t at;
-    if (begin(b, CTL_WELCOME, seq, 16 + CTL_NCCL_ID_BYTES, &at))
+    if (begin(b, CTL_WELCOME, seq, 32 + CTL_NCCL_ID_BYTES, &at))
         return oom(err, errlen, "WELCOME");
     put(b, m->kv_blocks, 8);
     put(b, m->max_seqs, 4);
     put(b, m->flags, 4);
     memcpy(b->p + b->len, m->nccl_id, CTL_NCCL_ID_BYTES);
     b->len += CTL_NCCL_ID_BYTES;
+    put(b, m->max_rows, 8);
+    put(b, m->max_len, 8);
     return 0;
 }
 
@@ -137,11 +141,17 @@ int ctl_encode_shutdown(struct ctl_buf *b, uint32_t seq, const char *why, char *
 }
 
 int ctl_encode_step(struct ctl_buf *b, uint32_t seq, uint64_t step_id,
-                    const struct model_row *rows, int64_t n_rows, struct kv_cache *kv,
+                    const struct model_row *rows, int64_t n_rows,
+                    const struct model_sample *samples, int64_t n_samples, struct kv_cache *kv,
                     char *err, size_t errlen)
 {
     if (n_rows < 1 || n_rows > CTL_MAX_ROWS) {
         snprintf(err, errlen, "STEP: %lld rows (1 .. %d)", (long long)n_rows, CTL_MAX_ROWS);
+        return -1;
+    }
+    if (n_samples < 0 || n_samples > n_rows) {
+        snprintf(err, errlen, "STEP: %lld samples of %lld rows", (long long)n_samples,
+                 (long long)n_rows);
         return -1;
     }
     /* the distinct sequences, first appearance first, and each one's
@@ -150,19 +160,27 @@ int ctl_encode_step(struct ctl_buf *b, uint32_t seq, uint64_t step_id,
     int32_t *order = malloc((size_t)n_rows * sizeof(*order));
     int64_t *len_after = calloc((size_t)max_seqs, sizeof(*len_after));
     char *seen = calloc((size_t)max_seqs, 1);
+    char *drawn = calloc((size_t)n_rows, 1); /* want-row index -> sampled */
     int rc = -1;
-    if (!order || !len_after || !seen) {
+    if (!order || !len_after || !seen || !drawn) {
         oom(err, errlen, "STEP");
         goto done;
     }
     uint32_t n_seqs = 0;
-    size_t payload = 16 + 20 * (size_t)n_rows;
+    int64_t n_want = 0;
+    size_t payload = 24 + 20 * (size_t)n_rows + 4 * (size_t)n_samples;
     for (int64_t r = 0; r < n_rows; r++) {
         int s = rows[r].seq;
         if (s < 0 || s >= max_seqs || !kv_seq_valid(kv, s)) {
             snprintf(err, errlen, "STEP: row %lld names sequence %d, not open", (long long)r, s);
             goto done;
         }
+        if (rows[r].token < -CTL_MAX_ROWS) {
+            snprintf(err, errlen, "STEP: row %lld: token %d is neither a token nor a placeholder",
+                     (long long)r, rows[r].token);
+            goto done;
+        }
+        n_want += rows[r].want_logits ? 1 : 0;
         if (rows[r].pos + 1 > len_after[s])
             len_after[s] = rows[r].pos + 1;
         if (!seen[s]) {
@@ -173,6 +191,16 @@ int ctl_encode_step(struct ctl_buf *b, uint32_t seq, uint64_t step_id,
     if (n_seqs > CTL_MAX_SEQS) {
         snprintf(err, errlen, "STEP: %u sequences (at most %d)", n_seqs, CTL_MAX_SEQS);
         goto done;
+    }
+    for (int64_t k = 0; k < n_samples; k++) {
+        int64_t w = samples[k].row;
+        if (w < 0 || w >= n_want || drawn[w]) {
+            snprintf(err, errlen, "STEP: sample %lld draws from want row %lld (of %lld)%s",
+                     (long long)k, (long long)w, (long long)n_want,
+                     w >= 0 && w < n_want ? ", drawn twice" : "");
+            goto done;
+        }
+        drawn[w] = 1;
     }
     for (uint32_t i = 0; i < n_seqs; i++) {
         int64_t need = (len_after[order[i]] + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS;
@@ -186,12 +214,16 @@ int ctl_encode_step(struct ctl_buf *b, uint32_t seq, uint64_t step_id,
     put(b, step_id, 8);
     put(b, (uint64_t)n_rows, 4);
     put(b, n_seqs, 4);
+    put(b, (uint64_t)n_samples, 4);
+    put(b, 0, 4);
     for (int64_t r = 0; r < n_rows; r++) {
         put(b, (uint32_t)rows[r].token, 4);
         put(b, (uint32_t)rows[r].seq, 4);
         put(b, (uint64_t)rows[r].pos, 8);
         put(b, rows[r].want_logits ? 1 : 0, 4);
     }
+    for (int64_t k = 0; k < n_samples; k++)
+        put(b, (uint64_t)samples[k].row, 4);
     for (uint32_t i = 0; i < n_seqs; i++) {
         int s = order[i];
         int64_t nb;
@@ -215,6 +247,7 @@ done:
     free(order);
     free(len_after);
     free(seen);
+    free(drawn);
     return rc;
 }
 
@@ -310,14 +343,27 @@ int ctl_decode_hello(const uint8_t *payload, uint32_t length, struct ctl_hello *
     out->node_rank = (uint16_t)rd(&c, 2);
     out->nnodes = (uint16_t)rd(&c, 2);
     out->tp = (uint16_t)rd(&c, 2);
-    uint16_t reserved = (uint16_t)rd(&c, 2);
+    out->flags = (uint16_t)rd(&c, 2);
     out->fingerprint = rd(&c, 8);
+    out->gpu_free = rd(&c, 8);
+    out->gpu_total = rd(&c, 8);
     if (finish(&c, "HELLO", err, errlen))
         return -1;
-    if (reserved != 0 || out->nnodes < 2 || out->node_rank < 1 || out->node_rank >= out->nnodes ||
+    if (out->nnodes < 2 || out->node_rank < 1 || out->node_rank >= out->nnodes ||
         out->tp < out->nnodes || out->tp % out->nnodes != 0) {
         snprintf(err, errlen, "HELLO: node %u of %u with %u ranks is not a valid layout",
                  out->node_rank, out->nnodes, out->tp);
+        return -1;
+    }
+    if (out->flags & ~CTL_HELLO_CUDA) {
+        snprintf(err, errlen, "HELLO: unknown flags 0x%x", out->flags);
+        return -1;
+    }
+    if (out->gpu_free > out->gpu_total ||
+        (!(out->flags & CTL_HELLO_CUDA) && (out->gpu_free || out->gpu_total))) {
+        snprintf(err, errlen, "HELLO: GPU memory %llu free of %llu bytes on a %s node",
+                 (unsigned long long)out->gpu_free, (unsigned long long)out->gpu_total,
+                 out->flags & CTL_HELLO_CUDA ? "GPU" : "CPU");
         return -1;
     }
     return 0;
@@ -337,12 +383,19 @@ int ctl_decode_welcome(const uint8_t *payload, uint32_t length, struct ctl_welco
     } else {
         c.bad = 1;
     }
+    out->max_rows = rd(&c, 8);
+    out->max_len = rd(&c, 8);
     if (finish(&c, "WELCOME", err, errlen))
         return -1;
     if (out->kv_blocks < 1 || out->kv_blocks > INT32_MAX || out->max_seqs < 1 ||
         out->max_seqs > CTL_MAX_SEQS || out->flags != 0) {
         snprintf(err, errlen, "WELCOME: %llu blocks, %u sequences, flags %u: out of range",
                  (unsigned long long)out->kv_blocks, out->max_seqs, out->flags);
+        return -1;
+    }
+    if (out->max_rows > CTL_MAX_ROWS || out->max_len > CTL_MAX_LEN) {
+        snprintf(err, errlen, "WELCOME: step buffers of %llu rows, %llu tokens: out of range",
+                 (unsigned long long)out->max_rows, (unsigned long long)out->max_len);
         return -1;
     }
     return 0;
@@ -399,6 +452,12 @@ struct model_row ctl_row(const struct ctl_step *s, uint32_t i)
     return r;
 }
 
+uint32_t ctl_sample_row(const struct ctl_step *s, uint32_t i)
+{
+    struct cur c = {s->samples + (size_t)i * 4, 4, 0};
+    return (uint32_t)rd(&c, 4);
+}
+
 int32_t ctl_block(const struct ctl_seq *q, uint32_t i)
 {
     struct cur c = {q->blocks + (size_t)i * 4, 4, 0};
@@ -419,28 +478,37 @@ int ctl_decode_step(const uint8_t *payload, uint32_t length, uint64_t kv_blocks,
     out->step_id = rd(&c, 8);
     out->n_rows = (uint32_t)rd(&c, 4);
     out->n_seqs = (uint32_t)rd(&c, 4);
+    out->n_samples = (uint32_t)rd(&c, 4);
+    uint32_t reserved = (uint32_t)rd(&c, 4);
     if (c.bad) {
         snprintf(err, errlen, "STEP: payload shorter than its fields");
         return -1;
     }
     if (out->n_rows < 1 || out->n_rows > CTL_MAX_ROWS || out->n_seqs < 1 ||
-        out->n_seqs > CTL_MAX_SEQS || out->n_seqs > out->n_rows) {
-        snprintf(err, errlen, "STEP: %u rows over %u sequences: out of range", out->n_rows,
-                 out->n_seqs);
+        out->n_seqs > CTL_MAX_SEQS || out->n_seqs > out->n_rows ||
+        out->n_samples > out->n_rows || reserved != 0) {
+        snprintf(err, errlen, "STEP: %u rows over %u sequences, %u samples, reserved %u: "
+                 "out of range", out->n_rows, out->n_seqs, out->n_samples, reserved);
         return -1;
     }
-    if (c.left < (size_t)out->n_rows * 20) {
-        snprintf(err, errlen, "STEP: payload shorter than its %u rows", out->n_rows);
+    size_t fixed = (size_t)out->n_rows * 20 + (size_t)out->n_samples * 4;
+    if (c.left < fixed) {
+        snprintf(err, errlen, "STEP: payload shorter than its %u rows and %u samples",
+                 out->n_rows, out->n_samples);
         return -1;
     }
     out->rows = c.p;
-    c.p += (size_t)out->n_rows * 20;
-    c.left -= (size_t)out->n_rows * 20;
+    out->samples = c.p + (size_t)out->n_rows * 20;
+    c.p += fixed;
+    c.left -= fixed;
     out->seqs = calloc(out->n_seqs, sizeof(*out->seqs));
     /* sequence id -> entry + 1, so every check is linear in the message */
     uint32_t *where = calloc(CTL_MAX_SEQS, sizeof(*where));
-    if (!out->seqs || !where) {
+    /* want-row index -> sampled already */
+    uint8_t *drawn = calloc(out->n_rows, 1);
+    if (!out->seqs || !where || !drawn) {
         free(where);
+        free(drawn);
         ctl_step_free(out);
         snprintf(err, errlen, "STEP: out of memory");
         return -1;
@@ -480,6 +548,7 @@ int ctl_decode_step(const uint8_t *payload, uint32_t length, uint64_t kv_blocks,
     }
     if (finish(&c, "STEP", err, errlen))
         goto fail;
+    uint32_t n_want = 0;
     for (uint32_t r = 0; r < out->n_rows; r++) {
         struct model_row row = ctl_row(out, r);
         const struct ctl_seq *q = row.seq >= 0 && row.seq < CTL_MAX_SEQS && where[row.seq]
@@ -487,17 +556,37 @@ int ctl_decode_step(const uint8_t *payload, uint32_t length, uint64_t kv_blocks,
                                       : NULL;
         struct cur fc = {out->rows + (size_t)r * 20 + 16, 4, 0};
         uint32_t flags = (uint32_t)rd(&fc, 4);
-        if (!q || row.token < 0 || row.pos < 0 || row.pos >= q->len_after || (flags & ~1u)) {
+        /* a negative token is a placeholder, MODEL_TOKEN_PREV(k) for the
+         * previous step's sample k: only the follower knows how many there
+         * were, so here k is only held to CTL_MAX_ROWS */
+        if (!q || row.token < -CTL_MAX_ROWS || row.pos < 0 || row.pos >= q->len_after ||
+            (flags & ~1u)) {
             snprintf(err, errlen, "STEP: row %u (token %d, sequence %d, position %lld, flags %u) "
                      "does not fit its sequence", r, row.token, row.seq, (long long)row.pos,
                      flags);
             goto fail;
         }
+        n_want += flags & 1u;
+    }
+    if (out->n_samples > n_want) {
+        snprintf(err, errlen, "STEP: %u samples of %u want rows", out->n_samples, n_want);
+        goto fail;
+    }
+    for (uint32_t k = 0; k < out->n_samples; k++) {
+        uint32_t w = ctl_sample_row(out, k);
+        if (w >= n_want || drawn[w]) {
+            snprintf(err, errlen, "STEP: sample %u draws from want row %u (of %u)%s", k, w,
+                     n_want, w < n_want ? ", drawn twice" : "");
+            goto fail;
+        }
+        drawn[w] = 1;
     }
     free(where);
+    free(drawn);
     return 0;
 fail:
     free(where);
+    free(drawn);
     ctl_step_free(out);
     return -1;
 }

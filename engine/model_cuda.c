@@ -1225,7 +1225,9 @@ static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv
                  (long long)c->cap_seqs);
         goto fail;
     }
-    int64_t need = lists_need(samples, n_samples);
+    /* only the head samples: the other ranks' samples may name no sampler
+     * (a follower node knows their rows only) */
+    int64_t need = c->head ? lists_need(samples, n_samples) : 0;
     if (ensure_lists(c, need, err, errlen) || capture_graphs(m, c, err, errlen))
         goto fail;
 
@@ -1298,7 +1300,7 @@ static int build_step(struct model *m, struct model_cuda *c, struct kv_cache *kv
     int64_t ns = 0, np = 0, nbias = 0;
     for (int64_t i = 0; i < NSAMP; i++) {
         seen_off[i] = (int32_t)ns, prompt_off[i] = (int32_t)np, bias_off[i] = (int32_t)nbias;
-        if (i >= n_samples) {
+        if (i >= n_samples || !c->head) {
             struct samp_view g;
             memset(&g, 0, sizeof(g));
             g.top_p = 1.0f, g.repetition_penalty = 1.0f; /* greedy, nothing else */

@@ -144,20 +144,34 @@ int mtc_ceilings(struct model *m, double *bytes_per_s, double *flops, char *desc
                  size_t desc_len);
 struct kv_geom mtc_kv_geom(const struct model *m);
 int mtc_failed(const struct model *m, char *why, size_t n);
+/* A follower node: its ranks join the job's NCCL communicator (the id
+ * from the leader's WELCOME). */
+int mtc_join(struct model *m, const void *nccl_id, char *err, size_t errlen);
 #endif
 
 /* model_node.c: the control plane of a multi-node job. The leader accepts
  * every follower's HELLO; sends each step (STEP) before its own ranks run
- * it and waits for every STEP_DONE after (the first step also sends
- * WELCOME); a follower says HELLO. A failure stops the job: every later
+ * it and waits for every STEP_DONE after, oldest first (the first step, or
+ * on GPUs the first prepare, also sends WELCOME); a follower says HELLO. A failure stops the job: every later
  * step fails with the first reason, and the communicator is aborted. */
 int model_node_leader(struct model *m, int nnodes, const char *addr, int port, char *err,
                       size_t errlen);
 int model_node_follower(struct model *m, int nnodes, int node_rank, const char *addr,
                         int port, char *err, size_t errlen);
-int model_node_welcome(struct model *m, struct kv_cache *kv, char *err, size_t errlen);
+/* WELCOME: the cache's size; on GPUs also the sizes every node prepares
+ * its step buffers for and the NCCL id (0, 0 and NULL on the CPU). */
+int model_node_welcome(struct model *m, struct kv_cache *kv, int64_t max_rows, int64_t max_len,
+                       const void *nccl_id, char *err, size_t errlen);
+/* STEP: the rows, and on GPUs the want rows rank 0 samples, in order. */
 int model_node_step_begin(struct model *m, struct kv_cache *kv, const struct model_row *rows,
-                          int64_t n, char *err, size_t errlen);
+                          int64_t n, const struct model_sample *samples, int64_t n_samples,
+                          char *err, size_t errlen);
+/* Whether the other nodes' control connections are still there (the
+ * leader: every follower's; a follower: the leader's), without waiting;
+ * a closed one stops the job: -1 with the reason. */
+int model_node_watch(struct model *m, char *why, size_t n);
+/* The leader: the followers' fullest GPU (from their HELLO), or -1. */
+int model_node_peer_memory(const struct model *m, int64_t *free_bytes, int64_t *total_bytes);
 int model_node_step_end(struct model *m, char *err, size_t errlen);
 void model_node_destroy(struct model *m);
 

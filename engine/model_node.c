@@ -36,7 +36,11 @@ struct tp_node {
     int leader_fd;       /* follower: to the leader */
     uint32_t tx, *rx;    /* next sequence number sent; expected per peer */
     uint32_t rx_leader;
-    uint64_t step;
+    uint64_t step;       /* the last step sent (leader) */
+    uint64_t acked;      /* the last step every follower answered (leader) */
+    /* leader: the followers' GPUs, from their HELLO: the least free memory
+     * of any, and that GPU's total (0 on the CPU) */
+    int64_t peer_free, peer_total;
     atomic_int broken;   /* a failure ended the job: every step fails; set
                           * after why, read by any thread (model_failed) */
     char why[256];
@@ -149,8 +153,11 @@ static void node_fail(struct model *m, const char *why)
         atomic_store(&nd->broken, 1);
         fprintf(stderr, "inferd: tensor parallel job stopped: %s\n", why);
     }
-    if (m->rank && m->rank[0])
-        comm_abort(m->rank[0]->comm, why);
+    /* no rank of this node may wait on a peer that will not come (on the
+     * CPU one abort stops the node's group; an NCCL handle is per rank) */
+    for (int r = 0; m->rank && r < m->n_local; r++)
+        if (m->rank[r] && m->rank[r]->comm)
+            comm_abort(m->rank[r]->comm, why);
 }
 
 static int resolve(const char *addr, int port, struct sockaddr_storage *ss, socklen_t *len)
@@ -230,6 +237,11 @@ int model_node_leader(struct model *m, int nnodes, const char *addr, int port, c
             snprintf(why, sizeof(why), "node %u has %u nodes and %u ranks, the leader %d and %d",
                      hi.node_rank, hi.nnodes, hi.tp, nnodes, m->tp);
             code = CTL_REFUSE_SIZES;
+        } else if (!(hi.flags & CTL_HELLO_CUDA) != !m->tpg) {
+            snprintf(why, sizeof(why), "node %u runs on the %s, the leader on the %s",
+                     hi.node_rank, hi.flags & CTL_HELLO_CUDA ? "GPU" : "CPU",
+                     m->tpg ? "GPU" : "CPU");
+            code = CTL_REFUSE_SIZES;
         } else if (nd->fd[hi.node_rank] >= 0) {
             snprintf(why, sizeof(why), "node rank %u joined twice", hi.node_rank);
             code = CTL_REFUSE_DUPLICATE;
@@ -254,6 +266,11 @@ int model_node_leader(struct model *m, int nnodes, const char *addr, int port, c
         }
         nd->fd[hi.node_rank] = fd;
         nd->rx[hi.node_rank] = rx;
+        if (hi.flags & CTL_HELLO_CUDA &&
+            (nd->peer_total == 0 || (int64_t)hi.gpu_free < nd->peer_free)) {
+            nd->peer_free = (int64_t)hi.gpu_free;
+            nd->peer_total = (int64_t)hi.gpu_total;
+        }
         joined++;
     }
     close(nd->lfd);
@@ -264,7 +281,8 @@ oom:
     return -1;
 }
 
-int model_node_welcome(struct model *m, struct kv_cache *kv, char *err, size_t errlen)
+int model_node_welcome(struct model *m, struct kv_cache *kv, int64_t max_rows, int64_t max_len,
+                       const void *nccl_id, char *err, size_t errlen)
 {
     struct tp_node *nd = m->node;
     if (!nd || nd->node_rank != 0)
@@ -273,6 +291,10 @@ int model_node_welcome(struct model *m, struct kv_cache *kv, char *err, size_t e
     memset(&w, 0, sizeof(w));
     w.kv_blocks = (uint64_t)kv_n_blocks(kv);
     w.max_seqs = (uint32_t)kv_max_seqs(kv);
+    w.max_rows = (uint64_t)max_rows;
+    w.max_len = (uint64_t)max_len;
+    if (nccl_id)
+        memcpy(w.nccl_id, nccl_id, CTL_NCCL_ID_BYTES);
     for (int k = 1; k < nd->nnodes; k++) {
         char why[128];
         if (ctl_encode_welcome(&nd->buf, nd->tx, &w, why, sizeof(why)) ||
@@ -286,8 +308,54 @@ int model_node_welcome(struct model *m, struct kv_cache *kv, char *err, size_t e
     return 0;
 }
 
+int model_node_watch(struct model *m, char *why, size_t n)
+{
+    struct tp_node *nd = m->node;
+    if (!nd)
+        return 0;
+    if (atomic_load(&nd->broken)) {
+        snprintf(why, n, "%s", nd->why);
+        return -1;
+    }
+    int lead = nd->node_rank == 0;
+    for (int k = lead ? 1 : 0; k < (lead ? nd->nnodes : 1); k++) {
+        int fd = lead ? nd->fd[k] : nd->leader_fd;
+        struct pollfd pf = {fd, POLLIN | POLLRDHUP, 0};
+        if (fd < 0 || poll(&pf, 1, 0) <= 0)
+            continue;
+        /* readable may be the next message (STEP_DONE, STEP): only an end
+         * of stream or an error with nothing left to read is news */
+        char c;
+        ssize_t r = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (r > 0 || (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)))
+            continue;
+        char msg[256];
+        if (lead)
+            snprintf(msg, sizeof(msg), "node %d: connection lost (%s)", k,
+                     r == 0 ? "end of stream" : strerror(errno));
+        else
+            snprintf(msg, sizeof(msg), "the leader: connection lost (%s)",
+                     r == 0 ? "end of stream" : strerror(errno));
+        node_fail(m, msg);
+        snprintf(why, n, "%s", msg);
+        return -1;
+    }
+    return 0;
+}
+
+int model_node_peer_memory(const struct model *m, int64_t *free_bytes, int64_t *total_bytes)
+{
+    const struct tp_node *nd = m->node;
+    if (!nd || nd->node_rank != 0 || nd->peer_total == 0)
+        return -1;
+    *free_bytes = nd->peer_free;
+    *total_bytes = nd->peer_total;
+    return 0;
+}
+
 int model_node_step_begin(struct model *m, struct kv_cache *kv, const struct model_row *rows,
-                          int64_t n, char *err, size_t errlen)
+                          int64_t n, const struct model_sample *samples, int64_t n_samples,
+                          char *err, size_t errlen)
 {
     struct tp_node *nd = m->node;
     if (atomic_load(&nd->broken)) {
@@ -297,7 +365,8 @@ int model_node_step_begin(struct model *m, struct kv_cache *kv, const struct mod
     nd->step++;
     char why[256];
     nd->buf.len = 0;
-    if (ctl_encode_step(&nd->buf, nd->tx, nd->step, rows, n, kv, why, sizeof(why))) {
+    if (ctl_encode_step(&nd->buf, nd->tx, nd->step, rows, n, samples, n_samples, kv, why,
+                        sizeof(why))) {
         snprintf(err, errlen, "control plane: %s", why);
         return -1;
     }
@@ -318,6 +387,12 @@ int model_node_step_end(struct model *m, char *err, size_t errlen)
 {
     struct tp_node *nd = m->node;
     double deadline = now_ms() + NODE_TIMEOUT_MS;
+    /* the oldest step not answered: on GPUs the next may be out already */
+    uint64_t want = nd->acked + 1;
+    if (atomic_load(&nd->broken)) {
+        snprintf(err, errlen, "tensor parallel job stopped: %s", nd->why);
+        return -1;
+    }
     for (int k = 1; k < nd->nnodes; k++) {
         char peer[32], why[256];
         snprintf(peer, sizeof(peer), "node %d", k);
@@ -326,10 +401,10 @@ int model_node_step_end(struct model *m, char *err, size_t errlen)
         if (read_msg(nd, nd->fd[k], &nd->rx[k], &h, deadline, peer, why, sizeof(why)) ||
             h.type != CTL_STEP_DONE ||
             ctl_decode_step_done(nd->in, h.length, &d, why, sizeof(why)) ||
-            d.step_id != nd->step) {
+            d.step_id != want) {
             if (!why[0] || h.type != CTL_STEP_DONE)
                 snprintf(why, sizeof(why), "%s: expected STEP_DONE %llu", peer,
-                         (unsigned long long)nd->step);
+                         (unsigned long long)want);
             snprintf(err, errlen, "%s", why);
             node_fail(m, err);
             return -1;
@@ -341,6 +416,7 @@ int model_node_step_end(struct model *m, char *err, size_t errlen)
             return -1;
         }
     }
+    nd->acked = want;
     return 0;
 }
 
@@ -383,8 +459,16 @@ int model_node_follower(struct model *m, int nnodes, int node_rank, const char *
     }
     int one = 1;
     setsockopt(nd->leader_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    struct ctl_hello hi = {(uint16_t)node_rank, (uint16_t)nnodes, (uint16_t)m->tp,
-                           ctl_fingerprint(&m->cfg)};
+    struct ctl_hello hi = {.node_rank = (uint16_t)node_rank, .nnodes = (uint16_t)nnodes,
+                           .tp = (uint16_t)m->tp, .fingerprint = ctl_fingerprint(&m->cfg)};
+#ifdef INFERD_CUDA
+    if (m->tpg) { /* the leader sizes the KV cache by the fullest GPU of any node */
+        int64_t fr, tot;
+        hi.flags = CTL_HELLO_CUDA;
+        if (mtc_memory(m, &fr, &tot) == 0)
+            hi.gpu_free = (uint64_t)fr, hi.gpu_total = (uint64_t)tot;
+    }
+#endif
     char why[256];
     if (ctl_encode_hello(&nd->buf, nd->tx++, &hi, why, sizeof(why)) ||
         send_buf(nd, nd->leader_fd)) {
@@ -428,7 +512,17 @@ int model_follow(struct model *m, char *err, size_t errlen)
     int32_t *tab = NULL;
     size_t cap_tab = 0;
     struct model_row *rows = NULL;
+    struct model_sample *samples = NULL;
     size_t cap_rows = 0;
+#ifdef INFERD_CUDA
+    /* GPUs: every node's ranks meet in one NCCL communicator (the id came
+     * in WELCOME), then prepare for the leader's sizes, so that every
+     * node captures the same graphs and issues the same collectives */
+    if (m->tpg && (mtc_join(m, w.nccl_id, err, errlen) ||
+                   mtc_prepare(m, kv, (int64_t)w.max_rows, (int)w.max_seqs,
+                               (int64_t)w.max_len, err, errlen)))
+        goto done;
+#endif
     for (;;) {
         if (read_msg(nd, nd->leader_fd, &nd->rx_leader, &h, forever, "the leader", err, errlen))
             goto done;
@@ -451,17 +545,27 @@ int model_follow(struct model *m, char *err, size_t errlen)
         char why[256] = "";
         if (st.n_rows > cap_rows) {
             struct model_row *r = realloc(rows, st.n_rows * sizeof(*r));
-            if (!r) {
+            struct model_sample *sm = realloc(samples, st.n_rows * sizeof(*sm));
+            if (r)
+                rows = r;
+            if (sm)
+                samples = sm;
+            if (!r || !sm) {
                 ctl_step_free(&st);
                 snprintf(err, errlen, "out of memory");
                 goto done;
             }
-            rows = r;
             cap_rows = st.n_rows;
         }
         /* each sequence's table, at its length before this step */
         for (uint32_t i = 0; i < st.n_rows; i++)
             rows[i] = ctl_row(&st, i);
+        /* the rows the leader's rank 0 samples, in its order: this node's
+         * ranks gather the LM head's rows in the same order (no sampler
+         * here: only the leader draws) */
+        uint32_t n_samples = st.n_samples;
+        for (uint32_t i = 0; i < n_samples; i++)
+            samples[i] = (struct model_sample){.row = ctl_sample_row(&st, i)};
         for (uint32_t q = 0; q < st.n_seqs && ok; q++) {
             const struct ctl_seq *s = &st.seqs[q];
             if (s->n_blocks > cap_tab) {
@@ -488,6 +592,14 @@ int model_follow(struct model *m, char *err, size_t errlen)
         }
         uint64_t id = st.step_id;
         ctl_step_free(&st);
+#ifdef INFERD_CUDA
+        if (m->tpg) {
+            if (ok && (mtc_launch(m, kv, rows, st.n_rows, NULL, samples, n_samples, why,
+                                  sizeof(why)) ||
+                       mtc_collect(m, why, sizeof(why))))
+                ok = 0;
+        } else
+#endif
         if (ok && model_forward(m, kv, rows, st.n_rows, NULL, why, sizeof(why)))
             ok = 0;
         if (ctl_encode_step_done(&nd->buf, nd->tx++, id, ok ? 0 : -1, why, err, errlen) ||
@@ -503,21 +615,25 @@ int model_follow(struct model *m, char *err, size_t errlen)
 done:
     free(tab);
     free(rows);
+    free(samples);
+    if (rc != 0) /* no rank of this node may wait on the others */
+        for (int r = 0; r < m->n_local; r++)
+            if (m->rank[r] && m->rank[r]->comm)
+                comm_abort(m->rank[r]->comm, err);
     kv_destroy(kv);
-    if (rc != 0)
-        comm_abort(m->rank[0]->comm, err);
     return rc;
 }
 
 int model_failed(const struct model *m, char *why, size_t n)
 {
-#ifdef INFERD_CUDA
-    if (m->tpg)
-        return mtc_failed(m, why, n);
-#endif
     const struct tp_node *nd = m->node;
-    if (!nd || !atomic_load(&nd->broken))
+    if (!nd || !atomic_load(&nd->broken)) {
+#ifdef INFERD_CUDA
+        if (m->tpg)
+            return mtc_failed(m, why, n);
+#endif
         return 0;
+    }
     snprintf(why, n, "%s", nd->why);
     return 1;
 }

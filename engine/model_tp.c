@@ -385,7 +385,7 @@ int model_tp_forward(struct model *m, struct kv_cache *kv, const struct model_ro
     int lead = m->node && m->tp_rank0 == 0;
     if (lead) {
         if (m->node_kv_blocks == 0) {
-            if (model_node_welcome(m, kv, err, errlen))
+            if (model_node_welcome(m, kv, 0, 0, NULL, err, errlen))
                 return -1;
             m->node_kv_blocks = kv_n_blocks(kv);
         } else if (m->node_kv_blocks != kv_n_blocks(kv)) {
@@ -393,7 +393,7 @@ int model_tp_forward(struct model *m, struct kv_cache *kv, const struct model_ro
                      (long long)m->node_kv_blocks, (long long)kv_n_blocks(kv));
             return -1;
         }
-        if (model_node_step_begin(m, kv, rows, n, err, errlen))
+        if (model_node_step_begin(m, kv, rows, n, NULL, 0, err, errlen))
             return -1;
     }
     pthread_mutex_lock(&run->mu);

@@ -10,8 +10,19 @@
  * once, hands it to every rank thread and waits until all have enqueued
  * it (a launch returns before its step has run, as on one GPU).
  *
+ * Several nodes (--nnodes): each process runs tp / nnodes ranks on its
+ * GPUs 0 .. local - 1. They meet on the control plane at load (model_
+ * node.c; a follower's HELLO says how much memory its GPUs have left, so
+ * the leader sizes the KV cache by the fullest GPU of any node), and in
+ * NCCL when the leader's engine prepares: its WELCOME carries the NCCL id
+ * and the sizes every node prepares for, so every node captures the same
+ * graphs and issues the same collectives. The leader sends each step
+ * (rows, and the rows rank 0 samples, in order) before its own GPUs run
+ * it and reads every follower's STEP_DONE when it collects; a follower
+ * runs the steps as they come.
+ *
  * A failure on any rank after the call was validated (a CUDA or NCCL
- * error, a peer gone) stops the job: every rank's communicator is aborted,
+ * error, a peer gone, a node's control connection closed) stops the job: every rank's communicator is aborted,
  * so none waits forever in a collective or for a step, and every later
  * call fails with the first reason, which model_failed reports (the API
  * then answers 503). Engine thread, and the rank threads, which touch only
@@ -22,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "engine/comm.h"
@@ -48,7 +60,15 @@ struct tpg_args {
 
 struct tp_gpu {
     struct model *m;
-    int n; /* ranks, one per GPU */
+    int n;  /* this process's ranks, one per GPU */
+    int tp; /* ranks in all: n per node */
+    int nnodes, node;
+    int joined; /* the NCCL communicator is up */
+    /* multi-node: what the first prepare sized everything for (the
+     * followers were told; no node may size differently after) */
+    struct kv_cache *prep_kv;
+    int64_t prep_rows, prep_len;
+    int prep_seqs;
     int deterministic, eager;
     pthread_t *th;
     int *started;
@@ -111,7 +131,7 @@ static int run_job(struct tp_gpu *g, int r, char *err, size_t errlen)
     case JOB_LOAD:
         return mcu_create(rm, r, g->deterministic, g->eager, &rm->cuda, err, errlen);
     case JOB_COMM:
-        rm->comm = comm_nccl_create(rm->tp_rank, g->n, g->nccl_id, mcu_stream(rm->cuda),
+        rm->comm = comm_nccl_create(rm->tp_rank, g->tp, g->nccl_id, mcu_stream(rm->cuda),
                                     TPG_INIT_TIMEOUT_MS, err, errlen);
         return rm->comm ? 0 : -1;
     case JOB_PREPARE:
@@ -183,7 +203,25 @@ static int dispatch(struct tp_gpu *g, enum tpg_job job, int fatal, char *err, si
     pthread_cond_broadcast(&g->cv);
     int failed = -1;
     while (g->done < g->n) {
-        pthread_cond_wait(&g->done_cv, &g->mu);
+        if (g->nnodes > 1 && fatal) {
+            /* a node that dies leaves this one's collectives waiting on
+             * it: its control connection closing says so first */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 50 * 1000000L;
+            if (ts.tv_nsec >= 1000000000L)
+                ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+            pthread_cond_timedwait(&g->done_cv, &g->mu, &ts);
+            char why[256];
+            if (failed < 0 && model_node_watch(g->m, why, sizeof(why)) != 0) {
+                failed = g->n;
+                pthread_mutex_unlock(&g->mu);
+                tpg_fail(g, why);
+                pthread_mutex_lock(&g->mu);
+            }
+        } else {
+            pthread_cond_wait(&g->done_cv, &g->mu);
+        }
         /* a rank that failed may leave the others waiting on it */
         for (int r = 0; r < g->n && failed < 0 && fatal; r++)
             if (g->rc[r] != 0) {
@@ -224,35 +262,43 @@ static int stopped(struct tp_gpu *g, char *err, size_t errlen)
 
 int mtc_create(struct model *m, int tp, const struct model_opts *o, char *err, size_t errlen)
 {
-    if (o->nnodes > 1) {
-        snprintf(err, errlen, "--nnodes %d with --device cuda: ranks on several GPU nodes are "
-                 "not wired into the engine yet; one node serves up to its GPUs "
-                 "(--tensor-parallel-size), several nodes run on the CPU", o->nnodes);
+    int nnodes = o->nnodes > 1 ? o->nnodes : 1, node = nnodes > 1 ? o->node_rank : 0;
+    if (nnodes > 1 && (tp % nnodes != 0 || node < 0 || node >= nnodes || o->master_port <= 0 ||
+                       o->master_port > 65534)) {
+        snprintf(err, errlen, "multi-node: --tensor-parallel-size %d over --nnodes %d as "
+                 "--node-rank %d with --master-port %d: the ranks must split evenly, the node "
+                 "rank be below nnodes and the port in 1..65534 (the control plane uses it + 1)",
+                 tp, nnodes, node, o->master_port);
         return -1;
     }
     if (tp > TP_MAX) {
         snprintf(err, errlen, "--tensor-parallel-size %d: at most %d", tp, TP_MAX);
         return -1;
     }
+    int local = tp / nnodes; /* this node's ranks: GPUs 0 .. local - 1 */
     int n_dev = kc_device_count();
-    if (n_dev < tp) {
-        snprintf(err, errlen, "--tensor-parallel-size %d with --device cuda needs %d GPUs, one "
-                 "per rank; %d %s visible (CUDA_VISIBLE_DEVICES may hide some)", tp, tp,
-                 n_dev < 0 ? 0 : n_dev, n_dev == 1 ? "is" : "are");
+    if (n_dev < local) {
+        snprintf(err, errlen, "--tensor-parallel-size %d%s with --device cuda needs %d GPUs here, "
+                 "one per rank; %d %s visible (CUDA_VISIBLE_DEVICES may hide some)", tp,
+                 nnodes > 1 ? " over these nodes" : "", local, n_dev < 0 ? 0 : n_dev,
+                 n_dev == 1 ? "is" : "are");
         return -1;
     }
     if (model_tp_plan_make(m, tp, err, errlen))
         return -1;
     const struct tp_plan *plan = model_tp_plan(m);
     struct tp_gpu *g = calloc(1, sizeof(*g));
-    m->rank = calloc((size_t)tp, sizeof(*m->rank));
+    m->rank = calloc((size_t)local, sizeof(*m->rank));
     if (!g || !m->rank) {
         free(g);
         snprintf(err, errlen, "out of memory");
         return -1;
     }
     g->m = m;
-    g->n = tp;
+    g->n = local;
+    g->tp = tp;
+    g->nnodes = nnodes;
+    g->node = node;
     g->deterministic = o->deterministic;
     g->eager = o->enforce_eager;
     atomic_init(&g->broken, 0);
@@ -262,24 +308,23 @@ int mtc_create(struct model *m, int tp, const struct model_opts *o, char *err, s
     pthread_cond_init(&g->done_cv, NULL);
     m->tpg = g;
     m->tp = tp;
-    m->n_local = tp;
+    m->n_local = local;
+    m->tp_rank0 = (int64_t)node * local;
     m->kv_stride = plan->rank[0].n_kv_heads; /* each GPU's own cache */
     /* the CPU threads asked for (default: every core) convert the ranks'
      * weights between them */
     long cpus = o->n_threads > 0 ? o->n_threads : sysconf(_SC_NPROCESSORS_ONLN);
-    int per = cpus / tp > 0 ? (int)(cpus / tp) : 1;
-    for (int r = 0; r < tp; r++)
-        if (model_tp_make_rank(m, r, per, NULL, 1, &m->rank[r], err, errlen))
+    int per = cpus / local > 0 ? (int)(cpus / local) : 1;
+    for (int r = 0; r < local; r++)
+        if (model_tp_make_rank(m, node * local + r, per, NULL, 1, &m->rank[r], err, errlen))
             return -1;
-    if (comm_nccl_unique_id(g->nccl_id, err, errlen))
-        return -1;
-    g->th = calloc((size_t)tp, sizeof(*g->th));
-    g->started = calloc((size_t)tp, sizeof(*g->started));
+    g->th = calloc((size_t)local, sizeof(*g->th));
+    g->started = calloc((size_t)local, sizeof(*g->started));
     if (!g->th || !g->started) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    for (int r = 0; r < tp; r++) {
+    for (int r = 0; r < local; r++) {
         struct rank_arg *a = malloc(sizeof(*a));
         if (!a) {
             snprintf(err, errlen, "out of memory");
@@ -297,8 +342,30 @@ int mtc_create(struct model *m, int tp, const struct model_opts *o, char *err, s
     /* the weights first, every GPU at once; the communicator only when all
      * have them, so that a rank that fails to load leaves no other waiting
      * in ncclCommInitRank */
-    if (dispatch(g, JOB_LOAD, 0, err, errlen) || dispatch(g, JOB_COMM, 0, err, errlen))
+    if (dispatch(g, JOB_LOAD, 0, err, errlen))
         return -1;
+    if (nnodes == 1) {
+        if (comm_nccl_unique_id(g->nccl_id, err, errlen) ||
+            dispatch(g, JOB_COMM, 0, err, errlen))
+            return -1;
+        g->joined = 1;
+        return 0;
+    }
+    /* several nodes: they meet on the control plane now (a follower says
+     * how much memory its GPUs have left), in NCCL when the leader's
+     * engine prepares (WELCOME carries the id and the sizes) */
+    const char *addr = o->master_addr ? o->master_addr : "127.0.0.1";
+    return node == 0 ? model_node_leader(m, nnodes, addr, o->master_port, err, errlen)
+                     : model_node_follower(m, nnodes, node, addr, o->master_port, err, errlen);
+}
+
+int mtc_join(struct model *m, const void *nccl_id, char *err, size_t errlen)
+{
+    struct tp_gpu *g = m->tpg;
+    memcpy(g->nccl_id, nccl_id, COMM_NCCL_ID_BYTES);
+    if (dispatch(g, JOB_COMM, 0, err, errlen))
+        return -1;
+    g->joined = 1;
     return 0;
 }
 
@@ -307,6 +374,9 @@ void mtc_destroy(struct model *m)
     struct tp_gpu *g = m->tpg;
     if (!g)
         return;
+    /* the followers first hear that the job ends (between steps), then
+     * every node's communicator is finalised */
+    model_node_destroy(m);
     int all = 1;
     for (int r = 0; r < g->n; r++)
         all = all && g->started && g->started[r];
@@ -384,7 +454,20 @@ int mtc_launch(struct model *m, struct kv_cache *kv, const struct model_row *row
                size_t errlen)
 {
     struct tp_gpu *g = m->tpg;
-    if (stopped(g, err, errlen) || validate(g, kv, rows, n, samples, n_samples, err, errlen))
+    int lead = g->nnodes > 1 && g->node == 0;
+    if (stopped(g, err, errlen))
+        return -1;
+    if (lead && !g->joined) { /* a caller that did not prepare: this step's sizes */
+        int64_t len = kv_n_blocks(kv) * KV_BLOCK_TOKENS;
+        if (m->cfg.n_ctx > 0 && len > m->cfg.n_ctx)
+            len = m->cfg.n_ctx;
+        if (mtc_prepare(m, kv, n, kv_max_seqs(kv), len, err, errlen))
+            return -1;
+    }
+    if (validate(g, kv, rows, n, samples, n_samples, err, errlen))
+        return -1;
+    /* the followers get the step first, then this node's GPUs run it */
+    if (lead && model_node_step_begin(m, kv, rows, n, samples, n_samples, err, errlen))
         return -1;
     g->a = (struct tpg_args){.kv = kv, .rows = rows, .n = n, .logits = logits,
                              .samples = samples, .n_samples = n_samples};
@@ -400,9 +483,14 @@ int mtc_launch(struct model *m, struct kv_cache *kv, const struct model_row *row
 int mtc_collect(struct model *m, char *err, size_t errlen)
 {
     struct tp_gpu *g = m->tpg;
-    if (stopped(g, err, errlen))
+    if (stopped(g, err, errlen) || dispatch(g, JOB_COLLECT, 1, err, errlen))
         return -1;
-    return dispatch(g, JOB_COLLECT, 1, err, errlen);
+    /* the leader: every follower ran it too */
+    if (g->nnodes > 1 && g->node == 0 && model_node_step_end(m, err, errlen)) {
+        tpg_fail(g, err);
+        return -1;
+    }
+    return 0;
 }
 
 int mtc_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_seqs,
@@ -411,6 +499,28 @@ int mtc_prepare(struct model *m, struct kv_cache *kv, int64_t max_rows, int max_
     struct tp_gpu *g = m->tpg;
     if (stopped(g, err, errlen))
         return -1;
+    if (g->nnodes > 1) {
+        /* every node must capture the same graphs and issue the same
+         * collectives: one preparation, the leader's sizes */
+        if (g->prep_kv) {
+            if (kv == g->prep_kv && max_rows <= g->prep_rows && max_seqs <= g->prep_seqs &&
+                max_len <= g->prep_len)
+                return 0;
+            snprintf(err, errlen, "multi-node: the GPUs were prepared for one KV cache, %lld "
+                     "rows, %d sequences and %lld tokens; no node may prepare again",
+                     (long long)g->prep_rows, g->prep_seqs, (long long)g->prep_len);
+            return -1;
+        }
+        if (g->node == 0) {
+            if (comm_nccl_unique_id(g->nccl_id, err, errlen) ||
+                model_node_welcome(m, kv, max_rows, max_len, g->nccl_id, err, errlen) ||
+                dispatch(g, JOB_COMM, 0, err, errlen))
+                return -1;
+            g->joined = 1;
+        }
+        g->prep_kv = kv, g->prep_rows = max_rows, g->prep_seqs = max_seqs;
+        g->prep_len = max_len;
+    }
     g->a = (struct tpg_args){.kv = kv, .max_rows = max_rows, .max_seqs = max_seqs,
                              .max_len = max_len};
     return dispatch(g, JOB_PREPARE, 1, err, errlen);
@@ -430,6 +540,10 @@ int mtc_memory(const struct model *m, int64_t *free_bytes, int64_t *total_bytes)
             lo = r;
     *free_bytes = g->mem_free[lo];
     *total_bytes = g->mem_total[lo];
+    /* the leader: or a follower's, if fuller (from its HELLO) */
+    int64_t pf, pt;
+    if (model_node_peer_memory(m, &pf, &pt) == 0 && pf < *free_bytes)
+        *free_bytes = pf, *total_bytes = pt;
     return 0;
 }
 

@@ -42,4 +42,8 @@ int fake_kc_stream_error(void);
 /* This thread's current device (kc_set_device). */
 int fake_kc_device(void);
 
+/* fake_nccl.c: > 0: the ranks are in several processes, that many each,
+ * meeting through comm_tcp on loopback; 0: all in this one (comm_cpu). */
+extern int fake_nccl_ranks_per_node;
+
 #endif

@@ -8,18 +8,28 @@
  * replays), so a graph holds its collectives. The ranks meet in comm_cpu,
  * which blocks until every rank has joined, as NCCL's kernels do. A
  * collective that fails (an abort) marks the rank's stream failed, which
- * comm_sync and comm_wait_event report, as NCCL's asynchronous error is. */
+ * comm_sync and comm_wait_event report, as NCCL's asynchronous error is.
+ *
+ * With fake_nccl_ranks_per_node set, the ranks are in several processes
+ * (a test forks its nodes), that many each: the id names a loopback port
+ * and the ranks meet through comm_tcp there instead. */
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "engine/comm_internal.h"
 #include "tests/unit/fake_kcuda.h"
 
+int fake_nccl_ranks_per_node;
+
 struct fake_group {
     unsigned char id[COMM_NCCL_ID_BYTES];
     struct comm_group *cpu;
+    struct comm_tcp_group *tcp;
     int refs;
     struct fake_group *next;
 };
@@ -36,12 +46,26 @@ static unsigned long long next_id;
 
 int comm_nccl_unique_id(void *out, char *err, size_t errlen)
 {
-    (void)err, (void)errlen;
     pthread_mutex_lock(&reg_mu);
     unsigned long long id = ++next_id;
     pthread_mutex_unlock(&reg_mu);
     memset(out, 0, COMM_NCCL_ID_BYTES);
     memcpy(out, &id, sizeof(id));
+    if (fake_nccl_ranks_per_node > 0) { /* a free loopback port for comm_tcp */
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t len = sizeof(a);
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) ||
+            getsockname(fd, (struct sockaddr *)&a, &len)) {
+            if (fd >= 0)
+                close(fd);
+            snprintf(err, errlen, "fake NCCL: no free port");
+            return -1;
+        }
+        close(fd);
+        uint16_t port = ntohs(a.sin_port);
+        memcpy((char *)out + 8, &port, sizeof(port));
+    }
     return 0;
 }
 
@@ -136,6 +160,7 @@ static void f_destroy(struct comm *c)
             pp = &(*pp)->next;
         *pp = r->g->next;
         comm_group_destroy(r->g->cpu);
+        comm_tcp_destroy(r->g->tcp);
         free(r->g);
     }
     pthread_mutex_unlock(&reg_mu);
@@ -158,6 +183,8 @@ struct comm *comm_nccl_create(int rank, int size, const void *unique_id, void *s
                               int timeout_ms, char *err, size_t errlen)
 {
     (void)stream, (void)timeout_ms;
+    if (errlen)
+        err[0] = 0;
     if (size < 1 || rank < 0 || rank >= size || !unique_id) {
         snprintf(err, errlen, "fake NCCL: rank %d of %d", rank, size);
         return NULL;
@@ -171,10 +198,17 @@ struct comm *comm_nccl_create(int rank, int size, const void *unique_id, void *s
     struct fake_group *g = groups;
     while (g && memcmp(g->id, unique_id, COMM_NCCL_ID_BYTES) != 0)
         g = g->next;
+    int local = fake_nccl_ranks_per_node > 0 ? fake_nccl_ranks_per_node : size;
     if (!g && (g = calloc(1, sizeof(*g))) != NULL) {
         memcpy(g->id, unique_id, COMM_NCCL_ID_BYTES);
-        g->cpu = comm_cpu_create(size);
-        if (!g->cpu) {
+        uint16_t port;
+        memcpy(&port, (const char *)unique_id + 8, sizeof(port));
+        if (local < size) /* this process's ranks meet the others' over TCP */
+            g->tcp = comm_tcp_create(size / local, rank / local, local, "127.0.0.1", port,
+                                     60000, err, errlen);
+        else
+            g->cpu = comm_cpu_create(size);
+        if (!g->cpu && !g->tcp) {
             free(g);
             g = NULL;
         } else {
@@ -187,13 +221,14 @@ struct comm *comm_nccl_create(int rank, int size, const void *unique_id, void *s
     pthread_mutex_unlock(&reg_mu);
     if (!g) {
         free(r);
-        snprintf(err, errlen, "out of memory");
+        if (!err[0])
+            snprintf(err, errlen, "out of memory");
         return NULL;
     }
     r->base.ops = &fake_ops;
     r->base.rank = rank;
     r->base.size = size;
     r->g = g;
-    r->cpu = comm_cpu_rank(g->cpu, rank);
+    r->cpu = g->tcp ? comm_tcp_rank(g->tcp, rank % local) : comm_cpu_rank(g->cpu, rank);
     return &r->base;
 }

@@ -3,7 +3,9 @@
  * checks; a STEP built from a real KV cache carries every row and block
  * table; and every malformed payload is refused with a message, never read
  * past: every truncation of every message, trailing bytes, out-of-range
- * fields, and 20,000 random corruptions of a STEP (run under ASan in CI). */
+ * fields (version 2's GPU memory, step buffer sizes, samples and token
+ * placeholders among them), and 20,000 random corruptions of a STEP (run
+ * under ASan in CI). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,19 +50,19 @@ static void test_header(void)
 {
     struct ctl_buf b = {0};
     char err[256];
-    struct ctl_hello hi = {1, 2, 4, 0x1234};
+    struct ctl_hello hi = {.node_rank = 1, .nnodes = 2, .tp = 4, .fingerprint = 0x1234};
     CHECK(ctl_encode_hello(&b, 7, &hi, err, sizeof(err)) == 0);
     struct ctl_header h;
     CHECK(ctl_header_decode(b.p, 7, &h, err, sizeof(err)) == 0);
-    CHECK(h.type == CTL_HELLO && h.length == 16 && h.seq == 7 && h.version == CTL_VERSION);
+    CHECK(h.type == CTL_HELLO && h.length == 32 && h.seq == 7 && h.version == CTL_VERSION);
     CHECK(ctl_header_decode(b.p, 8, &h, err, sizeof(err)) != 0 && strstr(err, "out of order"));
     uint8_t x[CTL_HEADER_BYTES];
     memcpy(x, b.p, sizeof(x));
     x[0] ^= 1;
     CHECK(ctl_header_decode(x, 7, &h, err, sizeof(err)) != 0 && strstr(err, "magic"));
     memcpy(x, b.p, sizeof(x));
-    x[4] = 2;
-    CHECK(ctl_header_decode(x, 7, &h, err, sizeof(err)) != 0 && strstr(err, "version 2"));
+    x[4] = 1; /* a version 1 peer */
+    CHECK(ctl_header_decode(x, 7, &h, err, sizeof(err)) != 0 && strstr(err, "version 1"));
     memcpy(x, b.p, sizeof(x));
     x[6] = 9;
     CHECK(ctl_header_decode(x, 7, &h, err, sizeof(err)) != 0 && strstr(err, "type 9"));
@@ -68,6 +70,13 @@ static void test_header(void)
     x[15] = 0x10; /* 256 MiB */
     CHECK(ctl_header_decode(x, 7, &h, err, sizeof(err)) != 0 && strstr(err, "at most"));
     ctl_buf_free(&b);
+}
+
+/* Writes a little-endian field into a payload, to make a bad one. */
+static void poke(uint8_t *p, uint64_t v, int bytes)
+{
+    for (int i = 0; i < bytes; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
 }
 
 /* Every prefix of a payload, and the payload with a byte more, refused. */
@@ -136,31 +145,93 @@ static void test_small_messages(void)
     struct ctl_buf b = {0};
     char err[256];
     struct ctl_header h;
-    struct ctl_hello hi = {2, 3, 6, 0xfeedface12345678ull}, hi2;
+    struct ctl_hello hi = {.node_rank = 2, .nnodes = 3, .tp = 6,
+                           .fingerprint = 0xfeedface12345678ull, .flags = CTL_HELLO_CUDA,
+                           .gpu_free = 100000000000ull, .gpu_total = 150000000000ull},
+                     hi2;
     CHECK(ctl_encode_hello(&b, 0, &hi, err, sizeof(err)) == 0);
     const uint8_t *p = open_msg(&b, 0, 0, &h);
-    CHECK(p && ctl_decode_hello(p, h.length, &hi2, err, sizeof(err)) == 0);
+    CHECK(p && h.length == 32 && ctl_decode_hello(p, h.length, &hi2, err, sizeof(err)) == 0);
     CHECK(hi2.node_rank == 2 && hi2.nnodes == 3 && hi2.tp == 6 && hi2.fingerprint == hi.fingerprint);
+    CHECK(hi2.flags == CTL_HELLO_CUDA && hi2.gpu_free == hi.gpu_free &&
+          hi2.gpu_total == hi.gpu_total);
     truncations(p, h.length, dec_hello, "HELLO");
+    /* a CPU node: no flag, no memory */
+    struct ctl_buf cpu = {0};
+    struct ctl_hello hc = {.node_rank = 1, .nnodes = 2, .tp = 2, .fingerprint = 7};
+    CHECK(ctl_encode_hello(&cpu, 0, &hc, err, sizeof(err)) == 0);
+    CHECK(ctl_decode_hello(cpu.p + CTL_HEADER_BYTES, 32, &hi2, err, sizeof(err)) == 0);
+    CHECK(hi2.flags == 0 && hi2.gpu_free == 0 && hi2.gpu_total == 0 && hi2.fingerprint == 7);
+    truncations(cpu.p + CTL_HEADER_BYTES, 32, dec_hello, "HELLO (CPU)");
+    ctl_buf_free(&cpu);
     /* layouts that cannot be: the leader's own rank, tp not a multiple */
-    struct ctl_hello bad[] = {{0, 2, 2, 1}, {2, 2, 4, 1}, {1, 2, 3, 1}, {1, 1, 1, 1}};
+    struct ctl_hello bad[] = {{.node_rank = 0, .nnodes = 2, .tp = 2, .fingerprint = 1},
+                              {.node_rank = 2, .nnodes = 2, .tp = 4, .fingerprint = 1},
+                              {.node_rank = 1, .nnodes = 2, .tp = 3, .fingerprint = 1},
+                              {.node_rank = 1, .nnodes = 1, .tp = 1, .fingerprint = 1}};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         struct ctl_buf bb = {0};
         CHECK(ctl_encode_hello(&bb, 0, &bad[i], err, sizeof(err)) == 0);
-        CHECK(ctl_decode_hello(bb.p + CTL_HEADER_BYTES, 16, &hi2, err, sizeof(err)) != 0);
+        CHECK(ctl_decode_hello(bb.p + CTL_HEADER_BYTES, 32, &hi2, err, sizeof(err)) != 0);
         CHECK(strstr(err, "not a valid layout") != NULL);
+        ctl_buf_free(&bb);
+    }
+    /* flags and memory that cannot be: a bit this version does not know,
+     * more free than total, memory on a CPU node */
+    struct {
+        uint16_t flags;
+        uint64_t free, total;
+        const char *why;
+    } badmem[] = {
+        {CTL_HELLO_CUDA | 2, 1, 2, "unknown flags"},
+        {0x8000, 0, 0, "unknown flags"},
+        {CTL_HELLO_CUDA, 3, 2, "GPU memory"},
+        {0, 1, 2, "CPU node"},
+        {0, 0, 2, "CPU node"},
+    };
+    for (size_t i = 0; i < sizeof(badmem) / sizeof(badmem[0]); i++) {
+        struct ctl_buf bb = {0};
+        struct ctl_hello x = {.node_rank = 1, .nnodes = 2, .tp = 2, .fingerprint = 1,
+                              .flags = badmem[i].flags, .gpu_free = badmem[i].free,
+                              .gpu_total = badmem[i].total};
+        CHECK(ctl_encode_hello(&bb, 0, &x, err, sizeof(err)) == 0);
+        CHECK(ctl_decode_hello(bb.p + CTL_HEADER_BYTES, 32, &hi2, err, sizeof(err)) != 0);
+        CHECK(strstr(err, badmem[i].why) != NULL);
         ctl_buf_free(&bb);
     }
 
     size_t at = b.len;
-    struct ctl_welcome w = {.kv_blocks = 4096, .max_seqs = 256}, w2;
+    struct ctl_welcome w = {.kv_blocks = 4096, .max_seqs = 256, .max_rows = 8192,
+                            .max_len = 131072},
+                       w2;
     for (int i = 0; i < CTL_NCCL_ID_BYTES; i++)
         w.nccl_id[i] = (uint8_t)(i * 7);
     CHECK(ctl_encode_welcome(&b, 1, &w, err, sizeof(err)) == 0);
     p = open_msg(&b, at, 1, &h);
-    CHECK(p && h.type == CTL_WELCOME && ctl_decode_welcome(p, h.length, &w2, err, sizeof(err)) == 0);
+    CHECK(p && h.type == CTL_WELCOME && h.length == 160 &&
+          ctl_decode_welcome(p, h.length, &w2, err, sizeof(err)) == 0);
     CHECK(w2.kv_blocks == 4096 && w2.max_seqs == 256 && !memcmp(w.nccl_id, w2.nccl_id, CTL_NCCL_ID_BYTES));
+    CHECK(w2.flags == 0 && w2.max_rows == 8192 && w2.max_len == 131072);
     truncations(p, h.length, dec_welcome, "WELCOME");
+    /* the bounds themselves pass; one past each, or a flag, is refused */
+    struct {
+        uint32_t flags;
+        uint64_t rows, len;
+        int ok;
+    } ws[] = {
+        {0, CTL_MAX_ROWS, CTL_MAX_LEN, 1}, {0, 0, 0, 1},
+        {1, 0, 0, 0}, {0, CTL_MAX_ROWS + 1, 0, 0}, {0, 1, CTL_MAX_LEN + 1, 0},
+        {0, UINT64_MAX, 1, 0},
+    };
+    for (size_t i = 0; i < sizeof(ws) / sizeof(ws[0]); i++) {
+        struct ctl_buf bb = {0};
+        struct ctl_welcome x = w;
+        x.flags = ws[i].flags, x.max_rows = ws[i].rows, x.max_len = ws[i].len;
+        CHECK(ctl_encode_welcome(&bb, 0, &x, err, sizeof(err)) == 0);
+        int rc = ctl_decode_welcome(bb.p + CTL_HEADER_BYTES, 160, &w2, err, sizeof(err));
+        CHECK(ws[i].ok ? rc == 0 : rc != 0 && strstr(err, "out of range"));
+        ctl_buf_free(&bb);
+    }
 
     at = b.len;
     struct ctl_refuse r;
@@ -191,6 +262,15 @@ static void test_small_messages(void)
     ctl_buf_free(&b);
 }
 
+/* How many of a decoded STEP's rows want logits. */
+static uint32_t want_rows(const struct ctl_step *st)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < st->n_rows; i++)
+        n += ctl_row(st, i).want_logits ? 1 : 0;
+    return n;
+}
+
 static void test_step(void)
 {
     struct kv_geom g = {2, 2, 8, 0};
@@ -201,26 +281,34 @@ static void test_step(void)
         return;
     int a = kv_seq_open(kv, 0), b2 = kv_seq_open(kv, 1);
     CHECK(kv_seq_reserve(kv, a, 40) == 0 && kv_seq_reserve(kv, b2, 5) == 0);
-    /* a: prefill 0..36 interleaved with b2's 0..4 */
+    /* a: prefill 0..36 interleaved with b2's 0..4. Want rows, in row
+     * order: b2's 4 (row 9), a's 10 (row 15), a's 36 (the last); the two
+     * last rows of each sequence carry placeholders, the first and the
+     * last that a step can name */
     struct model_row rows[64];
     int n = 0;
     for (int p = 0; p < 37; p++) {
-        rows[n++] = (struct model_row){100 + p, a, p, p == 36};
+        rows[n++] = (struct model_row){100 + p, a, p, p == 10 || p == 36};
         if (p < 5)
             rows[n++] = (struct model_row){7 * p, b2, p, p == 4};
     }
+    rows[9].token = MODEL_TOKEN_PREV(0);
+    rows[n - 1].token = MODEL_TOKEN_PREV(CTL_MAX_ROWS - 1);
+    struct model_sample smp[4] = {{.row = 2}, {.row = 0}};
     struct ctl_buf buf = {0};
-    CHECK(ctl_encode_step(&buf, 5, 42, rows, n, kv, err, sizeof(err)) == 0);
+    CHECK(ctl_encode_step(&buf, 5, 42, rows, n, smp, 2, kv, err, sizeof(err)) == 0);
     struct ctl_header h;
     const uint8_t *p = open_msg(&buf, 0, 5, &h);
     struct ctl_step st;
     CHECK(p && ctl_decode_step(p, h.length, 64, &st, err, sizeof(err)) == 0);
-    CHECK(st.step_id == 42 && st.n_rows == (uint32_t)n && st.n_seqs == 2);
+    CHECK(st.step_id == 42 && st.n_rows == (uint32_t)n && st.n_seqs == 2 && st.n_samples == 2);
     for (int i = 0; i < n; i++) {
         struct model_row r = ctl_row(&st, (uint32_t)i);
         CHECK(r.token == rows[i].token && r.seq == rows[i].seq && r.pos == rows[i].pos &&
               r.want_logits == rows[i].want_logits);
     }
+    CHECK(ctl_row(&st, 9).token == -1 && ctl_row(&st, (uint32_t)n - 1).token == -CTL_MAX_ROWS);
+    CHECK(want_rows(&st) == 3 && ctl_sample_row(&st, 0) == 2 && ctl_sample_row(&st, 1) == 0);
     int64_t nb;
     const int32_t *ta = kv_seq_blocks(kv, a, &nb);
     CHECK(st.seqs[0].seq == a && st.seqs[0].len_after == 37 && st.seqs[0].n_blocks == 3);
@@ -231,12 +319,49 @@ static void test_step(void)
     ctl_step_free(&st);
     truncations(p, h.length, dec_step, "STEP");
 
-    /* refused: blocks past the follower's cache; a row past its sequence */
+    /* no samples (the CPU's steps): samples may be NULL */
+    struct ctl_buf nos = {0};
+    CHECK(ctl_encode_step(&nos, 0, 1, rows, n, NULL, 0, kv, err, sizeof(err)) == 0);
+    CHECK(ctl_decode_step(nos.p + CTL_HEADER_BYTES, (uint32_t)(nos.len - CTL_HEADER_BYTES), 64,
+                          &st, err, sizeof(err)) == 0);
+    CHECK(st.n_samples == 0 && st.n_rows == (uint32_t)n);
+    ctl_step_free(&st);
+    truncations(nos.p + CTL_HEADER_BYTES, (uint32_t)(nos.len - CTL_HEADER_BYTES), dec_step,
+                "STEP (no samples)");
+    ctl_buf_free(&nos);
+
+    /* refused: blocks past the follower's cache; a row past its sequence;
+     * a reserved word set; a token below the last placeholder; samples
+     * out of range, twice, or more than the want rows */
     CHECK(ctl_decode_step(p, h.length, 2, &st, err, sizeof(err)) != 0 && strstr(err, "outside"));
     uint8_t *c = malloc(h.length);
+    size_t at_rows = 24, at_samples = at_rows + 20 * (size_t)n;
     memcpy(c, p, h.length);
-    c[16 + 8] = 60; /* row 0's position: 60, past a's 37 */
+    c[at_rows + 8] = 60; /* row 0's position: 60, past a's 37 */
     CHECK(ctl_decode_step(c, h.length, 64, &st, err, sizeof(err)) != 0 && strstr(err, "row 0"));
+    memcpy(c, p, h.length);
+    poke(c + 20, 1, 4);
+    CHECK(ctl_decode_step(c, h.length, 64, &st, err, sizeof(err)) != 0 &&
+          strstr(err, "reserved 1"));
+    memcpy(c, p, h.length);
+    poke(c + at_rows, (uint32_t)(-1 - CTL_MAX_ROWS), 4);
+    CHECK(ctl_decode_step(c, h.length, 64, &st, err, sizeof(err)) != 0 && strstr(err, "row 0"));
+    memcpy(c, p, h.length);
+    poke(c + at_samples, 3, 4); /* want rows 0 .. 2 */
+    CHECK(ctl_decode_step(c, h.length, 64, &st, err, sizeof(err)) != 0 &&
+          strstr(err, "sample 0 draws from want row 3 (of 3)"));
+    memcpy(c, p, h.length);
+    poke(c + at_samples + 4, 2, 4); /* sample 1 = sample 0 */
+    CHECK(ctl_decode_step(c, h.length, 64, &st, err, sizeof(err)) != 0 && strstr(err, "twice"));
+    memcpy(c, p, h.length);
+    c[at_rows + 20 * 9 + 16] = 0; /* rows 9 and 15 no longer want logits */
+    c[at_rows + 20 * 15 + 16] = 0;
+    CHECK(ctl_decode_step(c, h.length, 64, &st, err, sizeof(err)) != 0 &&
+          strstr(err, "2 samples of 1 want rows"));
+    memcpy(c, p, h.length);
+    poke(c + 16, (uint32_t)n + 1, 4); /* n_samples past n_rows */
+    CHECK(ctl_decode_step(c, h.length, 64, &st, err, sizeof(err)) != 0 &&
+          strstr(err, "out of range"));
     /* random corruption: refused or accepted, never a crash or overread
      * (and an accepted one still satisfies every rule) */
     int accepted = 0;
@@ -249,7 +374,14 @@ static void test_step(void)
             accepted++;
             for (uint32_t i = 0; i < st.n_rows; i++) {
                 struct model_row r = ctl_row(&st, i);
-                CHECK(r.token >= 0 && r.pos >= 0);
+                CHECK(r.token >= -CTL_MAX_ROWS && r.pos >= 0);
+            }
+            uint32_t nw = want_rows(&st), seen = 0;
+            CHECK(st.n_samples <= nw);
+            for (uint32_t k = 0; k < st.n_samples; k++) {
+                uint32_t w = ctl_sample_row(&st, k);
+                CHECK(w < nw && w < 32 && !(seen >> w & 1));
+                seen |= w < 32 ? 1u << w : 0;
             }
             for (uint32_t q = 0; q < st.n_seqs; q++)
                 for (uint32_t k = 0; k < st.seqs[q].n_blocks; k++)
@@ -259,9 +391,29 @@ static void test_step(void)
     }
     printf("ctl: 20000 corrupted STEPs, %d accepted (every rule still held)\n", accepted);
     free(c);
-    /* the encoder refuses what it cannot describe */
+    /* the encoder refuses what it cannot describe, and leaves no message */
+    size_t len = buf.len;
+    struct model_sample past[] = {{.row = 3}}, twice[] = {{.row = 1}, {.row = 1}},
+                        neg[] = {{.row = -1}},
+                        many[] = {{.row = 0}, {.row = 1}, {.row = 2}, {.row = 3}};
+    CHECK(ctl_encode_step(&buf, 6, 43, rows, n, past, 1, kv, err, sizeof(err)) != 0 &&
+          strstr(err, "want row 3 (of 3)"));
+    CHECK(ctl_encode_step(&buf, 6, 43, rows, n, twice, 2, kv, err, sizeof(err)) != 0 &&
+          strstr(err, "twice"));
+    CHECK(ctl_encode_step(&buf, 6, 43, rows, n, neg, 1, kv, err, sizeof(err)) != 0 &&
+          strstr(err, "want row -1"));
+    CHECK(ctl_encode_step(&buf, 6, 43, rows, n, many, 4, kv, err, sizeof(err)) != 0 &&
+          strstr(err, "sample 3"));
+    CHECK(ctl_encode_step(&buf, 6, 43, rows, 2, many, 3, kv, err, sizeof(err)) != 0 &&
+          strstr(err, "3 samples of 2 rows"));
+    rows[0].token = -1 - CTL_MAX_ROWS;
+    CHECK(ctl_encode_step(&buf, 6, 43, rows, n, smp, 2, kv, err, sizeof(err)) != 0 &&
+          strstr(err, "placeholder"));
+    rows[0].token = 100;
     rows[0].seq = 7; /* not open */
-    CHECK(ctl_encode_step(&buf, 6, 43, rows, n, kv, err, sizeof(err)) != 0 && strstr(err, "not open"));
+    CHECK(ctl_encode_step(&buf, 6, 43, rows, n, smp, 2, kv, err, sizeof(err)) != 0 &&
+          strstr(err, "not open"));
+    CHECK(buf.len == len);
     ctl_buf_free(&buf);
     kv_destroy(kv);
 }

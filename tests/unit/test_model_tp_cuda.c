@@ -18,14 +18,23 @@
  *   - no broken invariant in any rank's cache or block tables;
  *   - a GPU that fails mid-job stops the job with a reason that names it,
  *     model_failed reports it, later calls fail at once, nothing hangs;
- *   - refusals: more ranks than GPUs, a split the shapes forbid, several
- *     nodes;
+ *   - two nodes (a forked follower, the NCCL double over comm_tcp): the
+ *     same tokens and logits through the control plane (WELCOME with the
+ *     NCCL id and sizes, STEP with the sampled rows and placeholders), a
+ *     clean shutdown, and a follower killed mid-job stopping the leader;
+ *   - refusals: more ranks than GPUs, a split the shapes forbid, ranks that
+ *     do not split over the nodes;
  *   - the engine on 2 GPUs: the KV budget from each GPU's memory and a
  *     greedy request, launched ahead, token for token as on one. */
 #include <math.h>
+#include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "engine/engine.h"
@@ -224,8 +233,9 @@ done:
 
 /* b against the one-device run a: logits within bf16 rounding (the sums
  * run in another order and round at every rank), and the same tokens up to
- * the first that a near tie in a decides (then the sequences part ways;
- * the logits compared are of fixed inputs and stay comparable). */
+ * the first that a near tie in a decides: a's top two within twice what
+ * rounding moved the compared logits (then the sequences part ways; the
+ * logits compared are of fixed inputs and stay comparable). */
 static void compare(const struct run *a, const struct run *b, const char *what)
 {
     double worst = 0, scale = 0;
@@ -242,9 +252,10 @@ static void compare(const struct run *a, const struct run *b, const char *what)
     for (int i = 0; i < a->n_tok && i < b->n_tok; i++) {
         if (a->tok[i] == b->tok[i])
             continue;
-        int tie = a->margin[i] <= 0.03 * scale;
-        fprintf(stderr, "%s: token %d is %d, not %d (margin %g of %g: %s)\n", what, i,
-                b->tok[i], a->tok[i], (double)a->margin[i], scale,
+        /* a tie within what rounding moved the compared logits by */
+        int tie = a->margin[i] <= 2 * worst + 1e-6;
+        fprintf(stderr, "%s: token %d is %d, not %d (margin %g, logits moved %g: %s)\n", what,
+                i, b->tok[i], a->tok[i], (double)a->margin[i], worst,
                 tie ? "a near tie, compared up to here" : "a real difference");
         CHECK(tie);
         break;
@@ -441,6 +452,159 @@ static void test_engine(void)
     model_destroy(m2);
 }
 
+/* ---- several nodes: this process the leader, a forked one the follower */
+
+/* A loopback port p with p + 1 free too (the control plane's). */
+static int free_port_pair(void)
+{
+    for (int tries = 0; tries < 50; tries++) {
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t len = sizeof(a);
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) ||
+            getsockname(fd, (struct sockaddr *)&a, &len)) {
+            if (fd >= 0)
+                close(fd);
+            continue;
+        }
+        int port = ntohs(a.sin_port);
+        close(fd);
+        struct sockaddr_in b = a;
+        b.sin_port = htons((uint16_t)(port + 1));
+        fd = socket(AF_INET, SOCK_STREAM, 0);
+        int ok = fd >= 0 && port < 65534 && bind(fd, (struct sockaddr *)&b, sizeof(b)) == 0;
+        if (fd >= 0)
+            close(fd);
+        if (ok)
+            return port;
+    }
+    return -1;
+}
+
+static struct model *load_node(const char *path, int tp, int node, int port, char *err,
+                               size_t errlen)
+{
+    struct model_opts o = {.device = MODEL_DEVICE_CUDA, .tp = tp, .n_threads = 1,
+                           .dummy_seed = 5, .load_format = MODEL_LOAD_DUMMY, .nnodes = 2,
+                           .node_rank = node, .master_addr = "127.0.0.1", .master_port = port};
+    struct model *m = NULL;
+    if (model_load(path, &o, &m, err, errlen))
+        return NULL;
+    return m;
+}
+
+/* The follower node: loads its ranks, follows the leader's steps until it
+ * shuts the job down. Exit status 0 only then. */
+static pid_t start_follower(const char *path, int tp, int port)
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid != 0)
+        return pid;
+    alarm(120); /* nothing may leave it behind */
+    char err[256] = "";
+    struct model *m = load_node(path, tp, 1, port, err, sizeof(err));
+    int rc = m ? model_follow(m, err, sizeof(err)) : -1;
+    if (rc)
+        fprintf(stderr, "follower: %s\n", err);
+    model_destroy(m);
+    _exit(rc == 0 ? 0 : 1);
+}
+
+static int wait_child(pid_t pid, int secs)
+{
+    for (int i = 0; i < secs * 20; i++) {
+        int st;
+        pid_t r = waitpid(pid, &st, WNOHANG);
+        if (r == pid)
+            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+        struct timespec ts = {0, 50 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    return -1;
+}
+
+/* TP over two nodes (tp / 2 GPUs each): the same tokens and logits as one
+ * device, through WELCOME (NCCL id, sizes), STEP with the sampled rows and
+ * placeholders, and every STEP_DONE; the leader's end shuts the follower
+ * down cleanly. */
+static void test_nodes(int tp, const struct run *ref)
+{
+    char err[256] = "", what[64];
+    snprintf(what, sizeof(what), "two nodes, TP=%d", tp);
+    int port = free_port_pair();
+    CHECK(port > 0);
+    fake_nccl_ranks_per_node = tp / 2;
+    pid_t child = start_follower(cfg_untied, tp, port);
+    struct model *m = load_node(cfg_untied, tp, 0, port, err, sizeof(err));
+    if (!m) {
+        fprintf(stderr, "%s: leader: %s\n", what, err);
+        failures++;
+        kill(child, SIGKILL);
+        waitpid(child, NULL, 0);
+        fake_nccl_ranks_per_node = 0;
+        return;
+    }
+    struct run got;
+    int rc = scenario(m, &got);
+    CHECK(rc == 0);
+    check_clean(what);
+    if (rc == 0)
+        compare(ref, &got, what);
+    free(got.logits);
+    model_destroy(m); /* SHUTDOWN: the follower exits 0 */
+    CHECK(wait_child(child, 60) == 0);
+    fake_nccl_ranks_per_node = 0;
+}
+
+/* The follower dies mid-job: the leader's next step fails naming it, the
+ * job is stopped for good (model_failed), nothing waits forever. */
+static void test_node_dies(void)
+{
+    char err[256] = "", why[256] = "";
+    int port = free_port_pair();
+    fake_nccl_ranks_per_node = 1;
+    pid_t child = start_follower(cfg_untied, 2, port);
+    struct model *m = load_node(cfg_untied, 2, 0, port, err, sizeof(err));
+    if (!m) {
+        fprintf(stderr, "node dies: leader: %s\n", err);
+        failures++;
+        kill(child, SIGKILL);
+        waitpid(child, NULL, 0);
+        fake_nccl_ranks_per_node = 0;
+        return;
+    }
+    struct kv_geom g = model_kv_geom(m);
+    struct kv_cache *kv = kv_create(&g, 16, 2, err, sizeof(err));
+    fake_kc.kv_slots = 16 * 16;
+    CHECK(model_prepare(m, kv, 16, 2, 128, err, sizeof(err)) == 0);
+    int s = kv_seq_open(kv, 0);
+    CHECK(kv_seq_reserve(kv, s, 8) == 0);
+    struct sampler *sp = greedy(1000);
+    struct model_row row = {5, s, 0, 1};
+    struct model_sample smp = {.row = 0, .s = sp};
+    float *lg = calloc(1000, sizeof(float));
+    CHECK(model_forward_sample(m, kv, &row, 1, lg, &smp, 1, err, sizeof(err)) == 0);
+    kill(child, SIGKILL);
+    waitpid(child, NULL, 0);
+    time_t t0 = time(NULL);
+    row = (struct model_row){smp.res.token, s, 1, 1};
+    CHECK(model_forward_sample(m, kv, &row, 1, lg, &smp, 1, err, sizeof(err)) != 0);
+    CHECK(time(NULL) - t0 < 30);
+    if (!strstr(err, "node 1"))
+        fprintf(stderr, "node dies: %s\n", err);
+    CHECK(strstr(err, "node 1") != NULL);
+    CHECK(model_failed(m, why, sizeof(why)) && strstr(why, "node 1"));
+    fake_kc.violations = 0;
+    samp_destroy(sp);
+    free(lg);
+    kv_destroy(kv);
+    model_destroy(m);
+    fake_nccl_ranks_per_node = 0;
+}
+
 static void write_config(char *path, size_t n, const char *tied)
 {
     snprintf(path, n, "/tmp/inferd-test-tp-cuda-%d-%s.json", (int)getpid(), tied);
@@ -477,10 +641,24 @@ int main(int argc, char **argv)
         run_model(path, 0, two, strstr(files[i], "mistral") ? 2 : 1, 0);
     }
 
+    {
+        char err[256];
+        struct run ref;
+        struct model *m = load(cfg_untied, 1, 1, 0, err, sizeof(err));
+        int rc = m ? scenario(m, &ref) : -1;
+        model_destroy(m);
+        CHECK(rc == 0);
+        if (rc == 0) {
+            test_nodes(2, &ref);
+            test_nodes(4, &ref);
+        }
+        free(ref.logits);
+        test_node_dies();
+    }
     test_failure();
     expect_refusal(cfg_untied, 1, 16, 1, "needs 16 GPUs");
     expect_refusal(cfg_untied, 1, 3, 1, "--tensor-parallel-size 3");
-    expect_refusal(cfg_untied, 1, 2, 2, "--nnodes 2 with --device cuda");
+    expect_refusal(cfg_untied, 1, 3, 2, "must split evenly");
     test_engine();
 
     unlink(cfg_untied);
