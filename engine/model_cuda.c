@@ -163,13 +163,28 @@ struct conv_job {
 static void conv_worker(void *ctx, int ith, int nth)
 {
     struct conv_job *j = ctx;
-    int64_t cols = j->w->cols, nc = j->nc;
+    const struct k_matrix *w = j->w;
+    int64_t cols = w->cols, nc = j->nc;
     float *t = j->tmp + (size_t)ith * (size_t)cols;
+    /* a column slice (a tensor-parallel rank's): only its bytes are read,
+     * as a one-row matrix of its own (whole quant blocks: the plan's rule) */
+    int slice = nc != cols && w->layout != K_LAYOUT_X32;
     for (int64_t r = ith; r < j->n; r += nth) {
-        k_dequant_row(j->w, j->r0 + r, t);
+        const float *src = t + j->c0;
+        if (slice) {
+            struct k_matrix v = *w;
+            v.rows = 1;
+            v.cols = nc;
+            v.data = (const char *)w->data + (size_t)(j->r0 + r) * (size_t)k_row_bytes(w->dtype, cols) +
+                     (size_t)k_row_bytes(w->dtype, j->c0);
+            k_dequant_row(&v, 0, t);
+            src = t;
+        } else {
+            k_dequant_row(w, j->r0 + r, t);
+        }
         uint16_t *d = j->dst + (size_t)r * (size_t)nc;
         for (int64_t i = 0; i < nc; i++)
-            d[i] = k_f32_to_bf16(t[j->c0 + i]);
+            d[i] = k_f32_to_bf16(src[i]);
     }
 }
 
@@ -236,10 +251,12 @@ static int upload_matrix(struct model *m, struct model_cuda *c, const struct k_m
     int64_t per = (int64_t)(STAGE_BYTES / (row_bytes ? row_bytes : 1));
     int nth = k_pool_size(m->pool);
     float *tmp = malloc((size_t)nth * (size_t)cols * sizeof(float));
-    if (per < 1 || !tmp || c0 < 0 || c0 + nc > cols) {
-        snprintf(err, errlen, "CUDA upload: a row of %lld values (columns %lld..%lld of %lld) "
-                 "does not fit staging", (long long)nc, (long long)c0, (long long)(c0 + nc),
-                 (long long)cols);
+    int64_t blk = k_dtype_block(w->dtype);
+    if (per < 1 || !tmp || c0 < 0 || c0 + nc > cols || c0 % blk || nc % blk) {
+        snprintf(err, errlen, "CUDA upload: columns %lld..%lld of a %lld-column %s matrix "
+                 "(a slice must hold whole %lld-value blocks, and a row fit the %zu MiB "
+                 "staging buffer)", (long long)c0, (long long)(c0 + nc), (long long)cols,
+                 k_dtype_name(w->dtype), (long long)blk, STAGE_BYTES >> 20);
         free(tmp);
         return -1;
     }
