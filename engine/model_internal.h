@@ -4,6 +4,8 @@
 #ifndef INFERD_MODEL_INTERNAL_H
 #define INFERD_MODEL_INTERNAL_H
 
+#include <pthread.h>
+
 #include "engine/model.h"
 
 struct model_cuda;
@@ -114,6 +116,20 @@ int model_tp_forward(struct model *m, struct kv_cache *kv, const struct model_ro
                      int64_t n, float *logits, char *err, size_t errlen);
 int model_tp_logits(struct model *m, int64_t nw, float *logits, char *err, size_t errlen);
 void model_tp_destroy(struct model *m);
+/* The nodes of a tensor-parallel job (model_opts: nnodes, node_rank,
+ * master_port), checked: tp splits evenly, the rank and port are in range,
+ * tp at most TP_MAX. */
+int model_tp_nodes(int tp, const struct model_opts *o, int *nnodes, int *node, char *err,
+                   size_t errlen);
+/* Starts fn on a thread for each rank first .. n - 1 (th[r], started[r]
+ * set), its argument a malloc'd struct tp_thread_arg (ctx, r) that fn
+ * frees. */
+struct tp_thread_arg {
+    void *ctx;
+    int r;
+};
+int model_tp_threads(int first, int n, void *(*fn)(void *), void *ctx, pthread_t *th,
+                     int *started, char *err, size_t errlen);
 /* Makes m's sharding plan for tp ranks (m->shards), or refuses the shape
  * with the reason. */
 int model_tp_plan_make(struct model *m, int tp, char *err, size_t errlen);

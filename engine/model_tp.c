@@ -57,10 +57,6 @@ struct tp_runner {
     char err[TP_MAX][160];
 };
 
-struct rank_arg {
-    struct tp_runner *run;
-    int r;
-};
 
 static void *aligned(size_t n)
 {
@@ -242,8 +238,8 @@ static void dtypes_of(const struct model *m, struct tp_dtypes *d)
 
 static void *rank_main(void *arg)
 {
-    struct rank_arg *a = arg;
-    struct tp_runner *run = a->run;
+    struct tp_thread_arg *a = arg;
+    struct tp_runner *run = a->ctx;
     int r = a->r;
     free(a);
     uint64_t seen = 0;
@@ -272,6 +268,47 @@ static void *rank_main(void *arg)
     return NULL;
 }
 
+int model_tp_nodes(int tp, const struct model_opts *o, int *nnodes, int *node, char *err,
+                   size_t errlen)
+{
+    *nnodes = o->nnodes > 1 ? o->nnodes : 1;
+    *node = *nnodes > 1 ? o->node_rank : 0;
+    if (*nnodes > 1 && (tp % *nnodes != 0 || *node < 0 || *node >= *nnodes ||
+                        o->master_port <= 0 || o->master_port > 65534)) {
+        snprintf(err, errlen, "multi-node: --tensor-parallel-size %d over --nnodes %d as "
+                 "--node-rank %d with --master-port %d: the ranks must split evenly, the node "
+                 "rank be below nnodes and the port in 1..65534 (the control plane uses it + 1)",
+                 tp, *nnodes, *node, o->master_port);
+        return -1;
+    }
+    if (tp > TP_MAX) {
+        snprintf(err, errlen, "--tensor-parallel-size %d: at most %d", tp, TP_MAX);
+        return -1;
+    }
+    return 0;
+}
+
+int model_tp_threads(int first, int n, void *(*fn)(void *), void *ctx, pthread_t *th,
+                     int *started, char *err, size_t errlen)
+{
+    for (int r = first; r < n; r++) {
+        struct tp_thread_arg *a = malloc(sizeof(*a));
+        if (!a) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        a->ctx = ctx;
+        a->r = r;
+        if (pthread_create(&th[r], NULL, fn, a) != 0) {
+            free(a);
+            snprintf(err, errlen, "cannot start the thread of tensor-parallel rank %d", r);
+            return -1;
+        }
+        started[r] = 1;
+    }
+    return 0;
+}
+
 int model_tp_plan_make(struct model *m, int tp, char *err, size_t errlen)
 {
     struct tp_dtypes dt;
@@ -292,20 +329,10 @@ int model_tp_plan_make(struct model *m, int tp, char *err, size_t errlen)
 int model_tp_create(struct model *m, int tp, int n_threads, const struct model_opts *o,
                     char *err, size_t errlen)
 {
-    int nnodes = o->nnodes > 1 ? o->nnodes : 1, node = nnodes > 1 ? o->node_rank : 0;
-    if (nnodes > 1 && (tp % nnodes != 0 || node < 0 || node >= nnodes || o->master_port <= 0 ||
-                       o->master_port > 65534)) {
-        snprintf(err, errlen, "multi-node: --tensor-parallel-size %d over --nnodes %d as "
-                 "--node-rank %d with --master-port %d: the ranks must split evenly, the node "
-                 "rank be below nnodes and the port in 1..65534 (the control plane uses it + 1)",
-                 tp, nnodes, node, o->master_port);
+    int nnodes, node;
+    if (model_tp_nodes(tp, o, &nnodes, &node, err, errlen))
         return -1;
-    }
     int local = tp / nnodes; /* this process's ranks: global node * local + r */
-    if (tp > TP_MAX) {
-        snprintf(err, errlen, "--tensor-parallel-size %d: at most %d", tp, TP_MAX);
-        return -1;
-    }
     if (model_tp_plan_make(m, tp, err, errlen))
         return -1;
     const struct tp_plan *plan = &m->shards->plan;
@@ -349,21 +376,9 @@ int model_tp_create(struct model *m, int tp, int n_threads, const struct model_o
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    for (int r = 1; r < local; r++) {
-        struct rank_arg *a = malloc(sizeof(*a));
-        if (!a) {
-            snprintf(err, errlen, "out of memory");
-            return -1;
-        }
-        a->run = run;
-        a->r = r;
-        if (pthread_create(&run->th[r], NULL, rank_main, a) != 0) {
-            free(a);
-            snprintf(err, errlen, "cannot start the thread of tensor-parallel rank %d", r);
-            return -1;
-        }
-        run->started[r] = 1;
-    }
+    /* rank 0 runs on the caller's thread */
+    if (model_tp_threads(1, local, rank_main, run, run->th, run->started, err, errlen))
+        return -1;
     /* the control plane: followers join the leader before anything runs */
     if (nnodes > 1) {
         const char *addr = o->master_addr ? o->master_addr : "127.0.0.1";

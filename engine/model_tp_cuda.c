@@ -97,10 +97,6 @@ struct tp_gpu {
     char why[256];
 };
 
-struct rank_arg {
-    struct tp_gpu *g;
-    int r;
-};
 
 /* The job stops: the first reason is kept, and every rank's communicator
  * is aborted so that no rank waits for a peer that will not come. Any
@@ -165,8 +161,8 @@ static int run_job(struct tp_gpu *g, int r, char *err, size_t errlen)
 
 static void *rank_main(void *arg)
 {
-    struct rank_arg *ra = arg;
-    struct tp_gpu *g = ra->g;
+    struct tp_thread_arg *ra = arg;
+    struct tp_gpu *g = ra->ctx;
     int r = ra->r;
     free(ra);
     uint64_t seen = 0;
@@ -262,19 +258,9 @@ static int stopped(struct tp_gpu *g, char *err, size_t errlen)
 
 int mtc_create(struct model *m, int tp, const struct model_opts *o, char *err, size_t errlen)
 {
-    int nnodes = o->nnodes > 1 ? o->nnodes : 1, node = nnodes > 1 ? o->node_rank : 0;
-    if (nnodes > 1 && (tp % nnodes != 0 || node < 0 || node >= nnodes || o->master_port <= 0 ||
-                       o->master_port > 65534)) {
-        snprintf(err, errlen, "multi-node: --tensor-parallel-size %d over --nnodes %d as "
-                 "--node-rank %d with --master-port %d: the ranks must split evenly, the node "
-                 "rank be below nnodes and the port in 1..65534 (the control plane uses it + 1)",
-                 tp, nnodes, node, o->master_port);
+    int nnodes, node;
+    if (model_tp_nodes(tp, o, &nnodes, &node, err, errlen))
         return -1;
-    }
-    if (tp > TP_MAX) {
-        snprintf(err, errlen, "--tensor-parallel-size %d: at most %d", tp, TP_MAX);
-        return -1;
-    }
     int local = tp / nnodes; /* this node's ranks: GPUs 0 .. local - 1 */
     int n_dev = kc_device_count();
     if (n_dev < local) {
@@ -324,21 +310,8 @@ int mtc_create(struct model *m, int tp, const struct model_opts *o, char *err, s
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    for (int r = 0; r < local; r++) {
-        struct rank_arg *a = malloc(sizeof(*a));
-        if (!a) {
-            snprintf(err, errlen, "out of memory");
-            return -1;
-        }
-        a->g = g;
-        a->r = r;
-        if (pthread_create(&g->th[r], NULL, rank_main, a) != 0) {
-            free(a);
-            snprintf(err, errlen, "cannot start the thread of GPU rank %d", r);
-            return -1;
-        }
-        g->started[r] = 1;
-    }
+    if (model_tp_threads(0, local, rank_main, g, g->th, g->started, err, errlen))
+        return -1;
     /* the weights first, every GPU at once; the communicator only when all
      * have them, so that a rank that fails to load leaves no other waiting
      * in ncclCommInitRank */
