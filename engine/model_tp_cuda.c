@@ -39,7 +39,6 @@
 #include "engine/comm.h"
 #include "engine/model_internal.h"
 #include "engine/tp_plan.h"
-#include "kernels/cuda/kcuda.h"
 
 /* How long the ranks may take to meet in ncclCommInitRank. */
 #define TPG_INIT_TIMEOUT_MS 120000

@@ -212,7 +212,12 @@ def test_service_lifecycle_and_hardening(name):
     assert families == {"AF_INET", "AF_INET6", "AF_UNIX"} | (
         {"AF_NETLINK"} if name == "inferd@.service" else set())
     allowed = [v.split() for v in values(unit, "DeviceAllow")]
-    assert allowed and all(len(a) == 2 and a[1] == "rw" and "nvidia" in a[0] for a in allowed)
+    # the GPUs; the template also the NICs NCCL uses between nodes
+    nic = ("infiniband",) if name == "inferd@.service" else ()
+    assert allowed and all(len(a) == 2 and a[1] == "rw" and
+                           any(k in a[0] for k in ("nvidia",) + nic) for a in allowed)
+    if name == "inferd@.service":
+        assert value(unit, "LimitMEMLOCK") == "infinity"  # NCCL over InfiniBand/RoCE
     devices = {a[0] for a in allowed}
     assert {"char-nvidia-frontend", "/dev/nvidiactl", "/dev/nvidia-uvm"} <= devices
     argv = exec_argv(value(unit, "ExecStart"), env)
