@@ -478,6 +478,26 @@ int model_node_follower(struct model *m, int nnodes, int node_rank, const char *
     return 0;
 }
 
+/* Whether a message from fd is waiting (without reading it). */
+static int waiting(int fd)
+{
+    struct pollfd pf = {fd, POLLIN, 0};
+    return poll(&pf, 1, 0) > 0;
+}
+
+/* STEP_DONE for step id: ok, or failed with why. */
+static int answer(struct tp_node *nd, uint64_t id, int ok, const char *why, char *err,
+                  size_t errlen)
+{
+    if (ctl_encode_step_done(&nd->buf, nd->tx++, id, ok ? 0 : -1, ok ? "" : why, err,
+                             errlen) ||
+        send_buf(nd, nd->leader_fd)) {
+        snprintf(err, errlen, "the leader: connection lost");
+        return -1;
+    }
+    return 0;
+}
+
 int model_follow(struct model *m, char *err, size_t errlen)
 {
     struct tp_node *nd = m->node;
@@ -514,6 +534,8 @@ int model_follow(struct model *m, char *err, size_t errlen)
     struct model_row *rows = NULL;
     struct model_sample *samples = NULL;
     size_t cap_rows = 0;
+    uint64_t pend[2]; /* GPUs: steps launched, not yet answered, oldest first */
+    int n_pend = 0;
 #ifdef INFERD_CUDA
     /* GPUs: every node's ranks meet in one NCCL communicator (the id came
      * in WELCOME), then prepare for the leader's sizes, so that every
@@ -594,25 +616,51 @@ int model_follow(struct model *m, char *err, size_t errlen)
         ctl_step_free(&st);
 #ifdef INFERD_CUDA
         if (m->tpg) {
-            if (ok && (mtc_launch(m, kv, rows, st.n_rows, NULL, samples, n_samples, why,
-                                  sizeof(why)) ||
-                       mtc_collect(m, why, sizeof(why))))
+            /* Launched steps are collected (and answered, in order) unless
+             * the next STEP is already here: it is launched first, so this
+             * node's GPUs get it while they still run the last, as the
+             * leader's do (two in flight at most). */
+            if (ok && mtc_launch(m, kv, rows, st.n_rows, NULL, samples, n_samples, why,
+                                 sizeof(why)))
                 ok = 0;
+            if (ok)
+                pend[n_pend++] = id;
+            while (n_pend > 0 && (!ok || n_pend == 2 || !waiting(nd->leader_fd))) {
+                char w2[256] = "";
+                int ok2 = mtc_collect(m, w2, sizeof(w2)) == 0;
+                uint64_t done_id = pend[0];
+                pend[0] = pend[1];
+                n_pend--;
+                if (answer(nd, done_id, ok2, w2, err, errlen))
+                    goto done;
+                if (!ok2) {
+                    snprintf(err, errlen, "step %llu failed here: %s",
+                             (unsigned long long)done_id, w2);
+                    goto done;
+                }
+            }
+            if (ok)
+                continue;
         } else
 #endif
         if (ok && model_forward(m, kv, rows, st.n_rows, NULL, why, sizeof(why)))
             ok = 0;
-        if (ctl_encode_step_done(&nd->buf, nd->tx++, id, ok ? 0 : -1, why, err, errlen) ||
-            send_buf(nd, nd->leader_fd)) {
-            snprintf(err, errlen, "the leader: connection lost");
+        if (answer(nd, id, ok, why, err, errlen))
             goto done;
-        }
         if (!ok) {
             snprintf(err, errlen, "step %llu failed here: %s", (unsigned long long)id, why);
             goto done;
         }
     }
 done:
+#ifdef INFERD_CUDA
+    /* steps still launched (the job ended between them): none may run on
+     * after the cache they read is gone */
+    for (; m->tpg && n_pend > 0; n_pend--) {
+        char w2[256];
+        (void)mtc_collect(m, w2, sizeof(w2));
+    }
+#endif
     free(tab);
     free(rows);
     free(samples);
