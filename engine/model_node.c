@@ -478,12 +478,14 @@ int model_node_follower(struct model *m, int nnodes, int node_rank, const char *
     return 0;
 }
 
+#ifdef INFERD_CUDA
 /* Whether a message from fd is waiting (without reading it). */
 static int waiting(int fd)
 {
     struct pollfd pf = {fd, POLLIN, 0};
     return poll(&pf, 1, 0) > 0;
 }
+#endif
 
 /* STEP_DONE for step id: ok, or failed with why. */
 static int answer(struct tp_node *nd, uint64_t id, int ok, const char *why, char *err,
@@ -534,8 +536,10 @@ int model_follow(struct model *m, char *err, size_t errlen)
     struct model_row *rows = NULL;
     struct model_sample *samples = NULL;
     size_t cap_rows = 0;
+#ifdef INFERD_CUDA
     uint64_t pend[2]; /* GPUs: steps launched, not yet answered, oldest first */
     int n_pend = 0;
+#endif
 #ifdef INFERD_CUDA
     /* GPUs: every node's ranks meet in one NCCL communicator (the id came
      * in WELCOME), then prepare for the leader's sizes, so that every
